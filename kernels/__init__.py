@@ -1,0 +1,1 @@
+"""Triton kernels of upernet_fast (installed as upernet_fast.kernels)."""

@@ -1,0 +1,31 @@
+"""Test set-up. Without a CUDA device, Triton kernels are tested on CPU tensors through Triton's interpreter,
+which must be switched on before any kernel module is imported (it is read when kernels are decorated)."""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The device the Triton backend is tested on: the GPU when there is one, else CPU tensors under the interpreter.
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_backend_state():
+    """No test leaks a process-wide backend override into the next."""
+    import upernet_fast
+
+    upernet_fast.set_backend(None)
+    yield
+    upernet_fast.set_backend(None)
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none here")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)

@@ -1,0 +1,60 @@
+"""Input validation shared by the ops and modules: every error names the argument and what was expected."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_tensor(name: str, value, ndim: int | None = None, floating: bool = False) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must be a {ndim}D tensor, got {value.dim()}D with shape {tuple(value.shape)}")
+    if floating and value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float32/float16/bfloat16/float64), got {value.dtype}")
+    return value
+
+
+def check_feature_map(name: str, value) -> torch.Tensor:
+    """A (B, C, H, W) floating-point map with no empty dimension."""
+    check_tensor(name, value, ndim=4, floating=True)
+    if value.numel() == 0:
+        raise ValueError(f"{name} must have no empty dimension, got shape {tuple(value.shape)}")
+    return value
+
+
+def check_same_placement(names: Sequence[str], tensors: Sequence[torch.Tensor], dtype: bool = True) -> None:
+    first_name, first = names[0], tensors[0]
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; they must match")
+        if dtype and t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
+
+
+def check_size(name: str, size) -> tuple[int, int]:
+    if isinstance(size, torch.Size):
+        size = tuple(size)
+    if (
+        not isinstance(size, (tuple, list))
+        or len(size) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size)
+    ):
+        raise ValueError(f"{name} must be two positive ints (height, width), got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def check_scales(name: str, scales) -> tuple[int, ...]:
+    if isinstance(scales, int) and not isinstance(scales, bool):
+        scales = (scales,)
+    if (
+        not isinstance(scales, (tuple, list))
+        or len(scales) == 0
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in scales)
+    ):
+        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {scales!r}")
+    return tuple(int(s) for s in scales)
