@@ -1,0 +1,96 @@
+"""The backend switch: per-call argument, set_backend, the environment variable, auto rules, loud fallback."""
+
+import warnings
+
+import pytest
+import torch
+
+import upernet_fast
+from upernet_fast import backend, ops
+
+
+@pytest.fixture
+def toy_op():
+    """A throw-away op with an eager and a 'triton' implementation that refuses float16 inputs."""
+    calls = []
+    backend.register("toy", "eager", lambda x: calls.append("eager") or x)
+    backend.register(
+        "toy",
+        "triton",
+        lambda x: calls.append("triton") or x,
+        why_not=lambda x: "float16 is not supported" if x.dtype == torch.float16 else None,
+    )
+    yield calls
+    del backend._REGISTRY["toy"]
+    backend._warned.clear()
+
+
+def test_explicit_backend_wins_over_the_process_override(toy_op):
+    upernet_fast.set_backend("triton")
+    backend.select("toy", "eager", torch.ones(1)).fn(torch.ones(1))
+    assert toy_op == ["eager"]
+
+
+def test_set_backend_and_env_var(toy_op, monkeypatch):
+    monkeypatch.setenv(backend.ENV_VAR, "eager")
+    assert backend.get_backend() == "eager"
+    upernet_fast.set_backend("triton")  # set_backend beats the environment variable
+    assert backend.get_backend() == "triton"
+    upernet_fast.set_backend(None)
+    assert backend.get_backend() == "eager"
+    monkeypatch.setenv(backend.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="UPERNET_FAST_BACKEND must be one of"):
+        backend.get_backend()
+    with pytest.raises(ValueError, match=r"set_backend\(name\) must be one of"):
+        upernet_fast.set_backend("gpu")
+
+
+def test_forced_backend_that_cannot_run_raises_with_the_reason(toy_op):
+    with pytest.raises(RuntimeError, match="backend='triton' was asked for, but it cannot run toy here: float16"):
+        backend.select("toy", "triton", torch.ones(1, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="toy has no cpp implementation"):
+        backend.select("toy", "cpp", torch.ones(1))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backend.select("toy", "fast", torch.ones(1))
+
+
+def test_auto_on_cpu_never_picks_triton(toy_op):
+    assert backend.select("toy", "auto", torch.ones(1)).backend == "eager"
+
+
+def test_auto_fallback_on_cuda_inputs_warns_once(toy_op, monkeypatch):
+    # Pretend the inputs live on CUDA: only the device type is consulted by the auto order.
+    monkeypatch.setattr(backend, "_device_type", lambda args, kwargs: "cuda")
+    with pytest.warns(RuntimeWarning, match="toy falls back from triton to eager: float16 is not supported"):
+        assert backend.select("toy", "auto", torch.ones(1, dtype=torch.float16)).backend == "eager"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second identical fallback is silent
+        assert backend.select("toy", "auto", torch.ones(1, dtype=torch.float16)).backend == "eager"
+    assert backend.select("toy", "auto", torch.ones(1)).backend == "triton"
+
+
+def test_describe_lists_every_op_and_backend():
+    rows = backend.describe()
+    names = {r["op"] for r in rows}
+    assert {"adaptive_avg_pool_multi", "upsample_add", "upsample_concat", "upsample_cross_entropy", "conv_bn_relu"} <= names
+    assert all(r["status"] in ("available", "unavailable", "absent") for r in rows)
+    assert all(r["why"] for r in rows if r["status"] != "available")
+    assert all(r["status"] == "available" for r in rows if r["backend"] == "eager")
+
+
+def test_module_backend_is_used_by_the_converted_model():
+    from models import batch, reference_model
+
+    model = upernet_fast.convert(reference_model(), backend="cpp")
+    pixels, _ = batch()
+    with pytest.raises(RuntimeError, match="backend='cpp' was asked for"):
+        model(pixels)
+    upernet_fast.set_backend_of(model, "eager")
+    model.eval()
+    assert model(pixels).logits.shape == (2, 3, 32, 32)
+
+
+def test_env_override_applies_to_ops(monkeypatch):
+    monkeypatch.setenv(backend.ENV_VAR, "cpp")
+    with pytest.raises(RuntimeError, match="backend='cpp' was asked for"):
+        ops.upsample_add(torch.randn(1, 1, 2, 2), torch.randn(1, 1, 4, 4))

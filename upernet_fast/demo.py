@@ -1,0 +1,117 @@
+"""The main job: build UperNet ConvNeXt-T, convert it, check it against transformers, time both.
+
+Prints the backend each op uses, the largest output/loss differences, and a table of forward (inference) and
+forward+backward (training step without optimizer) time and peak memory, reference vs converted, on the
+chosen device. On CUDA the timings run under bf16 autocast with channels_last (how the model is trained);
+the correctness check always runs in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+
+import upernet_fast
+from upernet_fast import backend
+from upernet_fast.measure import peak_memory_mb, quantiles, time_ms
+
+NUM_LABELS = 150
+
+
+def build_convnext_tiny_upernet(weights: str | None = None):
+    """transformers' UperNet with a ConvNeXt-T backbone: random weights, or a local ``save_pretrained`` folder."""
+    from transformers import ConvNextConfig, UperNetConfig, UperNetForSemanticSegmentation
+
+    if weights:
+        return UperNetForSemanticSegmentation.from_pretrained(weights)
+    backbone = ConvNextConfig(
+        hidden_sizes=[96, 192, 384, 768],
+        depths=[3, 3, 9, 3],
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    config = UperNetConfig(backbone_config=backbone, hidden_size=512, num_labels=NUM_LABELS)
+    return UperNetForSemanticSegmentation(config)
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+def run_demo(device=None, batch=None, size=None, weights=None, repeats=None) -> int:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_cuda = device.type == "cuda"
+    batch = batch or (16 if on_cuda else 2)
+    size = size or (512 if on_cuda else 256)
+    repeats = repeats or (10 if on_cuda else 2)
+    torch.manual_seed(0)
+    reference = build_convnext_tiny_upernet(weights).to(device)
+    converted = upernet_fast.convert(copy.deepcopy(reference))
+    num_labels = reference.config.num_labels
+    pixels = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, num_labels, (batch, size, size), device=device)
+    labels[:, : size // 8] = reference.config.loss_ignore_index  # some ignored pixels, as in real data
+
+    print(f"UperNet ConvNeXt-T ({'local weights ' + weights if weights else 'random weights'}), "
+          f"batch {batch}, {size}x{size}, {num_labels} labels, device {device}")
+    head_inputs = reference.backbone(pixels[:1]).feature_maps
+    for op, args in (
+        ("adaptive_avg_pool_multi", (head_inputs[-1], tuple(reference.config.pool_scales))),
+        ("upsample_add", (head_inputs[-1], head_inputs[-2][:, : head_inputs[-1].shape[1]])),
+    ):
+        print(f"  {op}: {backend.select(op, 'auto', *args).backend} backend")
+
+    # Correctness, fp32: eval logits, then training loss and gradients (same inputs, same BN statistics).
+    with torch.no_grad():
+        reference.eval(), converted.eval()
+        logits_error = _max_rel(converted(pixels).logits, reference(pixels).logits)
+    reference.train(), converted.train()
+    loss_ref = reference(pixels, labels=labels).loss
+    loss_conv = converted(pixels, labels=labels).loss
+    loss_ref.backward()
+    loss_conv.backward()
+    grad_error = max(
+        _max_rel(p.grad, q.grad)
+        for p, q in zip(converted.parameters(), reference.parameters())
+        if q.grad is not None and q.grad.abs().max() > 0
+    )
+    loss_error = abs(loss_conv.item() - loss_ref.item()) / abs(loss_ref.item())
+    ok = logits_error < 1e-4 and loss_error < 1e-5 and grad_error < 1e-3
+    print(f"check (fp32): logits max rel err {logits_error:.2e}, loss rel err {loss_error:.2e}, "
+          f"worst parameter-gradient max rel err {grad_error:.2e} -> {'OK' if ok else 'MISMATCH'}")
+
+    if on_cuda:
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+        for model in (reference, converted):
+            model.to(memory_format=torch.channels_last)
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else contextlib.nullcontext
+    )
+
+    def forward(model):
+        def run():
+            model.eval()
+            with torch.no_grad(), autocast():
+                model(pixels)
+        return run
+
+    def forward_backward(model):
+        def run():
+            model.train()
+            model.zero_grad(set_to_none=True)
+            with autocast():
+                loss = model(pixels, labels=labels).loss
+            loss.backward()
+        return run
+
+    print(f"\n{'mode':<18}{'model':<12}{'p50 ms':>10}{'p20-p80 ms':>18}{'peak MiB':>11}")
+    for mode, make in (("forward", forward), ("forward+backward", forward_backward)):
+        for name, model in (("reference", reference), ("converted", converted)):
+            run = make(model)
+            peak = peak_memory_mb(run, device)  # also the warm-up run of the timing below
+            p20, p50, p80 = quantiles(time_ms(run, device, repeats=repeats, warmup=0))
+            print(f"{mode:<18}{name:<12}{p50:>10.1f}{f'{p20:.1f}-{p80:.1f}':>18}{peak:>11.0f}")
+    dev = torch.cuda.get_device_name(device) if on_cuda else "CPU"
+    print(f"\n{dev}, torch {torch.__version__}. CPU numbers say nothing about GPU speed; see benchmarks/.")
+    return 0 if ok else 1

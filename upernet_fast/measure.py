@@ -1,0 +1,65 @@
+"""Time and peak-memory measurement shared by the demo and the benchmarks (CUDA and CPU)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device | str, repeats: int = 5, warmup: int = 1) -> list[float]:
+    """Wall-clock milliseconds of ``fn()`` for each of ``repeats`` runs after ``warmup`` runs, synchronised."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def quantiles(samples: list[float]) -> tuple[float, float, float]:
+    """p20, p50, p80 of the samples (one sample gives it three times)."""
+    if len(samples) == 1:
+        return samples[0], samples[0], samples[0]
+    q = statistics.quantiles(samples, n=10, method="inclusive")
+    return q[1], statistics.median(samples), q[7]
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> float:
+    """Peak bytes allocated by PyTorch while ``fn()`` runs, above what was allocated before, in MiB.
+
+    CUDA: the caching allocator's ``max_memory_allocated``. CPU: PyTorch has no allocator statistics there, so
+    the profiler's allocation events (each op's own allocations and frees, in time order) are summed; it counts
+    tensors PyTorch allocates, not the process's resident memory.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start
+    )
+    current = peak = 0
+    for event in events:
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak / 2**20
