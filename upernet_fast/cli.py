@@ -1,4 +1,5 @@
-"""``upernet-fast``: ``info`` (backends here and why), ``demo`` (the main job), ``bench`` (benchmarks/)."""
+"""``upernet-fast``: ``info`` (backends here and why), ``demo`` (the main job), ``bench`` (benchmarks/),
+``selfcheck`` (a backend against eager on this machine)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # the harness owns its own arguments
         return _bench(argv[1:])
+    if argv[:1] == ["selfcheck"]:
+        from upernet_fast import selfcheck
+
+        return selfcheck.main(argv[1:])
     parser = argparse.ArgumentParser(prog="upernet-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="which backend each op can use here, and why the others cannot")
@@ -72,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--weights", default=None, help="local folder of a saved UperNet checkpoint (save_pretrained)")
     demo.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 10 CUDA, 2 CPU)")
     sub.add_parser("bench", help="benchmarks (see `upernet-fast bench --help`)")
+    sub.add_parser("selfcheck", help="every op of a backend against eager, forward and backward (see --help)")
     args = parser.parse_args(argv)
     return {"info": _info, "demo": _demo}[args.command](args)
 
