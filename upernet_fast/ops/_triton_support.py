@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -15,14 +14,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_import_result: list[str | None] = []  # filled once; a plain list, not lru_cache, so torch.compile traces it
+
+
 def _import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install raising something else
-        return f"triton is not importable ({type(exc).__name__}: {exc})"
-    return None
+    if not _import_result:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _import_result.append(None)
+        except Exception as exc:  # ImportError, or a broken install raising something else
+            _import_result.append(f"triton is not importable ({type(exc).__name__}: {exc})")
+    return _import_result[0]
 
 
 def triton_unavailable() -> str | None:
