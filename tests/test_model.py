@@ -273,3 +273,20 @@ def test_convert_rejects_bad_arguments():
         upernet_fast.convert(reference_model(), backend="cuda")
     with pytest.raises(ValueError, match="loss_reduction must be"):
         upernet_fast.convert(reference_model(), loss_reduction="sum")
+
+
+def test_sync_bn_conversion_shares_parameters_and_matches_in_one_process():
+    reference = reference_model()
+    model = copy.deepcopy(reference)
+    params = {name: p for name, p in model.named_parameters()}
+    buffers = {name: b for name, b in model.named_buffers()}
+    upernet_fast.convert(model, sync_bn=True)
+    norms = [m.batch_norm for m in model.modules() if isinstance(m, upernet_fast.ConvBNReLU)]
+    assert norms and all(type(bn) is torch.nn.SyncBatchNorm for bn in norms)
+    assert all(p is params[name] for name, p in model.named_parameters())
+    assert all(b is buffers[name] for name, b in model.named_buffers())
+    pixels, labels = batch()
+    # No process group: SyncBatchNorm reduces over this process's batch alone, i.e. plain BatchNorm.
+    assert_close_rel(model(pixels, labels=labels).loss, reference(pixels, labels=labels).loss, "loss")
+    assert_close_rel(model.decode_head.bottleneck.batch_norm.running_mean,
+                     reference.decode_head.bottleneck.batch_norm.running_mean, "running mean")
