@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 
 from upernet_fast import backend as _backend
 from upernet_fast import reference
 from upernet_fast._checks import check_feature_map, check_tensor
+from upernet_fast.ops._triton_support import triton_unavailable, triton_why_not
 
 OP = "upsample_cross_entropy"
 
@@ -58,6 +61,12 @@ def upsample_cross_entropy(
         # Needs a host sync; under torch.compile the kernels' own masking still prevents out-of-bounds reads.
         _check_label_range(labels, num_classes, ignore_index)
     impl = _backend.select(OP, backend, logits, labels, ignore_index, reduction, weight, align_corners)
+    if impl.backend != "eager" and logits.dtype != torch.float32 and torch.is_autocast_enabled(logits.device.type):
+        # Autocast runs cross-entropy in fp32, so the reference returns an fp32 loss under it; the custom op is
+        # invisible to autocast, so cast here. Only the low-resolution logits are cast (the reference casts the
+        # full-resolution ones); the kernels compute in fp32 either way.
+        logits = logits.float()
+        weight = None if weight is None else weight.float()
     return impl.fn(logits, labels, ignore_index, reduction, weight, align_corners)
 
 
@@ -72,3 +81,99 @@ def _check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int
 
 
 _backend.register(OP, "eager", reference.upsample_cross_entropy)
+
+
+# ------------------------------------------------------------------------------------------------- triton
+# Custom ops: opaque to torch.compile (no graph break, thanks to the fake kernels) and differentiable through
+# register_autograd. The forward returns (loss, lse, denominator); only the loss is differentiable, the other
+# two are the statistics the backward needs: per-pixel log-sum-exp (B, H, W) fp32 and the 0-dim fp32 number
+# the loss sum was divided by. Nothing of size (B, C, H, W) is allocated or saved.
+
+
+def _kernels():
+    from upernet_fast.kernels import upsample_cross_entropy as kernels  # imports triton: only when running
+
+    return kernels
+
+
+@torch.library.custom_op("upernet_fast::upsample_cross_entropy", mutates_args=())
+def _uce_forward_op(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    ignore_index: int,
+    reduction: str,
+    align_corners: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels().forward(logits, labels, weight, ignore_index, reduction, align_corners)
+
+
+@_uce_forward_op.register_fake
+def _(logits, labels, weight, ignore_index, reduction, align_corners):
+    batch, out_h, out_w = labels.shape
+    loss_shape = (batch, out_h, out_w) if reduction == "none" else ()
+    loss = logits.new_empty(loss_shape)
+    lse = logits.new_empty((batch, out_h, out_w), dtype=torch.float32)
+    return loss, lse, logits.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("upernet_fast::upsample_cross_entropy_backward", mutates_args=())
+def _uce_backward_op(
+    grad_loss: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    denominator: torch.Tensor,
+    ignore_index: int,
+    align_corners: bool,
+) -> torch.Tensor:
+    return _kernels().backward(grad_loss, logits, labels, weight, lse, denominator, ignore_index, align_corners)
+
+
+@_uce_backward_op.register_fake
+def _(grad_loss, logits, labels, weight, lse, denominator, ignore_index, align_corners):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)  # contiguous, like the kernel
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, weight, ignore_index, reduction, align_corners = inputs
+    _, lse, denominator = output
+    ctx.save_for_backward(logits, labels, weight, lse, denominator)
+    ctx.ignore_index = ignore_index
+    ctx.align_corners = align_corners
+    ctx.mark_non_differentiable(lse, denominator)
+
+
+def _backward(ctx, grad_loss, grad_lse, grad_denominator):
+    logits, labels, weight, lse, denominator = ctx.saved_tensors
+    grad_logits = None
+    if ctx.needs_input_grad[0]:
+        grad_logits = _uce_backward_op(
+            grad_loss, logits, labels, weight, lse, denominator, ctx.ignore_index, ctx.align_corners
+        )
+    return grad_logits, None, None, None, None, None
+
+
+_uce_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _triton_upsample_cross_entropy(logits, labels, ignore_index, reduction, weight, align_corners):
+    loss, _, _ = _uce_forward_op(logits, labels, weight, ignore_index, reduction, bool(align_corners))
+    return loss
+
+
+def _triton_why_not(logits, labels, ignore_index, reduction, weight, align_corners) -> str | None:
+    reason = triton_why_not(logits, *(() if weight is None else (weight,)))
+    if reason:
+        return reason
+    if labels.numel() >= 2**31:
+        return f"labels has {labels.numel()} pixels; the kernels index pixels with int32 (at most 2**31 - 1)"
+    if ignore_index < -(2**63) or ignore_index >= 2**63:
+        return f"ignore_index {ignore_index} does not fit in int64"
+    return None
+
+
+_backend.register(
+    OP, "triton", _triton_upsample_cross_entropy, why_unavailable=triton_unavailable, why_not=_triton_why_not
+)

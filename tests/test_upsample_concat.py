@@ -1,0 +1,225 @@
+"""upsample_concat: the Triton kernels (under TRITON_INTERPRET=1 on CPU, or on CUDA) against the eager reference.
+
+Tolerances: as in test_upsample_add.py. fp32 forward: a few ulp (rtol 1e-6, atol 2e-6) against PyTorch's CPU
+kernel, whose weights come from another code path. Gradients in every dtype, and fp16/bf16 outputs: error
+against a float64 reference at most 2x PyTorch's own error in that dtype plus one ulp at the value's magnitude
+(a gradient sums up to (H/h)*(W/w)*4 terms, in another order than PyTorch's scatter, so its rounding grows with
+the ratio). Channel slices of inputs already at ``size`` are copies and must be bitwise equal, as their grads.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import TRITON_DEVICE
+
+from upernet_fast import backend as _backend
+from upernet_fast import reference
+from upernet_fast.ops.upsample_concat import upsample_concat
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LAYOUTS = ("contiguous", "channels_last", "sliced")
+
+# Per case: the inputs' (C, h, w) (batch shared) and the target size, labelled with what each covers.
+CASES = {
+    # The FPN concat, tiny: one map at size (copied), three upsampled 2x, 4x, 8x.
+    "fpn_8x8": ((2, [(3, 8, 8), (3, 4, 4), (3, 2, 2), (3, 1, 1)]), (8, 8)),
+    # The PPM concat, tiny: the input map then 1 + len(pool_scales) = 5 inputs, pooled maps 1, 2, 3, 6.
+    "ppm_6x6": ((1, [(5, 6, 6), (3, 1, 1), (3, 2, 2), (3, 3, 3), (3, 6, 6)]), (6, 6)),
+    # Non-integer up and down ratios, odd channels, batch 1, no input at size.
+    "odd_ratios_13x11": ((1, [(3, 7, 5), (5, 17, 13), (1, 13, 11)]), (13, 11)),
+    "1x1_to_1x1": ((2, [(3, 1, 1), (5, 1, 1)]), (1, 1)),  # minimal maps, everything is a copy
+    "1x1_to_5x3": ((2, [(3, 1, 1)]), (5, 3)),  # a single input, a single source pixel
+}
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t`` in the layout; "sliced" is a strided view into a larger NaN-filled buffer (catches stray reads)."""
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    b, c, h, w = t.shape
+    big = torch.full((b, c + 2, h + 3, 2 * w + 1), float("nan"), dtype=t.dtype, device=t.device)
+    view = big[:, 1 : c + 1, 2 : h + 2, 1 : 2 * w + 1 : 2]
+    view.copy_(t)
+    return view
+
+
+def _inputs(case, dtype, layout, seed=0):
+    (batch, shapes), size = CASES[case]
+    gen = torch.Generator().manual_seed(seed)
+    tensors = [
+        _layout(torch.randn((batch, *shape), generator=gen).to(dtype).to(TRITON_DEVICE), layout) for shape in shapes
+    ]
+    grad_shape = (batch, sum(s[0] for s in shapes), *size)
+    grad = _layout(torch.randn(grad_shape, generator=gen).to(dtype).to(TRITON_DEVICE), layout)
+    return tensors, size, grad
+
+
+def _run(tensors, size, grad, backend="triton"):
+    tensors = [t.detach().requires_grad_() for t in tensors]
+    out = upsample_concat(tensors, size, backend=backend)
+    return out, torch.autograd.grad(out, tensors, grad)
+
+
+def _reference(tensors, size, grad, dtype):
+    tensors = [t.detach().cpu().to(dtype).requires_grad_() for t in tensors]
+    out = reference.upsample_concat(tensors, size)
+    return out, torch.autograd.grad(out, tensors, grad.cpu().to(dtype))
+
+
+def _assert_close_to_reference(tensors, size, grad):
+    out, grads = _run(tensors, size, grad)
+    dtype = tensors[0].dtype
+    exact_out, exact_grads = _reference(tensors, size, grad, torch.float64)
+    their_out, their_grads = _reference(tensors, size, grad, dtype)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.cpu(), their_out, rtol=1e-6, atol=2e-6)
+        ours, theirs, exact = grads, their_grads, exact_grads
+    else:
+        ours, theirs, exact = [out, *grads], [their_out, *their_grads], [exact_out, *exact_grads]
+    for got, mine, want in zip(ours, theirs, exact):
+        our_error = (got.cpu().double() - want).abs().max().item()
+        their_error = (mine.double() - want).abs().max().item()
+        ulp = torch.finfo(dtype).eps * max(want.abs().max().item(), 1.0)
+        assert our_error <= 2 * their_error + ulp, f"error {our_error} vs PyTorch's {their_error}"
+    # Inputs already at size are copied into their slice, and their grads are slices of grad: both exact.
+    offset = 0
+    for t, g in zip(tensors, grads):
+        channels = t.shape[1]
+        if tuple(t.shape[-2:]) == tuple(size):
+            assert torch.equal(out[:, offset : offset + channels], t)
+            assert torch.equal(g, grad[:, offset : offset + channels])
+        offset += channels
+    assert not any(t.isnan().any() for t in [out, *grads])  # NaN padding around sliced views was never read
+    return out, grads
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fp32_matches_reference(case, layout):
+    _assert_close_to_reference(*_inputs(case, torch.float32, layout))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["fpn_8x8", "ppm_6x6", "odd_ratios_13x11"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_half_precision_matches_reference(case, dtype, layout):
+    _assert_close_to_reference(*_inputs(case, dtype, layout))
+
+
+def test_mixed_layouts_and_output_layout_follows_first_input():
+    tensors, size, grad = _inputs("fpn_8x8", torch.float32, "contiguous")
+    tensors = [tensors[0].contiguous(memory_format=torch.channels_last), tensors[1], _layout(tensors[2], "sliced"),
+               tensors[3]]
+    out, grads = _assert_close_to_reference(tensors, size, grad)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert grads[1].is_contiguous() and grads[2].is_contiguous()
+    out, _ = _run([t.contiguous() for t in tensors], size, grad)
+    assert out.is_contiguous()
+
+
+def test_more_inputs_than_one_launch_takes():
+    # Past MAX_INPUTS (5) inputs the launcher splits into several launches; slices must still line up.
+    from upernet_fast.kernels.upsample_concat import MAX_INPUTS
+
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(2, 1 + k % 3, 1 + k % 4, 2 + k % 3) for k in range(MAX_INPUTS + 2)] + [(2, 2, 4, 5)]
+    tensors = [torch.randn(s, generator=gen).to(TRITON_DEVICE) for s in shapes]
+    grad = torch.randn((2, sum(s[1] for s in shapes), 4, 5), generator=gen).to(TRITON_DEVICE)
+    _assert_close_to_reference(tensors, (4, 5), grad)
+
+
+def test_every_output_element_is_written():
+    from upernet_fast.kernels.upsample_concat import upsample_concat_backward, upsample_concat_forward
+
+    tensors, size, grad = _inputs("ppm_6x6", torch.float32, "contiguous")
+    out = torch.full((1, 17, *size), float("nan"), device=TRITON_DEVICE)
+    upsample_concat_forward(tensors, size, out)
+    assert torch.equal(out, upsample_concat(tensors, size, backend="triton"))
+    resized = tensors[1:4]
+    grad_inputs = [torch.full_like(t, float("nan")) for t in resized]
+    upsample_concat_backward(grad, grad_inputs, [5, 8, 11])
+    assert not any(g.isnan().any() for g in grad_inputs)
+
+
+def test_backward_is_bitwise_repeatable_and_same_size_grads_are_views():
+    tensors, size, grad = _inputs("fpn_8x8", torch.float32, "contiguous", seed=3)
+    _, first = _run(tensors, size, grad)
+    _, second = _run(tensors, size, grad)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert first[0].data_ptr() == grad.data_ptr()  # the slice of grad itself, no copy
+
+
+def test_int64_indexing_path(monkeypatch):
+    # Tensors past 2**31 elements are too big for a test; force the int64 offset path on a small one instead.
+    from upernet_fast.kernels import _bilinear
+
+    tensors, size, grad = _inputs("odd_ratios_13x11", torch.float32, "contiguous")
+    out, grads = _run(tensors, size, grad)
+    monkeypatch.setattr(_bilinear, "needs_int64", lambda *tensors: True)
+    wide_out, wide_grads = _run(tensors, size, grad)
+    assert torch.equal(out, wide_out) and all(torch.equal(a, b) for a, b in zip(grads, wide_grads))
+
+
+def test_reference_gradcheck_float64():
+    tensors = [
+        torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True),
+        torch.randn(1, 1, 2, 1, dtype=torch.float64, requires_grad=True),
+        torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True),
+    ]
+    assert torch.autograd.gradcheck(lambda *ts: reference.upsample_concat(ts, (3, 3)), tuple(tensors))
+
+
+def test_opcheck():
+    # One input at size, one resized (a 2x4 -> 4x4 ratio on one axis only): small, the interpreter is slow.
+    gen = torch.Generator().manual_seed(4)
+    tensors = [torch.randn(s, generator=gen).to(TRITON_DEVICE).requires_grad_() for s in [(1, 2, 4, 4), (1, 3, 2, 4)]]
+    torch.library.opcheck(torch.ops.upernet_fast.upsample_concat.default, (tensors, [4, 4]))
+    grad = torch.randn((1, 5, 4, 4), generator=gen).to(TRITON_DEVICE)
+    torch.library.opcheck(
+        torch.ops.upernet_fast.upsample_concat_backward.default, (grad, [3, 2, 4, 2, 1, 1], [0, 3], [False, True])
+    )
+
+
+def test_compile_fullgraph():
+    tensors, size, grad = _inputs("fpn_8x8", torch.float32, "contiguous")
+    tensors = [t.requires_grad_() for t in tensors]
+    compiled = torch.compile(
+        lambda ts: upsample_concat(ts, size, backend="triton"), fullgraph=True, backend="aot_eager"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # dynamo's note on an lru_cache in the backend checks
+        out = compiled(tensors)
+        grads = torch.autograd.grad(out, tensors, grad)
+    want_out, want_grads = _run(tensors, size, grad)
+    assert torch.equal(out, want_out) and all(torch.equal(a, b) for a, b in zip(grads, want_grads))
+
+
+def test_bad_inputs_raise_naming_the_argument():
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"tensors\[1\] has batch size 1"):
+        upsample_concat([x, torch.randn(1, 3, 2, 2)], (4, 4))
+    with pytest.raises(ValueError, match=r"tensors\[1\] must be a 4D"):
+        upsample_concat([x, torch.randn(3, 2, 2)], (4, 4))
+    with pytest.raises(TypeError, match="non-empty list"):
+        upsample_concat([], (4, 4))
+    with pytest.raises(TypeError, match="non-empty list"):
+        upsample_concat(x, (4, 4))
+    with pytest.raises(ValueError, match="size must be two positive ints"):
+        upsample_concat([x], (4, 0))
+    with pytest.raises(ValueError, match="size must be two positive ints"):
+        upsample_concat([x], (4, 4, 4))
+    with pytest.raises(TypeError, match="dtype"):
+        upsample_concat([x, x.half()], (4, 4))
+    with pytest.raises(RuntimeError, match="float64"):
+        upsample_concat([x.double()], (4, 4), backend="triton")
+
+
+def test_auto_on_cpu_picks_eager():
+    tensors = [torch.randn(1, 2, 3, 3), torch.randn(1, 1, 1, 1)]
+    assert _backend.select("upsample_concat", "auto", tensors, (3, 3)).backend == "eager"
+    assert torch.equal(upsample_concat(tensors, (3, 3)), reference.upsample_concat(tensors, (3, 3)))
