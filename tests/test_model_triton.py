@@ -1,0 +1,142 @@
+"""The whole converted model on the Triton backend against transformers' model.
+
+Without a GPU the Triton kernels run on CPU tensors through the interpreter (set by conftest.py); the same
+tests run on CUDA when one is present. Tolerance: fp32 relative error 1e-4 after several optimizer steps. The
+kernels sum in other orders than PyTorch (per-tile partial sums, gather-form backward), so results are not
+bitwise equal; single-op tests hold each kernel to ~1e-6, and three SGD steps with momentum amplify those
+roundings through BatchNorm's 1/std, which 1e-4 covers with a wide margin while catching any real error
+(a wrong bin, weight or index shows up at 1e-2 or above).
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import HAS_CUDA, TRITON_DEVICE
+from models import batch, reference_model
+from torch.overrides import TorchFunctionMode
+
+import upernet_fast
+
+RTOL = 1e-4
+# Some parameters have an exactly-zero true gradient (a per-channel shift feeding a training-mode BatchNorm
+# is cancelled by its mean subtraction), so both models hold rounding noise of ~1e-12 there: compare the
+# model state with an absolute floor far below any real parameter update (lr * grad ~ 1e-4 and up).
+STATE_ATOL = 1e-8
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+def pair(**overrides):
+    reference = reference_model(**overrides).to(TRITON_DEVICE)
+    converted = upernet_fast.convert(copy.deepcopy(reference), backend="triton")
+    return reference, converted
+
+
+def test_training_steps_match_the_reference_model():
+    reference, converted = pair()
+    opt_ref = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    opt_conv = torch.optim.SGD(converted.parameters(), lr=0.05, momentum=0.9)
+    reference.train(), converted.train()
+    for step in range(3):
+        pixels, labels = (t.to(TRITON_DEVICE) for t in batch(seed=step))
+        losses = []
+        for model, opt in ((reference, opt_ref), (converted, opt_conv)):
+            opt.zero_grad()
+            loss = model(pixels, labels=labels).loss
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        assert rel_err(losses[1], losses[0]) < RTOL, f"loss of step {step}"
+    ref_state, conv_state = reference.state_dict(), converted.state_dict()
+    for key, value in ref_state.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(conv_state[key], value, rtol=RTOL, atol=STATE_ATOL, msg=key)
+        else:
+            assert torch.equal(conv_state[key], value), key
+
+
+def test_eval_logits_match_the_reference_model():
+    reference, converted = pair()
+    reference.eval(), converted.eval()
+    pixels, _ = batch()
+    with torch.no_grad():
+        assert rel_err(converted(pixels.to(TRITON_DEVICE)).logits, reference(pixels.to(TRITON_DEVICE)).logits) < RTOL
+
+
+class _RecordCalls(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_decode_head_never_calls_interpolate_pool_or_cat(training):
+    reference, converted = pair()
+    converted.train(training)
+    pixels, _ = batch()
+    features = [f.detach() for f in reference.backbone(pixels.to(TRITON_DEVICE)).feature_maps]
+    with _RecordCalls() as recorder:
+        converted.decode_head(features).sum().backward()
+    forbidden = {"interpolate", "upsample_bilinear2d", "adaptive_avg_pool2d", "cat", "concat", "concatenate"}
+    assert not forbidden & set(recorder.names), sorted(forbidden & set(recorder.names))
+    assert "conv2d" in recorder.names  # the recorder does see the head's calls
+
+
+def test_compiled_head_fullgraph_matches_eager():
+    # aot_eager traces through the custom ops' fake kernels and autograd registrations without needing
+    # Inductor's code generation, so it runs under the interpreter too; the Inductor test is GPU-only below.
+    reference, converted = pair()
+    converted.train(), reference.train()
+    pixels, _ = batch()
+    features = [f.detach() for f in reference.backbone(pixels.to(TRITON_DEVICE)).feature_maps]
+    compiled = torch.compile(converted.decode_head, fullgraph=True, backend="aot_eager")
+    out = compiled(features)
+    expected = reference.decode_head(features)
+    assert rel_err(out, expected) < RTOL
+    out.square().sum().backward()
+
+
+@pytest.mark.gpu
+def test_compiled_model_inductor_fullgraph_on_gpu():
+    reference, converted = pair()
+    pixels, labels = (t.to("cuda") for t in batch())
+    compiled = torch.compile(converted.decode_head, fullgraph=True)
+    features = [f.detach() for f in reference.backbone(pixels).feature_maps]
+    assert rel_err(compiled(features), reference.decode_head(features)) < RTOL
+
+
+@pytest.mark.gpu
+def test_backward_under_deterministic_algorithms_on_gpu():
+    reference, converted = pair()
+    pixels, labels = (t.to("cuda") for t in batch())
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = []
+        for _ in range(2):
+            converted.zero_grad(set_to_none=True)
+            converted(pixels, labels=labels).loss.backward()
+            grads.append([p.grad.clone() for p in converted.decode_head.parameters()])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))  # bitwise repeat, whole head
+
+
+def test_interpolate_reference_is_what_the_head_would_call():
+    # Guards the forbidden-call test above: the eager backend does call F.interpolate and torch.cat.
+    _, converted = pair()
+    upernet_fast.set_backend_of(converted, "eager")
+    converted.eval()
+    pixels, _ = batch()
+    features = converted.backbone(pixels.to(TRITON_DEVICE)).feature_maps
+    with _RecordCalls() as recorder:
+        converted.decode_head(features)
+    assert {"interpolate", "cat"} <= set(recorder.names)
+    assert F.interpolate is not None
