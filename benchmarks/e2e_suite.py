@@ -1,0 +1,223 @@
+"""End to end: the UperNet head and the whole model, inference and a full training step, reference vs converted.
+
+Models are transformers' ``UperNetForSemanticSegmentation`` with ConvNeXt-T and Swin-T backbones and random
+weights (nothing is downloaded). "converted" is ``upernet_fast.convert`` applied to a deep copy of the
+reference, so both start from identical weights. On CUDA everything runs under AMP bf16 with channels_last
+activations and weights; on CPU in fp32 with toy configs.
+
+Providers: ``reference``, ``converted``, and each ``+compile`` (``torch.compile`` of the module, or of
+head + loss for the head's training step). Modes: ``inference`` (eval, no grad, forward) and ``train_step``
+(forward, loss, backward, AdamW step, grads cleared).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import measure
+from benchmarks.results import FAILED_PREFIX, SKIPPED_PREFIX, make_row
+from benchmarks.shapes import STRIDES, E2EPlan, e2e_plan
+
+OUT_FEATURES = ["stage1", "stage2", "stage3", "stage4"]
+IGNORE_INDEX = 255
+MODES = ("inference", "train_step")
+BASE_PROVIDERS = ("reference", "converted")
+
+
+def build_model(plan: E2EPlan, backbone: str):
+    from transformers import ConvNextConfig, SwinConfig, UperNetConfig, UperNetForSemanticSegmentation
+
+    spec = dict(plan.models[backbone])
+    kind = spec.pop("kind")
+    if kind == "convnext":
+        # transformers 5.23 needs hidden_sizes and depths as lists when out_features is given.
+        bb = ConvNextConfig(hidden_sizes=list(spec["hidden_sizes"]), depths=list(spec["depths"]),
+                            out_features=OUT_FEATURES)
+    else:
+        bb = SwinConfig(embed_dim=spec["embed_dim"], depths=list(spec["depths"]), num_heads=list(spec["num_heads"]),
+                        window_size=spec["window_size"], image_size=plan.crop, out_features=OUT_FEATURES)
+    cfg = UperNetConfig(backbone_config=bb, hidden_size=plan.hidden, num_labels=plan.num_classes,
+                        auxiliary_channels=plan.aux_channels)
+    torch.manual_seed(0)
+    return UperNetForSemanticSegmentation(cfg)
+
+
+@dataclass
+class Options:
+    device: str
+    shape_set: str
+    cpu_compile: bool = False
+    deadline: float = float("inf")
+    log: Callable[[str], None] = print
+
+
+class ConvertUnavailable(Exception):
+    """This checkout has no ``upernet_fast.convert``: the converted providers are skipped, with this reason."""
+
+
+def _convert(model):
+    import upernet_fast
+
+    convert = getattr(upernet_fast, "convert", None)
+    if convert is None:
+        raise ConvertUnavailable("upernet_fast.convert is not available in this checkout")
+    return convert(copy.deepcopy(model))
+
+
+def _labels(plan: E2EPlan, device: str) -> torch.Tensor:
+    shape = (plan.batch, plan.crop, plan.crop)
+    labels = torch.randint(0, plan.num_classes, shape, device=device)
+    labels[torch.rand(shape, device=device) < 0.05] = IGNORE_INDEX
+    return labels
+
+
+def _reference_head_loss(logits, labels):
+    full = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(full.float(), labels, ignore_index=IGNORE_INDEX)
+
+
+def _converted_head_loss(logits, labels):
+    from upernet_fast.ops import upsample_cross_entropy
+
+    return upsample_cross_entropy(logits, labels, IGNORE_INDEX, "mean")
+
+
+class Target:
+    """A head or a whole model, with its inputs, under one provider."""
+
+    def __init__(self, kind: str, module, channels, plan: E2EPlan, device: str, converted: bool, compiled: bool):
+        self.kind, self.module, self.plan, self.device = kind, module, plan, device
+        self.channels_last = device == "cuda"
+        self.amp = torch.bfloat16 if device == "cuda" else None
+        if self.channels_last:
+            module.to(memory_format=torch.channels_last)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.labels = _labels(plan, device)
+        if kind == "head":
+            sizes = [max(1, plan.crop // s) for s in STRIDES]
+            self.inputs = [torch.randn(plan.batch, c, s, s, device=device).contiguous(memory_format=fmt)
+                           .requires_grad_() for c, s in zip(channels, sizes)]
+            loss_fn = _converted_head_loss if converted else _reference_head_loss
+            head = module
+
+            def head_loss(feats, labels):
+                return loss_fn(head(feats), labels)
+
+            self._loss = torch.compile(head_loss) if compiled else head_loss
+            self._infer = torch.compile(head) if compiled else head
+        else:
+            self.inputs = [torch.randn(plan.batch, 3, plan.crop, plan.crop, device=device).contiguous(memory_format=fmt)]
+            runner = torch.compile(module) if compiled else module
+            self._loss = lambda x, labels: runner(pixel_values=x, labels=labels).loss
+            self._infer = lambda x: runner(pixel_values=x).logits
+        self.optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=self.amp) if self.amp is not None else contextlib.nullcontext()
+
+    def inference(self):
+        with torch.no_grad(), self._autocast():
+            if self.kind == "head":
+                return self._infer(self.inputs)
+            return self._infer(self.inputs[0])
+
+    def train_step(self):
+        with self._autocast():
+            loss = self._loss(self.inputs if self.kind == "head" else self.inputs[0], self.labels)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def clear_input_grads(self):
+        for t in self.inputs:
+            t.grad = None
+
+
+def _skip_compile_reason(opts: Options) -> str | None:
+    if opts.device == "cpu" and not opts.cpu_compile:
+        return ("torch.compile not run on CPU by default: Inductor's C++ build takes minutes for a whole model on a "
+                "2-core machine (--cpu-compile includes it)")
+    if opts.shape_set == "quick":
+        return "--quick: torch.compile not run (compiling alone exceeds the one-minute budget)"
+    return None
+
+
+def _measure(target: Target, mode: str, opts: Options):
+    fn = target.inference if mode == "inference" else target.train_step
+    target.module.train(mode != "inference")
+    quick = opts.shape_set != "full"
+    t0 = time.perf_counter()
+    fn()  # first call: compiles under torch.compile, allocates optimizer state in training
+    measure.sync(opts.device)
+    first_s = time.perf_counter() - t0
+    setup = target.clear_input_grads
+    if opts.device == "cuda":
+        timing = measure.time_cuda_events(fn, setup=setup, warmup=1 if quick else 2, repeats=5 if quick else 10)
+    else:
+        timing = measure.time_cpu(fn, setup=setup, warmup=0 if opts.shape_set == "tiny" else 1,
+                                  min_repeats=3 if opts.shape_set == "tiny" else 5,
+                                  max_repeats=20, budget_s={"tiny": 0.0, "quick": 0.2}.get(opts.shape_set, 1.0))
+    peak, base_mb = measure.peak_memory_mb(fn, opts.device, setup=setup)
+    return timing, peak, base_mb, first_s
+
+
+def run_e2e(opts: Options, stamp: dict) -> list[dict]:
+    plan = e2e_plan(opts.shape_set, opts.device)
+    dtype = "bf16-amp" if opts.device == "cuda" else "fp32"
+    layout = "channels_last" if opts.device == "cuda" else "nchw"
+    targets = [("head", plan.backbones[0])] + [("model", b) for b in plan.backbones]
+    compile_reason = _skip_compile_reason(opts)
+    rows = []
+    # Uncompiled providers of every target first, then the compiled ones: the budget guard drops the costliest.
+    order = [(t, p, False) for t in targets for p in BASE_PROVIDERS]
+    order += [(t, p, True) for t in targets for p in BASE_PROVIDERS]
+    for (kind, backbone), provider, compiled in order:
+        name = f"{kind} {backbone}"
+        shape = (f"b{plan.batch} 3x{plan.crop}x{plan.crop}" if kind == "model" else
+                 f"b{plan.batch} features of {plan.crop}px, hidden {plan.hidden}, {plan.num_classes} classes")
+        label = provider + ("+compile" if compiled else "")
+        base = dict(suite="e2e", op=name, provider=label, shape=shape, dtype=dtype, layout=layout)
+        for mode in MODES:
+            reason = compile_reason if compiled else None
+            if reason is None and time.monotonic() > opts.deadline:
+                reason = "time budget used up before this case (see --budget-s)"
+            if reason is not None:
+                rows.append(make_row(stamp, **base, mode=mode, note=SKIPPED_PREFIX + reason))
+                continue
+            opts.log(f"[e2e] {name} {label} {mode}")
+            try:
+                model = build_model(plan, backbone).to(opts.device)
+                if provider == "converted":
+                    model = _convert(model)
+                module = model.decode_head if kind == "head" else model
+                if compiled:
+                    measure.fresh_compile_cache()
+                target = Target(kind, module, model.backbone.channels, plan, opts.device,
+                                converted=provider == "converted", compiled=compiled)
+                timing, peak, base_mb, first_s = _measure(target, mode, opts)
+            except ConvertUnavailable as exc:
+                rows.append(make_row(stamp, **base, mode=mode, note=SKIPPED_PREFIX + str(exc)))
+                continue
+            except Exception as exc:
+                rows.append(make_row(stamp, **base, mode=mode,
+                                     note=FAILED_PREFIX + f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]))
+                continue
+            finally:
+                model = module = target = None
+                if opts.device == "cuda":
+                    torch.cuda.empty_cache()
+            note = [f"images/s {plan.batch / (timing.p50 * 1e-3):.1f}", f"first call {first_s:.1f}s"]
+            if base_mb is not None:
+                note.append(f"base {base_mb:.0f} MB")
+            note.append(timing.method + (f" n={timing.samples}" if timing.samples else ""))
+            rows.append(make_row(stamp, **base, mode=mode, p20_ms=timing.p20, p50_ms=timing.p50, p80_ms=timing.p80,
+                                 peak_mb=peak, note="; ".join(note)))
+    return rows

@@ -1,0 +1,235 @@
+"""Timers, peak memory, the device's ceilings, and the environment stamp of a run.
+
+CUDA: ``triton.testing.do_bench`` (it flushes L2 before every timed call and times with CUDA events) returns the
+20th/50th/80th percentiles; peak memory comes from a separate, untimed call between
+``torch.cuda.reset_peak_memory_stats`` and ``torch.cuda.max_memory_allocated``.
+CPU: warm-up, then repeated ``time.perf_counter`` samples and the same percentiles. PyTorch's CPU allocator
+keeps no peak statistic and ``tracemalloc`` does not see its allocations, so CPU rows record no peak memory.
+"""
+
+from __future__ import annotations
+
+import datetime
+import inspect
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+QUANTILES = (0.2, 0.5, 0.8)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def quantiles(samples: list[float], qs=QUANTILES) -> list[float]:
+    """Linear-interpolation quantiles (numpy's default), so p20 <= p50 <= p80 by construction."""
+    xs = sorted(samples)
+    if not xs:
+        raise ValueError("no samples")
+    out = []
+    for q in qs:
+        pos = q * (len(xs) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(xs) - 1)
+        out.append(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
+    return out
+
+
+@dataclass
+class Timing:
+    p20: float
+    p50: float
+    p80: float
+    samples: int
+    method: str
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_cpu(fn: Callable, *, setup: Callable | None = None, warmup: int = 2, min_repeats: int = 5,
+             max_repeats: int = 100, budget_s: float = 0.3) -> Timing:
+    """Median-style CPU timer: ``setup`` runs before every call, outside the timed region."""
+    for _ in range(warmup):
+        if setup:
+            setup()
+        fn()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < max_repeats and (len(samples) < min_repeats or time.perf_counter() - start < budget_s):
+        if setup:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    p20, p50, p80 = quantiles(samples)
+    return Timing(p20, p50, p80, len(samples), "perf_counter")
+
+
+def time_cuda_events(fn: Callable, *, setup: Callable | None = None, warmup: int = 2, repeats: int = 10) -> Timing:
+    """CUDA-event timer with a fixed number of calls, for long calls (a training step) where do_bench's
+    time-based repeat count would give one or two samples. ``setup`` runs outside the timed region."""
+    for _ in range(warmup):
+        if setup:
+            setup()
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        if setup:
+            setup()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end))
+    p20, p50, p80 = quantiles(samples)
+    return Timing(p20, p50, p80, len(samples), "cuda events")
+
+
+def time_do_bench(fn: Callable, *, grad_to_none=None, warmup_ms: int = 25, rep_ms: int = 100) -> Timing:
+    """``triton.testing.do_bench`` percentiles. Its signature has been ``(fn, warmup, rep, grad_to_none,
+    quantiles, return_mode)`` through triton 3.x (3.6 on the GPU machine, 3.9 here); only the keywords this
+    version has are passed, and a version without ``quantiles`` falls back to ``return_mode="all"``."""
+    from triton.testing import do_bench
+
+    params = inspect.signature(do_bench).parameters
+    kwargs = {"warmup": warmup_ms, "rep": rep_ms}
+    if grad_to_none is not None and "grad_to_none" in params:
+        kwargs["grad_to_none"] = grad_to_none
+    if "quantiles" in params:
+        result = do_bench(fn, quantiles=list(QUANTILES), **kwargs)
+        p20, p50, p80 = (float(v) for v in result)
+        return Timing(p20, p50, p80, 0, "triton do_bench")
+    if params.get("return_mode") is not None:
+        samples = [float(v) for v in do_bench(fn, return_mode="all", **kwargs)]
+        p20, p50, p80 = quantiles(samples)
+        return Timing(p20, p50, p80, len(samples), "triton do_bench (all)")
+    raise RuntimeError("this triton's do_bench has neither quantiles nor return_mode")
+
+
+def peak_memory_mb(fn: Callable, device: str, setup: Callable | None = None) -> tuple[float | None, float | None]:
+    """(peak MB above what was allocated just before the call, that baseline in MB) for one untimed call.
+    None on CPU (no allocator statistics there)."""
+    if device != "cuda":
+        return None, None
+    if setup:
+        setup()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del out
+    return (peak - base) / 2**20, base / 2**20
+
+
+# ----------------------------------------------------------------------------------------------- ceilings
+@dataclass
+class Ceilings:
+    copy_gbps: float  # from the median copy time
+    copy_bytes: int  # bytes read + written by one copy
+    copy_timing: Timing
+    matmul_tflops: float  # from the median matmul time
+    matmul_n: int
+    matmul_dtype: str
+    matmul_timing: Timing
+
+
+def measure_ceilings(device: str, size: str) -> Ceilings:
+    """Copy bandwidth (``dst.copy_(src)``, bytes read + written) and dense matmul throughput, measured now.
+
+    CUDA: 1 GiB buffers and a bf16 8192^3 matmul. CPU: fp32, 64 MiB and 1024^3 (``size="small"``: 8 MiB and
+    256^3, for the tests)."""
+    if device == "cuda":
+        nbytes, n, dtype = 2**30, 8192, torch.bfloat16
+    elif size == "small":
+        nbytes, n, dtype = 2**23, 256, torch.float32
+    else:
+        nbytes, n, dtype = 2**26, 1024, torch.float32
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    if device == "cuda":
+        copy_t = time_do_bench(lambda: dst.copy_(src), warmup_ms=25, rep_ms=200)
+        mm_t = time_do_bench(lambda: torch.mm(a, b), warmup_ms=25, rep_ms=200)
+    else:
+        copy_t = time_cpu(lambda: dst.copy_(src), budget_s=0.3)
+        mm_t = time_cpu(lambda: torch.mm(a, b), budget_s=0.5)
+    moved = 2 * nbytes
+    flops = 2 * n**3
+    return Ceilings(
+        copy_gbps=moved / (copy_t.p50 * 1e-3) / 1e9, copy_bytes=moved, copy_timing=copy_t,
+        matmul_tflops=flops / (mm_t.p50 * 1e-3) / 1e12, matmul_n=n,
+        matmul_dtype={torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype], matmul_timing=mm_t,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- environment
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
+
+
+def triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:
+        return "absent"
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def run_stamp(device: str) -> dict[str, str]:
+    """Columns shared by every row of one run; ``date`` (UTC, to the second) also identifies the run."""
+    return {
+        "device_name": device_name(device),
+        "torch_version": torch.__version__,
+        "triton_version": triton_version(),
+        "git_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def fresh_compile_cache() -> None:
+    """Empty dynamo's cache and raise its recompile limit before compiling a new case: past the limit (8 by
+    default, per code object) dynamo silently runs eager, which would make "compile" rows eager rows."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

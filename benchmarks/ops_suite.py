@@ -1,0 +1,293 @@
+"""Kernel microbenchmarks: every fused op, each provider, each mode, next to the measured ceilings.
+
+Providers:
+* ``eager``: the op's public entry point with ``backend="eager"`` (PyTorch reference; what users run today);
+* ``compile``: ``torch.compile`` of the reference function (``upernet_fast.reference``), the strongest peer;
+* ``triton`` / ``cpp``: the op with that backend, when ``upernet_fast.backend`` has it registered and says it
+  can take these inputs. Triton on CPU tensors (the interpreter) is never timed.
+A provider that is not run still gets a row, whose note says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from benchmarks import measure
+from benchmarks.bytes_model import op_bytes, op_flops
+from benchmarks.results import FAILED_PREFIX, SKIPPED_PREFIX, make_row
+from benchmarks.shapes import OpCase, ops_plan
+
+PROVIDERS = ("eager", "compile", "triton", "cpp")
+OPS = ("adaptive_avg_pool_multi", "upsample_add", "upsample_concat", "upsample_cross_entropy", "conv_bn_relu")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+IGNORE_INDEX = 255
+
+
+@dataclass
+class Built:
+    """One case's inputs and the ways to run it."""
+
+    args: tuple  # tensors handed to both the public op and the reference
+    leaves: list  # tensors whose .grad a backward writes (reset between calls)
+    public: Callable  # public(*args, backend=name)
+    reference: Callable  # reference(*args), compiled for the "compile" provider
+    select_args: tuple  # the arguments upernet_fast.backend.select gets for this call
+    autocast: torch.dtype | None = None  # conv blocks run under AMP, as in training
+    module: torch.nn.Module | None = None
+
+
+def _tensor(shape, dtype, device, layout, grad=True):
+    t = torch.randn(shape, dtype=dtype, device=device)
+    if layout == "channels_last":
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t.requires_grad_(grad)
+
+
+def build(case: OpCase, dtype: torch.dtype, layout: str, device: str) -> Built:
+    import upernet_fast.ops as ops
+    from upernet_fast import reference
+
+    p = case.params
+    if case.op == "adaptive_avg_pool_multi":
+        x = _tensor(p["x"], dtype, device, layout)
+        scales = tuple(p["scales"])
+        return Built((x,), [x], lambda x, backend: ops.adaptive_avg_pool_multi(x, scales, backend=backend),
+                     lambda x: reference.adaptive_avg_pool_multi(x, scales), (x, scales))
+    if case.op == "upsample_add":
+        low, lat = _tensor(p["low"], dtype, device, layout), _tensor(p["lateral"], dtype, device, layout)
+        return Built((low, lat), [low, lat], lambda a, b, backend: ops.upsample_add(a, b, backend=backend),
+                     reference.upsample_add, (low, lat))
+    if case.op == "upsample_concat":
+        ts = tuple(_tensor(s, dtype, device, layout) for s in p["tensors"])
+        size = tuple(p["size"])
+        return Built(ts, list(ts), lambda *t, backend: ops.upsample_concat(t, size, backend=backend),
+                     lambda *t: reference.upsample_concat(t, size), (ts, size))
+    if case.op == "upsample_cross_entropy":
+        logits = _tensor(p["logits"], dtype, device, layout)
+        labels = torch.randint(0, p["logits"][1], p["labels"], device=device)
+        labels[torch.rand(p["labels"], device=device) < 0.05] = IGNORE_INDEX  # some ignored pixels, as in ADE20K
+        return Built((logits, labels), [logits],
+                     lambda lg, lb, backend: ops.upsample_cross_entropy(lg, lb, IGNORE_INDEX, "mean", backend=backend),
+                     lambda lg, lb: reference.upsample_cross_entropy(lg, lb, IGNORE_INDEX, "mean"),
+                     (logits, labels, IGNORE_INDEX, "mean", None, False))
+    if case.op == "conv_bn_relu":
+        # fp32 parameters, activations in the benchmark dtype under autocast: an AMP training step.
+        block = ops.ConvBNReLU(p["in_channels"], p["out_channels"], p["kernel"], padding=p["padding"]).to(device)
+        if layout == "channels_last":
+            block = block.to(memory_format=torch.channels_last)
+        x = _tensor((p["batch"], p["in_channels"], p["height"], p["width"]), dtype, device, layout)
+        conv, bn = block.conv, block.batch_norm
+        return Built((x,), [x, *block.parameters()],
+                     lambda x, backend: ops.conv_bn_relu(x, conv, bn, backend=backend),
+                     lambda x: reference.conv_bn_relu(x, conv, bn), (x, conv, bn),
+                     autocast=None if dtype == torch.float32 else dtype, module=block)
+    raise KeyError(case.op)
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    return [out] if isinstance(out, torch.Tensor) else list(out)
+
+
+def provider_skip_reason(op: str, provider: str, device: str, built: Built) -> str | None:
+    """Why ``provider`` cannot be timed on these inputs (from upernet_fast.backend), or None."""
+    from upernet_fast import backend
+
+    status = {(r["op"], r["backend"]): r for r in backend.describe()}.get((op, provider))
+    if status is None or status["status"] == "absent":
+        return f"no {provider} implementation of {op} is registered"
+    if status["status"] != "available":
+        return f"{provider} backend unavailable: {status['why']}"
+    if provider == "triton" and device != "cuda":
+        return ("Triton on CPU tensors runs only in the interpreter (TRITON_INTERPRET=1), a correctness tool whose "
+                "timings say nothing about kernel speed: not benchmarked")
+    try:
+        backend.select(op, provider, *built.select_args)
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+@dataclass
+class Options:
+    device: str
+    shape_set: str
+    cpu_compile: bool = False
+    deadline: float = float("inf")  # time.monotonic() after which remaining cases are recorded as skipped
+    providers: tuple[str, ...] = PROVIDERS
+    ops: tuple[str, ...] | None = None
+    log: Callable[[str], None] = print
+
+
+def compile_skip_reason(case: OpCase, opts: Options) -> str | None:
+    if opts.device == "cpu" and not opts.cpu_compile:
+        return ("torch.compile not run on CPU by default: Inductor's C++ build takes tens of seconds per graph on a "
+                "2-core machine (--cpu-compile includes it)")
+    if opts.shape_set == "quick":
+        return "--quick: torch.compile not run (compiling alone exceeds the one-minute budget)"
+    if not case.primary:
+        return "sweep case: torch.compile is measured on the headline workload only (8-minute budget)"
+    return None
+
+
+def _timer(device: str, shape_set: str):
+    quick = shape_set != "full"
+
+    def run(fn, setup, leaves):
+        if device == "cuda":
+            return measure.time_do_bench(fn, grad_to_none=leaves, warmup_ms=10 if quick else 25,
+                                         rep_ms=40 if quick else 100)
+        if shape_set == "tiny":  # the harness's own tests: enough samples for quantiles, no more
+            return measure.time_cpu(fn, setup=setup, warmup=1, budget_s=0.01, min_repeats=3)
+        return measure.time_cpu(fn, setup=setup, budget_s=0.05 if quick else 0.3, min_repeats=5)
+    return run
+
+
+def run_case(case: OpCase, dtype_name: str, layout: str, modes: tuple[str, ...], providers: tuple[str, ...],
+             opts: Options, ceilings: measure.Ceilings, stamp: dict) -> list[dict]:
+    dtype = DTYPES[dtype_name]
+    base = dict(suite="ops", op=case.op, shape=case.shape, dtype=dtype_name, layout=layout)
+    rows = []
+    built = build(case, dtype, layout, opts.device)
+    timer = _timer(opts.device, opts.shape_set)
+    for provider in providers:
+        if provider == "compile":
+            reason = compile_skip_reason(case, opts)
+        elif provider == "eager":
+            reason = None
+        else:
+            reason = provider_skip_reason(case.op, provider, opts.device, built)
+        if reason is None and time.monotonic() > opts.deadline:
+            reason = "time budget used up before this case (see --budget-s)"
+        if reason is not None:
+            rows += [make_row(stamp, **base, provider=provider, mode=m, note=SKIPPED_PREFIX + reason) for m in modes]
+            continue
+        try:
+            call = _make_call(built, provider)
+        except Exception as exc:  # a compile or kernel failure is a result too: record it
+            rows += [make_row(stamp, **base, provider=provider, mode=m, note=FAILED_PREFIX + _short(exc)) for m in modes]
+            continue
+        grad_graph_compiled = False  # the first grad-mode call compiles the joint graph; later modes reuse it
+        for mode in modes:
+            opts.log(f"[ops] {case.op} {case.name} {dtype_name} {layout} {provider} {mode}")
+            try:
+                rows.append(_measure_mode(built, call, mode, case, dtype, opts.device, timer, ceilings, stamp, base,
+                                          provider, mode == "inference" or not grad_graph_compiled))
+            except Exception as exc:
+                rows.append(make_row(stamp, **base, provider=provider, mode=mode, note=FAILED_PREFIX + _short(exc)))
+            grad_graph_compiled = grad_graph_compiled or mode != "inference"
+    return rows
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text[:300]
+
+
+def _make_call(built: Built, provider: str) -> Callable:
+    if provider != "compile":
+        return lambda: built.public(*built.args, backend=provider)
+    measure.fresh_compile_cache()
+    compiled = torch.compile(built.reference, dynamic=False)
+    return lambda: compiled(*built.args)
+
+
+def _measure_mode(built, call, mode, case, dtype, device, timer, ceilings, stamp, base, provider, report_compile):
+    def amp():
+        if built.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device, dtype=built.autocast)
+
+    def forward():
+        with amp():
+            return call()
+
+    def zero_grads():
+        for t in built.leaves:
+            t.grad = None
+
+    if built.module is not None:
+        built.module.train(mode != "inference")
+    note = []
+    if provider == "compile":
+        # The first call compiles (a no-grad graph for inference, the joint forward/backward graph otherwise).
+        t0 = time.perf_counter()
+        with torch.no_grad() if mode == "inference" else contextlib.nullcontext():
+            _outputs(forward())
+        measure.sync(device)
+        if report_compile:
+            note.append(f"first call (compile) {time.perf_counter() - t0:.1f}s")
+
+    if mode == "inference":
+        def fn():
+            with torch.no_grad():
+                return forward()
+    elif mode == "forward":
+        fn = forward
+    else:
+        outs = _outputs(forward())
+        grads = [torch.randn_like(o) if o.dim() else torch.ones_like(o) for o in outs]
+        if mode == "backward":
+            def fn():
+                torch.autograd.backward(outs, grads, retain_graph=True)
+        else:
+            def fn():
+                torch.autograd.backward(_outputs(forward()), grads)
+
+    timing = timer(fn, zero_grads, built.leaves)
+    zero_grads()
+    peak, base_mb = measure.peak_memory_mb(fn, device, setup=zero_grads)
+    zero_grads()
+    if base_mb is not None:
+        note.append(f"base {base_mb:.0f} MB")
+    note.append(timing.method + (f" n={timing.samples}" if timing.samples else ""))
+
+    elem = torch.empty((), dtype=dtype).element_size()
+    nbytes = op_bytes(case.op, case.params, mode, elem)
+    gbps = nbytes / (timing.p50 * 1e-3) / 1e9
+    flops = op_flops(case.op, case.params, mode)
+    tflops = None if flops is None else flops / (timing.p50 * 1e-3) / 1e12
+    return make_row(
+        stamp, **base, provider=provider, mode=mode, p20_ms=timing.p20, p50_ms=timing.p50, p80_ms=timing.p80,
+        gbps=gbps, pct_roofline=100 * gbps / ceilings.copy_gbps,
+        tflops=tflops, pct_matmul=None if tflops is None else 100 * tflops / ceilings.matmul_tflops,
+        peak_mb=peak, note="; ".join(note),
+    )
+
+
+def ceiling_rows(c: measure.Ceilings, stamp: dict) -> list[dict]:
+    common = dict(suite="ops", provider="torch", layout="contiguous", note="ceiling measured in this run")
+    return [
+        make_row(stamp, **common, op="copy_bandwidth", mode="copy_", shape=f"2 x {c.copy_bytes // 2 // 2**20} MiB",
+                 dtype="fp32", p20_ms=c.copy_timing.p20, p50_ms=c.copy_timing.p50, p80_ms=c.copy_timing.p80,
+                 gbps=c.copy_gbps, pct_roofline=100.0),
+        make_row(stamp, **common, op="matmul_peak", mode="mm", shape=f"{c.matmul_n}^3", dtype=c.matmul_dtype,
+                 p20_ms=c.matmul_timing.p20, p50_ms=c.matmul_timing.p50, p80_ms=c.matmul_timing.p80,
+                 tflops=c.matmul_tflops, pct_matmul=100.0),
+    ]
+
+
+def run_ops(opts: Options, stamp: dict) -> list[dict]:
+    """Ceilings, then every case with the uncompiled providers, then torch.compile (the slow part) case by case,
+    so that a run cut short by its budget loses compile rows, not the cheap ones. Rows come back in case order."""
+    opts.log("[ops] measuring ceilings (copy bandwidth, matmul)")
+    ceilings = measure.measure_ceilings(opts.device, "small" if opts.shape_set == "tiny" else "normal")
+    entries = [e for e in ops_plan(opts.shape_set, opts.device).entries if opts.ops is None or e[0].op in opts.ops]
+    passes = [tuple(p for p in opts.providers if p != "compile")]
+    if "compile" in opts.providers:
+        passes.append(("compile",))
+    per_entry: list[list[dict]] = [[] for _ in entries]
+    for providers in passes:
+        for i, (case, dtype_name, layout, modes) in enumerate(entries):
+            per_entry[i] += run_case(case, dtype_name, layout, modes, providers, opts, ceilings, stamp)
+            if opts.device == "cuda":
+                torch.cuda.empty_cache()
+    order = {p: i for i, p in enumerate(PROVIDERS)}
+    rows = ceiling_rows(ceilings, stamp)
+    for (case, *_), entry_rows in zip(entries, per_entry):
+        rows += sorted(entry_rows, key=lambda r: (case.modes.index(r["mode"]), order.get(r["provider"], 99)))
+    return rows

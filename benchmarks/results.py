@@ -1,0 +1,163 @@
+"""Result rows: the column set, appending to ``<results-dir>/<suite>_<device>.csv``, the printed table and a
+markdown summary of the latest run."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+COLUMNS = (
+    "suite", "op", "provider", "mode", "shape", "dtype", "layout",
+    "p20_ms", "p50_ms", "p80_ms", "gbps", "pct_roofline", "tflops", "pct_matmul", "peak_mb",
+    "device_name", "torch_version", "triton_version", "git_commit", "date", "note",
+)
+# Non-empty in every row.
+ALWAYS_REQUIRED = ("suite", "op", "provider", "mode", "shape", "dtype", "layout", "device_name", "torch_version",
+                   "triton_version", "git_commit", "date")
+SKIPPED_PREFIX = "skipped: "
+FAILED_PREFIX = "failed: "
+
+DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def make_row(stamp: dict, **fields) -> dict[str, str]:
+    unknown = set(fields) - set(COLUMNS)
+    if unknown:
+        raise KeyError(f"unknown columns {sorted(unknown)}")
+    row = {c: "" for c in COLUMNS}
+    row.update(stamp)
+    row.update({k: fmt(v) for k, v in fields.items()})
+    return row
+
+
+def is_measured(row: dict) -> bool:
+    return bool(row.get("p50_ms"))
+
+
+def csv_path(results_dir: Path, suite: str, device: str) -> Path:
+    return Path(results_dir) / f"{suite}_{device}.csv"
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append; a new file gets the header. An existing file with other columns is an error, not a silent mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        if tuple(header) != COLUMNS:
+            raise RuntimeError(f"{path} has columns {header}, expected {list(COLUMNS)}: move it aside first")
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_rows(path: Path) -> list[dict]:
+    with Path(path).open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def latest_run(rows: list[dict]) -> list[dict]:
+    """Rows of the most recent run in a file (a run's rows share its ``date``)."""
+    if not rows:
+        return []
+    last = max(r["date"] for r in rows)
+    return [r for r in rows if r["date"] == last]
+
+
+def _speedup(row: dict, rows: list[dict]) -> str:
+    base = eager_time(row, rows)
+    if base is None or not is_measured(row):
+        return ""
+    return f"{base / float(row['p50_ms']):.3g}x"
+
+
+def baseline_provider(row: dict) -> str:
+    return "eager" if row["suite"] == "ops" else "reference"
+
+
+def eager_time(row: dict, rows: list[dict]) -> float | None:
+    """p50 of the baseline (ops: eager; e2e: the reference model) for the same case, mode, dtype and layout."""
+    key = ("suite", "op", "mode", "shape", "dtype", "layout")
+    base = baseline_provider(row)
+    for r in rows:
+        if r["provider"] == base and is_measured(r) and all(r[k] == row[k] for k in key):
+            return float(r["p50_ms"])
+    return None
+
+
+TABLE_COLUMNS = (("op", 22), ("provider", 17), ("mode", 16), ("shape", 64), ("dtype", 8), ("layout", 13),
+                 ("p50_ms", 9), ("p20-p80", 17), ("x base", 7), ("GB/s", 7), ("%copy", 6), ("TFLOP/s", 7),
+                 ("%mm", 5), ("peak MB", 8), ("note", 0))
+
+
+def _cell(row: dict, name: str, rows: list[dict]) -> str:
+    if name == "p20-p80":
+        return f"{row['p20_ms']}-{row['p80_ms']}" if is_measured(row) else ""
+    if name == "x base":
+        return _speedup(row, rows)
+    mapping = {"GB/s": "gbps", "%copy": "pct_roofline", "TFLOP/s": "tflops", "%mm": "pct_matmul", "peak MB": "peak_mb"}
+    return row.get(mapping.get(name, name), "")
+
+
+def format_table(rows: list[dict]) -> str:
+    """Measured rows as a table, then each distinct reason a provider was not measured, with its row count."""
+    lines = []
+    measured = [r for r in rows if is_measured(r)]
+    header = "  ".join(name.ljust(width) if width else name for name, width in TABLE_COLUMNS)
+    lines.append(header)
+    lines.append("-" * len(header))
+    for row in measured:
+        cells = []
+        for name, width in TABLE_COLUMNS:
+            text = _cell(row, name, rows)
+            if width and len(text) > width:
+                text = text[: width - 1] + "~"
+            cells.append(text.ljust(width) if width else text)
+        lines.append("  ".join(cells).rstrip())
+    lines += _not_measured(rows)
+    return "\n".join(lines)
+
+
+def _not_measured(rows: list[dict]) -> list[str]:
+    counts: dict[tuple[str, str], int] = {}
+    for r in rows:
+        if not is_measured(r):
+            key = (r["provider"], r["note"])
+            counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        return []
+    lines = ["", "not measured (provider, rows, why):"]
+    for (provider, note), n in sorted(counts.items()):
+        lines.append(f"  {provider:<18} {n:>4}  {note}")
+    return lines
+
+
+def format_markdown(rows: list[dict]) -> str:
+    """The latest run of one results file as a markdown table (for the README and the GPU evidence)."""
+    if not rows:
+        return "_no rows_\n"
+    stamp = rows[0]
+    head = (f"Device: **{stamp['device_name']}**; date {stamp['date']}; torch {stamp['torch_version']}, "
+            f"triton {stamp['triton_version']}, commit {stamp['git_commit']}.\n\n")
+    cols = ["op", "provider", "mode", "shape", "dtype", "layout", "p50_ms", "p20-p80", "x base", "GB/s", "%copy",
+            "TFLOP/s", "%mm", "peak MB", "note"]
+    out = [head, "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        if is_measured(row):
+            out.append("| " + " | ".join(_cell(row, c, rows).replace("|", "/") for c in cols) + " |")
+    skipped = _not_measured(rows)
+    if skipped:
+        out += ["", "Not measured (provider, rows, why):", ""]
+        out += [f"- `{line.split()[0]}` ({line.split()[1]} rows): {line.split(None, 2)[2]}" for line in skipped[2:]]
+    return "\n".join(out) + "\n"

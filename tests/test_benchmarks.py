@@ -1,0 +1,273 @@
+"""The benchmark harness itself, on CPU with toy shapes: rows written and complete, reasons recorded for every
+provider not run, plots produced, and the bytes model checked by hand. (No timing is asserted: these machines
+are shared and CPU timings say nothing about the GPU kernels.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # benchmarks/ is not installed; the CLI adds the root the same way
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import run  # noqa: E402
+from benchmarks.bytes_model import op_bytes, op_flops  # noqa: E402
+from benchmarks.measure import quantiles  # noqa: E402
+from benchmarks.results import ALWAYS_REQUIRED, COLUMNS, append_rows, make_row, read_rows  # noqa: E402
+from benchmarks.shapes import conv_blocks, ops_plan, workload  # noqa: E402
+
+CEILING_OPS = ("copy_bandwidth", "matmul_peak")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One run of the quick CPU path (tiny shapes) of both suites into a fresh results directory."""
+    results = tmp_path_factory.mktemp("bench_results")
+    rc = run.main(["--suite", "all", "--device", "cpu", "--quick", "--shapes", "tiny", "--results-dir", str(results)])
+    return rc, results
+
+
+def _rows(results: Path, suite: str) -> list[dict]:
+    return read_rows(results / f"{suite}_cpu.csv")
+
+
+def test_quick_cpu_run_succeeds_and_writes_both_suites(quick_run):
+    rc, results = quick_run
+    assert rc == 0
+    for suite in ("ops", "e2e"):
+        rows = _rows(results, suite)
+        assert rows, suite
+        assert {r["suite"] for r in rows} == {suite}
+        assert len({r["date"] for r in rows}) == 1  # one run, one stamp
+
+
+def test_every_column_present_and_required_ones_filled(quick_run):
+    _, results = quick_run
+    for suite in ("ops", "e2e"):
+        path = results / f"{suite}_cpu.csv"
+        assert path.read_text().splitlines()[0] == ",".join(COLUMNS)
+        for row in _rows(results, suite):
+            assert tuple(row) == COLUMNS
+            for col in ALWAYS_REQUIRED:
+                assert row[col], (col, row)
+            assert not row["note"].startswith("failed: "), row
+            if row["p50_ms"]:
+                p20, p50, p80 = float(row["p20_ms"]), float(row["p50_ms"]), float(row["p80_ms"])
+                assert 0 < p20 <= p50 <= p80, row
+                # No peak memory is invented on CPU (PyTorch keeps no CPU allocator statistics).
+                assert row["peak_mb"] == ""
+            else:
+                assert row["note"].startswith("skipped: ") and len(row["note"]) > 20, row
+                assert row["p20_ms"] == row["p80_ms"] == row["gbps"] == ""
+
+
+def test_ops_rows_have_bandwidth_and_conv_rows_have_flops(quick_run):
+    _, results = quick_run
+    rows = _rows(results, "ops")
+    ceilings = {r["op"]: r for r in rows if r["op"] in CEILING_OPS}
+    assert float(ceilings["copy_bandwidth"]["gbps"]) > 0
+    assert float(ceilings["matmul_peak"]["tflops"]) > 0
+    measured = [r for r in rows if r["p50_ms"] and r["op"] not in CEILING_OPS]
+    assert {r["op"] for r in measured} == {"adaptive_avg_pool_multi", "upsample_add", "upsample_concat",
+                                           "upsample_cross_entropy", "conv_bn_relu"}
+    for r in measured:
+        assert float(r["gbps"]) > 0 and float(r["pct_roofline"]) > 0, r
+        if r["op"] == "conv_bn_relu":
+            assert float(r["tflops"]) > 0 and float(r["pct_matmul"]) > 0, r
+        else:
+            assert r["tflops"] == "" and r["pct_matmul"] == "", r
+    modes = {r["mode"] for r in measured}
+    assert modes == {"inference", "forward", "backward", "forward+backward"}
+    assert {r["layout"] for r in measured} == {"nchw", "channels_last"}
+
+
+def test_every_provider_has_a_row_per_case_and_mode(quick_run):
+    """No provider disappears silently: each (case, mode) has one row per provider, measured or with a reason."""
+    _, results = quick_run
+    rows = [r for r in _rows(results, "ops") if r["op"] not in CEILING_OPS]
+    cases: dict[tuple, set] = {}
+    for r in rows:
+        cases.setdefault((r["op"], r["shape"], r["dtype"], r["layout"], r["mode"]), set()).add(r["provider"])
+    assert cases
+    for key, providers in cases.items():
+        assert providers == {"eager", "compile", "triton", "cpp"}, key
+    for r in rows:
+        if r["provider"] == "eager":
+            assert r["p50_ms"], r
+
+
+def test_triton_is_never_timed_on_cpu_and_says_why(quick_run):
+    """tests/conftest.py sets TRITON_INTERPRET=1 here: interpreter timings would be meaningless, so the triton
+    provider is refused with a reason (the interpreter, or no triton implementation registered yet)."""
+    _, results = quick_run
+    triton_rows = [r for r in _rows(results, "ops") if r["provider"] == "triton"]
+    assert triton_rows
+    for r in triton_rows:
+        assert r["p50_ms"] == ""
+        assert ("interpreter" in r["note"] or "no triton implementation" in r["note"]
+                or "triton backend unavailable" in r["note"]), r
+    for r in _rows(results, "ops"):
+        if r["provider"] == "compile":
+            assert r["note"].startswith("skipped: torch.compile not run on CPU"), r
+
+
+def test_triton_refused_on_cpu_even_when_registered_and_available(monkeypatch):
+    """A Triton implementation that the registry calls available must still not be timed on CPU tensors."""
+    from benchmarks.ops_suite import build, provider_skip_reason
+    from benchmarks.shapes import TINY, head_op_cases
+    from upernet_fast import backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    case = next(c for c in head_op_cases(TINY, primary=True, all_instances=False, conv="none")
+                if c.op == "upsample_add")
+    built = build(case, torch.float32, "nchw", "cpu")
+    original = backend._REGISTRY[case.op].get("triton")
+    backend.register(case.op, "triton", lambda low, lateral: lateral)
+    try:
+        reason = provider_skip_reason(case.op, "triton", "cpu", built)
+    finally:
+        if original is None:
+            del backend._REGISTRY[case.op]["triton"]
+        else:
+            backend._REGISTRY[case.op]["triton"] = original
+    assert reason is not None and "interpreter" in reason
+
+
+def test_e2e_rows(quick_run):
+    _, results = quick_run
+    rows = _rows(results, "e2e")
+    ref = [r for r in rows if r["provider"] == "reference"]
+    assert {r["mode"] for r in ref} == {"inference", "train_step"}
+    assert {r["op"] for r in ref} == {"head convnext_t", "model convnext_t"}
+    for r in ref:
+        assert r["p50_ms"] and "images/s" in r["note"], r
+    for r in rows:
+        if r["provider"] == "converted":
+            # Measured when upernet_fast.convert exists, else skipped with that reason; never silent.
+            assert r["p50_ms"] or "convert" in r["note"], r
+        if r["provider"].endswith("+compile"):
+            assert r["note"].startswith("skipped: torch.compile not run on CPU"), r
+
+
+def test_plots_and_markdown_regenerated(quick_run):
+    _, results = quick_run
+    for suite in ("ops", "e2e"):
+        for kind in ("speedup", "roofline", "memory"):
+            png = results / f"{suite}_cpu_{kind}.png"
+            data = png.read_bytes()
+            assert len(data) > 1000 and data.startswith(PNG_MAGIC), png
+        md = (results / f"{suite}_cpu.md").read_text()
+        assert "Device: **CPU" in md and "| op |" in md
+
+
+def test_time_budget_records_skips(tmp_path):
+    rc = run.main(["--suite", "ops", "--device", "cpu", "--shapes", "tiny", "--ops", "upsample_add", "--budget-s", "0",
+                   "--no-plots", "--results-dir", str(tmp_path)])
+    assert rc == 0
+    rows = [r for r in read_rows(tmp_path / "ops_cpu.csv") if r["op"] == "upsample_add"]
+    assert rows and all(r["note"].startswith("skipped: ") and not r["p50_ms"] for r in rows)
+    # Providers that could have run say the budget stopped them; the others keep their own reason.
+    assert all("time budget" in r["note"] for r in rows if r["provider"] == "eager")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_requested_without_cuda_is_an_error(tmp_path):
+    assert run.main(["--device", "cuda", "--results-dir", str(tmp_path)]) == 2
+    assert not list(tmp_path.iterdir())
+
+
+def test_unknown_filters_are_an_error(tmp_path):
+    assert run.main(["--device", "cpu", "--providers", "eager,tritn", "--results-dir", str(tmp_path)]) == 2
+    assert run.main(["--device", "cpu", "--ops", "upsample", "--results-dir", str(tmp_path)]) == 2
+    assert not list(tmp_path.iterdir())
+
+
+def test_module_entry_point_runs_from_repo_root():
+    out = subprocess.run([sys.executable, "-m", "benchmarks.run", "--help"], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "--suite" in out.stdout
+
+
+def test_append_keeps_one_header_and_refuses_other_columns(tmp_path):
+    stamp = dict(device_name="d", torch_version="t", triton_version="x", git_commit="c", date="2026-01-01T00:00:00Z")
+    row = make_row(stamp, suite="ops", op="o", provider="eager", mode="forward", shape="s", dtype="fp32",
+                   layout="nchw", p20_ms=1.0, p50_ms=2.0, p80_ms=3.0)
+    path = tmp_path / "ops_cpu.csv"
+    append_rows(path, [row])
+    append_rows(path, [row])
+    assert len(read_rows(path)) == 2 and path.read_text().count("suite,op,") == 1
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    with pytest.raises(RuntimeError, match="columns"):
+        append_rows(other, [row])
+
+
+def test_quantiles_interpolate_linearly():
+    assert quantiles([5.0, 1.0, 3.0, 2.0, 4.0]) == pytest.approx([1.8, 3.0, 4.2])
+    assert quantiles([7.0]) == [7.0, 7.0, 7.0]
+
+
+# --------------------------------------------------------------------------------------- bytes model by hand
+def test_bytes_model_hand_computed():
+    f32, bf16 = 4, 2
+    # Pool x (2,3,8,8), scales 1,2: read 384 elements, write 2*3*(1+4) = 30.
+    p = dict(x=(2, 3, 8, 8), scales=(1, 2))
+    assert op_bytes("adaptive_avg_pool_multi", p, "forward", f32) == 4 * (384 + 30)
+    assert op_bytes("adaptive_avg_pool_multi", p, "backward", f32) == 4 * (30 + 384)
+    # Upsample-add low (2,16,4,4)=512, lateral (2,16,8,8)=2048: forward 512 + 2048 + 2048; backward 2048 + 512.
+    p = dict(low=(2, 16, 4, 4), lateral=(2, 16, 8, 8))
+    assert op_bytes("upsample_add", p, "forward", f32) == 4 * 4608 == 18432
+    assert op_bytes("upsample_add", p, "backward", f32) == 4 * 2560
+    assert op_bytes("upsample_add", p, "forward+backward", f32) == 4 * (4608 + 2560)
+    # Concat [(1,2,4,4)=32, (1,3,2,2)=12] -> 4x4: output 1*5*16 = 80.
+    p = dict(tensors=[(1, 2, 4, 4), (1, 3, 2, 2)], size=(4, 4))
+    assert op_bytes("upsample_concat", p, "forward", bf16) == 2 * (32 + 12 + 80)
+    # Cross-entropy logits (1,5,2,2)=20 bf16, labels (1,8,8)=64 int64, scalar 4 bytes.
+    p = dict(logits=(1, 5, 2, 2), labels=(1, 8, 8))
+    assert op_bytes("upsample_cross_entropy", p, "forward", bf16) == 40 + 512 + 4
+    assert op_bytes("upsample_cross_entropy", p, "backward", bf16) == 80 + 512 + 4
+    # Conv 3x3 4->8 at 1x5x5: x 100, weight 288, y 200; backward y + 2x + 2w.
+    p = dict(in_channels=4, out_channels=8, kernel=3, padding=1, batch=1, height=5, width=5)
+    assert op_bytes("conv_bn_relu", p, "inference", f32) == 4 * (100 + 288 + 200)
+    assert op_bytes("conv_bn_relu", p, "backward", f32) == 4 * (200 + 200 + 576)
+    assert op_flops("conv_bn_relu", p, "forward") == 2 * 25 * 4 * 8 * 9 == 14400
+    assert op_flops("conv_bn_relu", p, "forward+backward") == 3 * 14400
+    assert op_flops("upsample_add", dict(low=(1,), lateral=(1,)), "forward") is None
+
+
+def test_real_workload_shapes_match_the_cost_model():
+    """shared/reference/cost-model.md: ConvNeXt-T, 512^2, batch 16: f0 16x96x128x128 ... f3 16x768x16x16."""
+    w = workload("convnext_t", 512, 16)
+    assert [w.feature_shape(i) for i in range(4)] == [(16, 96, 128, 128), (16, 192, 64, 64), (16, 384, 32, 32),
+                                                      (16, 768, 16, 16)]
+    assert "swin_t" in w.name and "convnext_s" in w.name  # same channels, same head shapes
+    cases = {(c.op, c.name): c for c, *_ in ops_plan("full", "cuda").entries if c.workload == w}
+    add = cases[("upsample_add", "topdown 1/8->1/4")].params
+    # Read 67 + 268 MB, write 268 MB (bf16), as the cost model's floor states.
+    assert op_bytes("upsample_add", add, "forward", 2) == 2 * (16 * 512 * 64 * 64 + 2 * 16 * 512 * 128 * 128)
+    assert cases[("upsample_cross_entropy", "decode loss")].params == dict(logits=(16, 150, 128, 128),
+                                                                           labels=(16, 512, 512))
+    fpn_bottleneck = next(p for p in conv_blocks(w) if p["block"] == "fpn_bottleneck")
+    assert op_flops("conv_bn_relu", fpn_bottleneck, "forward") == pytest.approx(4948e9, rel=1e-3)
+    bottleneck = next(p for p in conv_blocks(w) if p["block"] == "bottleneck")
+    assert bottleneck["in_channels"] == 768 + 4 * 512
+
+
+@pytest.mark.gpu
+def test_cuda_quick_ops_run(tmp_path):
+    """On the GPU: the quick path measures with do_bench, records peak memory, and times Triton when registered."""
+    rc = run.main(["--suite", "ops", "--device", "cuda", "--quick", "--ops", "upsample_add", "--no-plots",
+                   "--results-dir", str(tmp_path)])
+    assert rc == 0
+    rows = [r for r in read_rows(tmp_path / "ops_cuda.csv") if r["op"] == "upsample_add"]
+    eager = [r for r in rows if r["provider"] == "eager"]
+    assert eager and all(r["p50_ms"] and r["peak_mb"] and "do_bench" in r["note"] for r in eager)
+    for r in rows:
+        if r["provider"] == "triton" and not r["p50_ms"]:
+            assert r["note"].startswith("skipped: "), r
