@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TRITON_DEVICE
+from layouts import LAYOUTS, in_layout
 
 from upernet_fast import backend as _backend
 from upernet_fast import reference
@@ -34,25 +35,12 @@ EDGE_CASES = {
     "single_scale_list": ((2, 3, 9, 13), [4]),  # scales given as a list; 9 % 4 and 13 % 4 != 0
     "wider_than_a_tile": ((1, 2, 9, 37), UPERNET_SCALES),  # windows span several 4x16 tiles: the loops
 }
-LAYOUTS = ("contiguous", "channels_last", "sliced", "sliced_channels_last")
 
 
 def _make_input(shape, dtype, layout, seed=0):
-    """A (B, C, H, W) input in the given layout; "sliced" ones are views into NaN-filled bigger storage,
-    so an out-of-bounds read shows up as NaN in the result."""
+    """A (B, C, H, W) input in the given layout (see tests/layouts.py: sliced ones sit in NaN-filled storage)."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype).to(TRITON_DEVICE)
-    if layout == "contiguous":
-        return x
-    if layout == "channels_last":
-        return x.contiguous(memory_format=CL)
-    B, C, H, W = shape
-    big = torch.full((B + 1, C + 3, H + 2, W + 3), float("nan"), dtype=dtype, device=TRITON_DEVICE)
-    if layout == "sliced_channels_last":
-        big = big.contiguous(memory_format=CL)
-    view = big[1:, 2 : C + 2, 1 : H + 1, 3:]
-    view.copy_(x)
-    return view
+    return in_layout(torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype).to(TRITON_DEVICE), layout)
 
 
 def _reference_grad(x, scales, grads):

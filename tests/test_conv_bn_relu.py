@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TRITON_DEVICE
+from layouts import in_layout
 from torch import nn
 
 import upernet_fast
@@ -42,15 +43,6 @@ def _make_block(cin, cout, kernel, padding, bias=False, momentum=0.1, seed=0):
         block.batch_norm.running_mean.uniform_(-0.2, 0.2)
         block.batch_norm.running_var.uniform_(0.5, 2.0)
     return block.to(DEV)
-
-
-def _layout(x, layout):
-    if layout == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    if layout == "sliced":  # a strided view: every other column of a wider map
-        wide = torch.repeat_interleave(x, 2, dim=3)
-        return wide[..., ::2]
-    return x
 
 
 def _step(block, x, g, backend):
@@ -87,7 +79,7 @@ def test_train_fp32_matches_reference(case, layout):
     ref = copy.deepcopy(ours)
     torch.manual_seed(1)
     for step in range(3):
-        x = _layout(torch.randn(shape, device=DEV) * 2 + 0.5, layout)
+        x = in_layout(torch.randn(shape, device=DEV) * 2 + 0.5, layout)
         with torch.no_grad():
             conv_out = ref.conv(x)
         # grad_output always NCHW-contiguous: for channels_last outputs the backward gets a layout mismatch.
@@ -138,7 +130,7 @@ def test_half_within_twice_torch_error(train, layout, mixed, dtype):
         torch_half.batch_norm.to(dtype)
     ours = copy.deepcopy(torch_half)
     torch.manual_seed(4)
-    x64 = _layout(torch.randn(2, 3, 7, 5, device=DEV, dtype=torch.float64), layout)
+    x64 = in_layout(torch.randn(2, 3, 7, 5, device=DEV, dtype=torch.float64), layout)
     x_half = x64.to(dtype)
     g = torch.randn(2, 5, 7, 5, device=DEV, dtype=torch.float64)
     results = []
@@ -162,7 +154,7 @@ def test_eval_folding_exact_to_fp32_rounding(layout, bias):
     block = _make_block(4, 7, 3, 1, bias=bias, seed=5).eval()
     ref = copy.deepcopy(block)
     snapshot = {k: v.clone() for k, v in block.state_dict().items()}
-    x = _layout(torch.randn(2, 4, 9, 6, device=DEV), layout)
+    x = in_layout(torch.randn(2, 4, 9, 6, device=DEV), layout)
     with torch.no_grad():
         got = conv_bn_relu(x, block.conv, block.batch_norm, backend="triton")
         want = reference.conv_bn_relu(x, ref.conv, ref.batch_norm)
@@ -262,7 +254,7 @@ def test_saved_tensors_are_conv_output_and_channel_stats_only():
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_backward_bitwise_repeatable(layout):
     block = _make_block(3, 6, 1, 0, seed=8)
-    x = _layout(torch.randn(2, 3, 24, 23, device=DEV), layout)
+    x = in_layout(torch.randn(2, 3, 24, 23, device=DEV), layout)
     g = torch.randn(2, 6, 24, 23, device=DEV)
     runs = []
     for _ in range(2):
@@ -321,7 +313,7 @@ def test_gradcheck_reference_float64():
 def test_opcheck_custom_ops():
     torch.manual_seed(13)
     for layout in ("contiguous", "channels_last"):
-        x = _layout(torch.randn(2, 5, 3, 4, device=DEV), layout).requires_grad_(True)
+        x = in_layout(torch.randn(2, 5, 3, 4, device=DEV), layout).requires_grad_(True)
         w = torch.rand(5, device=DEV, requires_grad=True) + 0.5
         b = torch.randn(5, device=DEV, requires_grad=True)
         torch.library.opcheck(op_module.bn_relu_train, (x, w, b, 1e-5, -1))

@@ -18,13 +18,13 @@ import warnings
 import pytest
 import torch
 from conftest import TRITON_DEVICE
+from layouts import LAYOUTS, in_layout
 
 from upernet_fast import backend as _backend
 from upernet_fast import reference
 from upernet_fast.ops.upsample_add import upsample_add
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-LAYOUTS = ("contiguous", "channels_last", "sliced")
 
 # (B, C, h, w) -> (H, W), each case labelled with what it covers.
 CASES = {
@@ -36,20 +36,6 @@ CASES = {
     "equal_6x6": ((2, 5, 6, 6), (6, 6)),  # equal size: interpolate is a copy
     "5x11_to_11x5": ((1, 3, 5, 11), (11, 5)),  # up on one axis, down on the other
 }
-
-
-def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same values as ``t`` in the given layout; "sliced" is a strided view into a larger, NaN-filled buffer
-    (channels and both spatial axes offset), so any read outside the view shows up as NaN."""
-    if layout == "contiguous":
-        return t.contiguous()
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    b, c, h, w = t.shape
-    big = torch.full((b, c + 2, h + 3, 2 * w + 1), float("nan"), dtype=t.dtype, device=t.device)
-    view = big[:, 1 : c + 1, 2 : h + 2, 1 : 2 * w + 1 : 2]
-    view.copy_(t)
-    return view
 
 
 def _random(shape, dtype, seed):
@@ -113,9 +99,9 @@ def _assert_close_to_reference(ours, low, lateral, grad):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fp32_matches_reference(case, layout):
     (b, c, h, w), (H, W) = CASES[case]
-    low = _layout(_random((b, c, h, w), torch.float32, 1), layout)
-    lateral = _layout(_random((b, c, H, W), torch.float32, 2), layout)
-    grad = _layout(_random((b, c, H, W), torch.float32, 3), layout)
+    low = in_layout(_random((b, c, h, w), torch.float32, 1), layout)
+    lateral = in_layout(_random((b, c, H, W), torch.float32, 2), layout)
+    grad = in_layout(_random((b, c, H, W), torch.float32, 3), layout)
     ours = _run(low, lateral, grad)
     _assert_close_to_reference(ours, low, lateral, grad)
     assert not any(t.isnan().any() for t in ours)  # the NaN padding around sliced views was never read
@@ -137,9 +123,9 @@ def test_half_precision_matches_reference(case, dtype):
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
 def test_half_precision_layouts(dtype, layout):
     (b, c, h, w), (H, W) = CASES["7x5_to_13x11"]
-    low = _layout(_random((b, c, h, w), dtype, 7), layout)
-    lateral = _layout(_random((b, c, H, W), dtype, 8), layout)
-    grad = _layout(_random((b, c, H, W), dtype, 9), layout)
+    low = in_layout(_random((b, c, h, w), dtype, 7), layout)
+    lateral = in_layout(_random((b, c, H, W), dtype, 8), layout)
+    grad = in_layout(_random((b, c, H, W), dtype, 9), layout)
     _assert_close_to_reference(_run(low, lateral, grad), low, lateral, grad)
 
 

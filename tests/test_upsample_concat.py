@@ -14,13 +14,13 @@ import warnings
 import pytest
 import torch
 from conftest import TRITON_DEVICE
+from layouts import LAYOUTS, in_layout
 
 from upernet_fast import backend as _backend
 from upernet_fast import reference
 from upernet_fast.ops.upsample_concat import upsample_concat
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-LAYOUTS = ("contiguous", "channels_last", "sliced")
 
 # Per case: the inputs' (C, h, w) (batch shared) and the target size, labelled with what each covers.
 CASES = {
@@ -35,27 +35,14 @@ CASES = {
 }
 
 
-def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """``t`` in the layout; "sliced" is a strided view into a larger NaN-filled buffer (catches stray reads)."""
-    if layout == "contiguous":
-        return t.contiguous()
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    b, c, h, w = t.shape
-    big = torch.full((b, c + 2, h + 3, 2 * w + 1), float("nan"), dtype=t.dtype, device=t.device)
-    view = big[:, 1 : c + 1, 2 : h + 2, 1 : 2 * w + 1 : 2]
-    view.copy_(t)
-    return view
-
-
 def _inputs(case, dtype, layout, seed=0):
     (batch, shapes), size = CASES[case]
     gen = torch.Generator().manual_seed(seed)
     tensors = [
-        _layout(torch.randn((batch, *shape), generator=gen).to(dtype).to(TRITON_DEVICE), layout) for shape in shapes
+        in_layout(torch.randn((batch, *shape), generator=gen).to(dtype).to(TRITON_DEVICE), layout) for shape in shapes
     ]
     grad_shape = (batch, sum(s[0] for s in shapes), *size)
-    grad = _layout(torch.randn(grad_shape, generator=gen).to(dtype).to(TRITON_DEVICE), layout)
+    grad = in_layout(torch.randn(grad_shape, generator=gen).to(dtype).to(TRITON_DEVICE), layout)
     return tensors, size, grad
 
 
@@ -113,7 +100,7 @@ def test_half_precision_matches_reference(case, dtype, layout):
 
 def test_mixed_layouts_and_output_layout_follows_first_input():
     tensors, size, grad = _inputs("fpn_8x8", torch.float32, "contiguous")
-    tensors = [tensors[0].contiguous(memory_format=torch.channels_last), tensors[1], _layout(tensors[2], "sliced"),
+    tensors = [tensors[0].contiguous(memory_format=torch.channels_last), tensors[1], in_layout(tensors[2], "sliced"),
                tensors[3]]
     out, grads = _assert_close_to_reference(tensors, size, grad)
     assert out.is_contiguous(memory_format=torch.channels_last)
