@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import inspect
-import os
 import platform
 import subprocess
 import time
@@ -21,22 +20,10 @@ from typing import Callable
 
 import torch
 
-QUANTILES = (0.2, 0.5, 0.8)
+from upernet_fast.measure import QUANTILES, quantiles, synchronize
+from upernet_fast.ops._triton_support import interpreting  # noqa: F401 (re-exported for run.py)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def quantiles(samples: list[float], qs=QUANTILES) -> list[float]:
-    """Linear-interpolation quantiles (numpy's default), so p20 <= p50 <= p80 by construction."""
-    xs = sorted(samples)
-    if not xs:
-        raise ValueError("no samples")
-    out = []
-    for q in qs:
-        pos = q * (len(xs) - 1)
-        lo = int(pos)
-        hi = min(lo + 1, len(xs) - 1)
-        out.append(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
-    return out
 
 
 @dataclass
@@ -49,8 +36,7 @@ class Timing:
 
 
 def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
 
 
 def time_cpu(fn: Callable, *, setup: Callable | None = None, warmup: int = 2, min_repeats: int = 5,
@@ -229,7 +215,3 @@ def fresh_compile_cache() -> None:
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Callable
 
@@ -28,12 +27,21 @@ def time_ms(fn: Callable[[], object], device: torch.device | str, repeats: int =
     return samples
 
 
-def quantiles(samples: list[float]) -> tuple[float, float, float]:
-    """p20, p50, p80 of the samples (one sample gives it three times)."""
-    if len(samples) == 1:
-        return samples[0], samples[0], samples[0]
-    q = statistics.quantiles(samples, n=10, method="inclusive")
-    return q[1], statistics.median(samples), q[7]
+QUANTILES = (0.2, 0.5, 0.8)
+
+
+def quantiles(samples: list[float], qs=QUANTILES) -> list[float]:
+    """Linear-interpolation quantiles (numpy's default), so p20 <= p50 <= p80 by construction."""
+    xs = sorted(samples)
+    if not xs:
+        raise ValueError("no samples")
+    out = []
+    for q in qs:
+        pos = q * (len(xs) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(xs) - 1)
+        out.append(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
+    return out
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> float:
