@@ -49,6 +49,13 @@ def op_bytes(op: str, p: dict, mode: str, elem: int) -> int:
             return elem * logits + LABEL_BYTES * labels + SCALAR_BYTES
         return 2 * elem * logits + LABEL_BYTES * labels + SCALAR_BYTES
 
+    if op == "bn_relu":
+        # Training BatchNorm+ReLU. forward: read y, write the output (the statistics need a second read of y
+        # unless it stays in cache: counted as extra work, not as necessary bytes). backward: read grad_out and
+        # y, write grad_y (per-channel parameters and statistics are negligible).
+        y = prod(p["y"])
+        return elem * 2 * y if forward else elem * 3 * y
+
     if op == "conv_bn_relu":
         # forward: read x and the weight, write the activated output (BN parameters are negligible).
         # backward: read grad_out, x and the weight; write grad_x and grad_weight.

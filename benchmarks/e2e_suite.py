@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from benchmarks import measure
 from benchmarks.results import FAILED_PREFIX, SKIPPED_PREFIX, make_row
 from benchmarks.shapes import STRIDES, E2EPlan, e2e_plan
+from upernet_fast.measure import saved_activation_mb
 
 OUT_FEATURES = ["stage1", "stage2", "stage3", "stage4"]
 IGNORE_INDEX = 255
@@ -93,6 +94,7 @@ class Target:
     """A head or a whole model, with its inputs, under one provider."""
 
     def __init__(self, kind: str, module, channels, plan: E2EPlan, device: str, converted: bool, compiled: bool):
+        self.compiled = compiled
         self.kind, self.module, self.plan, self.device = kind, module, plan, device
         self.channels_last = device == "cuda"
         self.amp = torch.bfloat16 if device == "cuda" else None
@@ -127,6 +129,11 @@ class Target:
             if self.kind == "head":
                 return self._infer(self.inputs)
             return self._infer(self.inputs[0])
+
+    def forward_loss(self):
+        """The training forward alone (what autograd saves for backward is measured on it)."""
+        with self._autocast():
+            return self._loss(self.inputs if self.kind == "head" else self.inputs[0], self.labels)
 
     def train_step(self):
         with self._autocast():
@@ -166,7 +173,10 @@ def _measure(target: Target, mode: str, opts: Options):
                                   min_repeats=3 if opts.shape_set == "tiny" else 5,
                                   max_repeats=20, budget_s={"tiny": 0.0, "quick": 0.2}.get(opts.shape_set, 1.0))
     peak, base_mb = measure.peak_memory_mb(fn, opts.device, setup=setup)
-    return timing, peak, base_mb, first_s
+    saved_mb = None
+    if mode == "train_step" and not target.compiled:  # hooks do not see inside a compiled graph
+        saved_mb = saved_activation_mb(target.forward_loss)
+    return timing, peak, base_mb, first_s, saved_mb
 
 
 def run_e2e(opts: Options, stamp: dict) -> list[dict]:
@@ -202,7 +212,7 @@ def run_e2e(opts: Options, stamp: dict) -> list[dict]:
                     measure.fresh_compile_cache()
                 target = Target(kind, module, model.backbone.channels, plan, opts.device,
                                 converted=provider == "converted", compiled=compiled)
-                timing, peak, base_mb, first_s = _measure(target, mode, opts)
+                timing, peak, base_mb, first_s, saved_mb = _measure(target, mode, opts)
             except ConvertUnavailable as exc:
                 rows.append(make_row(stamp, **base, mode=mode, note=SKIPPED_PREFIX + str(exc)))
                 continue
@@ -217,6 +227,8 @@ def run_e2e(opts: Options, stamp: dict) -> list[dict]:
             note = [f"images/s {plan.batch / (timing.p50 * 1e-3):.1f}", f"first call {first_s:.1f}s"]
             if base_mb is not None:
                 note.append(f"base {base_mb:.0f} MB")
+            if saved_mb is not None:
+                note.append(f"saved for backward {saved_mb:.1f} MB")
             note.append(timing.method + (f" n={timing.samples}" if timing.samples else ""))
             rows.append(make_row(stamp, **base, mode=mode, p20_ms=timing.p20, p50_ms=timing.p50, p80_ms=timing.p80,
                                  peak_mb=peak, note="; ".join(note)))

@@ -23,7 +23,8 @@ from benchmarks.results import FAILED_PREFIX, SKIPPED_PREFIX, make_row
 from benchmarks.shapes import OpCase, ops_plan
 
 PROVIDERS = ("eager", "compile", "triton", "cpp")
-OPS = ("adaptive_avg_pool_multi", "upsample_add", "upsample_concat", "upsample_cross_entropy", "conv_bn_relu")
+OPS = ("adaptive_avg_pool_multi", "upsample_add", "upsample_concat", "upsample_cross_entropy", "conv_bn_relu",
+       "bn_relu")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IGNORE_INDEX = 255
 
@@ -86,6 +87,12 @@ def build(case: OpCase, dtype: torch.dtype, layout: str, device: str) -> Built:
                      lambda x, backend: ops.conv_bn_relu(x, conv, bn, backend=backend),
                      lambda x: reference.conv_bn_relu(x, conv, bn), (x, conv, bn),
                      autocast=None if dtype == torch.float32 else dtype, module=block)
+    if case.op == "bn_relu":
+        # The conv output in the benchmark dtype and a training-mode BatchNorm with fp32 parameters, as under AMP.
+        bn = torch.nn.BatchNorm2d(p["y"][1]).to(device)
+        y = _tensor(p["y"], dtype, device, layout)
+        return Built((y,), [y, *bn.parameters()], lambda y, backend: ops.bn_relu(y, bn, backend=backend),
+                     lambda y: torch.nn.functional.relu(bn(y)), (y, bn), module=bn)
     raise KeyError(case.op)
 
 

@@ -92,6 +92,8 @@ def describe_params(op: str, p: dict) -> str:
         return f"[{', '.join(_dims(s) for s in p['tensors'])}] -> {_dims(p['size'])}"
     if op == "upsample_cross_entropy":
         return f"logits {_dims(p['logits'])} -> labels {_dims(p['labels'])}"
+    if op == "bn_relu":
+        return f"{_dims(p['y'])} ({p['block']} output)"
     if op == "conv_bn_relu":
         b, h, w = p["batch"], p["height"], p["width"]
         return f"{p['kernel']}x{p['kernel']} {p['in_channels']}->{p['out_channels']} at {b}x{h}x{w}"
@@ -144,6 +146,11 @@ def head_op_cases(w: Workload, *, primary: bool, all_instances: bool, conv: str)
                 continue
             cases.append(OpCase("conv_bn_relu", p["block"], w, p,
                                 modes=("inference", "forward", "backward", "forward+backward"), primary=primary))
+        # The BN+ReLU half of each block on its own, at the block's output size, in training (issue 4's
+        # bandwidth target); every size once, whatever the conv costs.
+        for p in conv_blocks(w):
+            y = (p["batch"], p["out_channels"], p["height"], p["width"])
+            cases.append(OpCase("bn_relu", p["block"], w, dict(y=y, block=p["block"]), primary=primary))
     return cases
 
 

@@ -75,7 +75,7 @@ def test_ops_rows_have_bandwidth_and_conv_rows_have_flops(quick_run):
     assert float(ceilings["matmul_peak"]["tflops"]) > 0
     measured = [r for r in rows if r["p50_ms"] and r["op"] not in CEILING_OPS]
     assert {r["op"] for r in measured} == {"adaptive_avg_pool_multi", "upsample_add", "upsample_concat",
-                                           "upsample_cross_entropy", "conv_bn_relu"}
+                                           "upsample_cross_entropy", "conv_bn_relu", "bn_relu"}
     for r in measured:
         assert float(r["gbps"]) > 0 and float(r["pct_roofline"]) > 0, r
         if r["op"] == "conv_bn_relu":
@@ -237,6 +237,8 @@ def test_bytes_model_hand_computed():
     assert op_bytes("conv_bn_relu", p, "inference", f32) == 4 * (100 + 288 + 200)
     assert op_bytes("conv_bn_relu", p, "backward", f32) == 4 * (200 + 200 + 576)
     assert op_flops("conv_bn_relu", p, "forward") == 2 * 25 * 4 * 8 * 9 == 14400
+    assert op_bytes("bn_relu", dict(y=(2, 8, 5, 5)), "forward", f32) == 4 * 2 * 400
+    assert op_bytes("bn_relu", dict(y=(2, 8, 5, 5)), "backward", f32) == 4 * 3 * 400
     assert op_flops("conv_bn_relu", p, "forward+backward") == 3 * 14400
     assert op_flops("upsample_add", dict(low=(1,), lateral=(1,)), "forward") is None
 

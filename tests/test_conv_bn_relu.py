@@ -441,3 +441,48 @@ def test_channel_stats_no_cancellation_with_large_offset():
     # fp32 storage of x alone limits the variance to about 1e4 * 2**-24 * ... : 1e-3 relative is far tighter
     # than sum/sumsq (which loses everything at this offset).
     _close(var.double(), want_var, rtol=1e-3, atol=0.0, what="var")
+
+
+# ---------------------------------------------------------------------------------- bn_relu (BN+ReLU alone)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_bn_relu_training_matches_batch_norm_then_relu(layout):
+    # fp32: the same per-channel statistics in another summation order; 1e-5 covers that rounding.
+    from upernet_fast.ops import bn_relu
+
+    torch.manual_seed(0)
+    bn_ref = nn.BatchNorm2d(5, momentum=None).to(DEV)
+    with torch.no_grad():
+        bn_ref.weight.uniform_(0.5, 1.5), bn_ref.bias.uniform_(-0.5, 0.5)
+    bn_ours = copy.deepcopy(bn_ref)
+    for step in range(2):
+        y = in_layout(torch.randn(3, 5, 7, 5, device=DEV), layout)
+        grad = torch.randn(3, 5, 7, 5, device=DEV)
+        y_ref, y_ours = y.clone().requires_grad_(), y.clone().requires_grad_()
+        out_ref = F.relu(bn_ref(y_ref))
+        out_ours = bn_relu(y_ours, bn_ours, backend="triton")
+        torch.testing.assert_close(out_ours, out_ref, rtol=1e-5, atol=1e-5)
+        out_ref.backward(grad), out_ours.backward(grad)
+        torch.testing.assert_close(y_ours.grad, y_ref.grad, rtol=1e-5, atol=1e-5)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(bn_ours, name).grad, getattr(bn_ref, name).grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn_ours.running_mean, bn_ref.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn_ours.running_var, bn_ref.running_var, rtol=1e-5, atol=1e-6)
+    assert int(bn_ours.num_batches_tracked) == int(bn_ref.num_batches_tracked) == 2
+
+
+def test_bn_relu_refuses_eval_mode_on_triton_and_checks_arguments():
+    from upernet_fast.ops import bn_relu
+
+    bn = nn.BatchNorm2d(4).to(DEV).eval()
+    y = torch.randn(2, 4, 3, 3, device=DEV)
+    with pytest.raises(RuntimeError, match="uses running statistics"):
+        bn_relu(y, bn, backend="triton")
+    torch.testing.assert_close(bn_relu(y, bn, backend="eager"), F.relu(bn(y)))
+    with pytest.raises(ValueError, match=r"y must have 4 channels"):
+        bn_relu(torch.randn(2, 3, 3, 3, device=DEV), bn)
+    with pytest.raises(TypeError, match="batch_norm must be a torch.nn BatchNorm"):
+        bn_relu(y, nn.Identity())
+    with pytest.raises(ValueError, match="y must be a 4D"):
+        bn_relu(y[0], bn)

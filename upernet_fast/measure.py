@@ -71,3 +71,24 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> floa
         current += event.self_cpu_memory_usage
         peak = max(peak, current)
     return peak / 2**20
+
+
+def saved_activation_mb(fn: Callable[[], object]) -> float:
+    """MiB of distinct storages that autograd saves for backward while ``fn()`` runs.
+
+    Leaves that require grad (parameters, the inputs being differentiated) are not activations and are not
+    counted; a storage saved by several ops (a block's output that the next conv also saves) counts once.
+    Device-independent: what is saved does not depend on the machine, only on the code path and dtypes.
+    """
+    storages: dict[tuple, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not (t.requires_grad and t.grad_fn is None):
+            storage = t.untyped_storage()
+            storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values()) / 2**20

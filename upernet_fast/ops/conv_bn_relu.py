@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from upernet_fast import backend as _backend
-from upernet_fast import reference
 from upernet_fast._checks import check_tensor
 from upernet_fast.ops._triton_support import TRITON_DTYPES, triton_unavailable, triton_why_not
 
 OP = "conv_bn_relu"
+BN_RELU_OP = "bn_relu"
 
 
 def conv_bn_relu(
@@ -46,6 +46,24 @@ def conv_bn_relu(
         raise ValueError(f"x must have {conv.in_channels} channels (conv.in_channels), got shape {tuple(x.shape)}")
     impl = _backend.select(OP, backend, x, conv, batch_norm)
     return impl.fn(x, conv, batch_norm)
+
+
+def bn_relu(y: torch.Tensor, batch_norm: nn.Module, *, backend: str = "auto") -> torch.Tensor:
+    """``relu(batch_norm(y))``: the BatchNorm+ReLU half of the block, after any convolution.
+
+    ``batch_norm`` (BatchNorm2d or SyncBatchNorm) runs in its own mode; in training it normalises with the batch
+    statistics and updates its running statistics. The Triton backend covers training (batch statistics); in
+    eval, folding BN into the convolution (:func:`conv_bn_relu`) removes the pass altogether.
+    """
+    check_tensor("y", y, ndim=4, floating=True)
+    if not isinstance(batch_norm, nn.modules.batchnorm._BatchNorm):
+        raise TypeError(f"batch_norm must be a torch.nn BatchNorm module, got {type(batch_norm).__name__}")
+    if y.shape[1] != batch_norm.num_features:
+        raise ValueError(
+            f"y must have {batch_norm.num_features} channels (batch_norm.num_features), got shape {tuple(y.shape)}"
+        )
+    impl = _backend.select(BN_RELU_OP, backend, y, batch_norm)
+    return impl.fn(y, batch_norm)
 
 
 class ConvBNReLU(nn.Module):
@@ -351,23 +369,33 @@ def _triton_conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, batch_norm: nn.Module
     return bn_relu_batch_stats(conv(x), batch_norm)
 
 
-def _triton_why_not(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> str | None:
-    if not isinstance(conv, nn.Conv2d):
-        return f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}"
+def _batch_norm_why_not(y: torch.Tensor, batch_norm: nn.Module) -> str | None:
+    """Why the Triton BN+ReLU path cannot normalise ``y`` with ``batch_norm`` (module type, dtypes), or None."""
     if type(batch_norm) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
         # A subclass may override forward; only the stock modules' semantics are reproduced.
         return f"batch_norm must be a torch.nn.BatchNorm2d or SyncBatchNorm, got {type(batch_norm).__name__}"
-    if batch_norm.num_features != conv.out_channels:
-        return f"batch_norm has {batch_norm.num_features} features but conv has {conv.out_channels} out_channels"
-    reason = triton_why_not(x, conv.weight)
-    if reason:
-        return reason
     for name, t in (("batch_norm.weight", batch_norm.weight), ("batch_norm.running_var", batch_norm.running_var)):
         if t is not None and t.dtype not in TRITON_DTYPES:
             return f"{name} must be float32/float16/bfloat16, got {t.dtype}"
-    if x.numel() == 0:
+    if y.numel() == 0:
         return "empty input"
     return None
+
+
+def _triton_why_not(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> str | None:
+    if not isinstance(conv, nn.Conv2d):
+        return f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}"
+    if isinstance(batch_norm, nn.modules.batchnorm._BatchNorm) and batch_norm.num_features != conv.out_channels:
+        return f"batch_norm has {batch_norm.num_features} features but conv has {conv.out_channels} out_channels"
+    return triton_why_not(x, conv.weight) or _batch_norm_why_not(x, batch_norm)
+
+
+def _triton_bn_relu_why_not(y: torch.Tensor, batch_norm: nn.Module) -> str | None:
+    reason = triton_why_not(y) or _batch_norm_why_not(y, batch_norm)
+    if reason is None and not uses_batch_stats(batch_norm):
+        return ("batch_norm uses running statistics (eval mode); the Triton path normalises with batch statistics "
+                "(in eval, conv_bn_relu folds BN into the convolution instead)")
+    return reason
 
 
 # ------------------------------------------------------------- eager: the reference, plus CPU SyncBatchNorm
@@ -394,12 +422,20 @@ def _cpu_sync_batch_norm_relu(y: torch.Tensor, batch_norm: nn.Module, group) -> 
     return F.relu(out).to(y.dtype)
 
 
-def _eager_conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, batch_norm: nn.Module) -> torch.Tensor:
+def _eager_bn_relu(y: torch.Tensor, batch_norm: nn.Module) -> torch.Tensor:
     group = sync_group(batch_norm)
-    if group is not None and x.device.type == "cpu":
-        return _cpu_sync_batch_norm_relu(conv(x), batch_norm, group)
-    return reference.conv_bn_relu(x, conv, batch_norm)
+    if group is not None and y.device.type == "cpu":
+        return _cpu_sync_batch_norm_relu(y, batch_norm, group)
+    return F.relu(batch_norm(y))  # the second half of reference.conv_bn_relu
+
+
+def _eager_conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, batch_norm: nn.Module) -> torch.Tensor:
+    return _eager_bn_relu(conv(x), batch_norm)
 
 
 _backend.register(OP, "eager", _eager_conv_bn_relu)
 _backend.register(OP, "triton", _triton_conv_bn_relu, why_unavailable=triton_unavailable, why_not=_triton_why_not)
+_backend.register(BN_RELU_OP, "eager", _eager_bn_relu)
+_backend.register(
+    BN_RELU_OP, "triton", bn_relu_batch_stats, why_unavailable=triton_unavailable, why_not=_triton_bn_relu_why_not
+)
