@@ -312,7 +312,10 @@ def _find_toolchain():
     try:
         from triton.backends.nvidia.compiler import get_ptxas
 
-        ptxas = get_ptxas(target.arch).path
+        try:
+            ptxas = get_ptxas(target.arch).path
+        except TypeError:  # Triton versions whose get_ptxas takes no architecture
+            ptxas = get_ptxas().path
         subprocess.run([ptxas, "--version"], check=True, capture_output=True, timeout=60)
     except Exception as exc:
         return f"ptxas (needed to build sm_90 cubins) is not usable: {type(exc).__name__}: {exc}"
@@ -423,8 +426,13 @@ def _compile(launch, target, cuobjdump) -> dict:
         result.update(regs=usage.get("REG"), local_bytes=usage.get("LOCAL"), stack_bytes=usage.get("STACK"),
                       shared_bytes=usage.get("SHARED"), cubin_bytes=len(cubin))
     except Exception as exc:  # noqa: BLE001 - reported with its specialisation by the tests
-        text = f"{type(exc).__name__}: {exc}"
-        result["error"] = text if len(text) < 6000 else text[:3000] + "\n...\n" + text[-2500:]
+        # A CompilationError names the kernel line; its causes name the helper and, last, the actual error.
+        parts, seen = [], exc
+        while seen is not None and len(parts) < 8:
+            text = f"{type(seen).__name__}: {seen}"
+            parts.append(text if len(text) < 2500 else "...\n" + text[-2500:])
+            seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
+        result["error"] = "\n-- caused by --\n".join(parts)
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
 
@@ -434,10 +442,14 @@ def _emit(out, record: dict) -> None:
     out.flush()
 
 
-def _worker(out_path: str) -> None:
-    """Writes one JSON line per event to ``out_path``: a ``skip``, or per kernel file its ``capture_error`` or
-    a ``compiling`` line before and a ``compiled`` line after each specialisation (a compiler crash leaves a
-    ``compiling`` line without its ``compiled``), then a ``coverage`` line."""
+def _worker(out_path: str, shard: int, shards: int) -> None:
+    """Writes one JSON line per event to ``out_path``.
+
+    Every shard records every launch (cheap) and numbers the distinct specialisations in the same order; shard
+    ``k`` compiles those numbered ``k`` modulo ``shards``. Shard 0 also writes, per kernel file, its
+    ``capture_error`` or one ``launch`` line per specialisation, and a last ``coverage`` line. Compiles write a
+    ``compiling`` line before and a ``compiled`` line after (a compiler crash leaves a ``compiling`` alone).
+    """
     import importlib
 
     with open(out_path, "w") as out:
@@ -451,61 +463,104 @@ def _worker(out_path: str) -> None:
         target, backend, cuobjdump = toolchain
         warnings.simplefilter("ignore")  # e.g. Triton 3.9's TRITON_DEFAULT_FP_FUSION notice
         modules = {name: importlib.import_module(f"{KERNEL_PACKAGE}.{name}") for name in KERNEL_MODULES}
-        compiled, covered = {}, set()
+        numbers, covered = {}, set()
         for family, scenarios in FAMILIES.items():
             try:
                 launches = _capture(scenarios, modules, backend)
             except Exception:  # noqa: BLE001
-                _emit(out, {"type": "capture_error", "family": family, "error": traceback.format_exc()})
+                if shard == 0:
+                    _emit(out, {"type": "capture_error", "family": family, "error": traceback.format_exc()})
                 continue
             for launch in launches:
                 covered.add((launch.fn.module, launch.name))
-                if launch.key not in compiled:
-                    _emit(out, {"type": "compiling", "family": family, "spec": launch.describe()})
-                    compiled[launch.key] = _compile(launch, target, cuobjdump)
-                _emit(out, {"type": "compiled", "family": family, "labels": launch.labels, **compiled[launch.key]})
-        from triton.runtime.jit import JITFunction
+                new = launch.key not in numbers
+                number = numbers.setdefault(launch.key, len(numbers))
+                if shard == 0:
+                    _emit(out, {"type": "launch", "family": family, "number": number, "labels": launch.labels})
+                if new and number % shards == shard:
+                    _emit(out, {"type": "compiling", "number": number, "spec": launch.describe()})
+                    _emit(out, {"type": "compiled", "number": number, **_compile(launch, target, cuobjdump)})
+        if shard == 0:
+            from triton.runtime.jit import JITFunction
 
-        defined = sorted(
-            (module.__name__, name)
-            for module in modules.values()
-            for name, value in vars(module).items()
-            if isinstance(value, JITFunction) and name.endswith("_kernel")
-        )
-        _emit(out, {"type": "coverage", "defined": defined, "covered": sorted(covered)})
+            defined = sorted(
+                (module.__name__, name)
+                for module in modules.values()
+                for name, value in vars(module).items()
+                if isinstance(value, JITFunction) and name.endswith("_kernel")
+            )
+            _emit(out, {"type": "coverage", "defined": defined, "covered": sorted(covered)})
+        _emit(out, {"type": "done"})
 
 
 # ---------------------------------------------------------------------------------------------------- tests
 
+
+def _shards() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
+
+
 @pytest.fixture(scope="module")
-def sm90():
-    """The worker's records for this session (it runs once, in a child process without the interpreter)."""
+def sm90() -> dict:
+    """The workers' results for this session: {"launches": {family: [result + labels]}, "coverage": ...}.
+
+    The workers run once, in parallel child processes without the interpreter, one shard of the compiles each.
+    """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    shards = _shards()
+    records, problems, skips = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "sm90.jsonl")
-        try:
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), path], env=env,
-                                  capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
-        except subprocess.TimeoutExpired as exc:
-            pytest.fail(f"the sm_90 compile worker ran past {WORKER_TIMEOUT_S} s:\n{exc.stdout}\n{exc.stderr}")
-        records = []
-        if os.path.exists(path):
-            with open(path) as f:
-                records = [json.loads(line) for line in f if line.strip()]
+        paths = [os.path.join(tmp, f"sm90-{k}.jsonl") for k in range(shards)]
+        logs = [os.path.join(tmp, f"sm90-{k}.log") for k in range(shards)]
+        procs = []
+        for k in range(shards):
+            with open(logs[k], "w") as log:
+                procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), paths[k], str(k),
+                                               str(shards)], env=env, stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + WORKER_TIMEOUT_S
+        timed_out = False
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                proc.kill()
+                proc.wait()
+        for k, proc in enumerate(procs):
+            with open(logs[k]) as log:
+                output = log.read()
+            shard_records = []
+            if os.path.exists(paths[k]):
+                with open(paths[k]) as f:
+                    shard_records = [json.loads(line) for line in f if line.strip()]
+            skips += [r["reason"] for r in shard_records if r["type"] == "skip"]
+            if not skips and (proc.returncode != 0 or not shard_records or shard_records[-1]["type"] != "done"):
+                done = {r["number"] for r in shard_records if r["type"] == "compiled"}
+                crashed = [r["spec"] for r in shard_records if r["type"] == "compiling" and r["number"] not in done]
+                problems.append(
+                    f"sm_90 compile worker {k} " + ("ran past the time limit" if timed_out else
+                                                    f"exited with status {proc.returncode}")
+                    + (f" while compiling {crashed[-1]}" if crashed else "") + f"\noutput (tail):\n{output[-6000:]}"
+                )
+            records += shard_records
+    if skips:
+        pytest.skip(f"cannot compile for sm_90 here: {skips[0]}")
+    if problems:
+        pytest.fail("\n\n".join(problems), pytrace=False)
+    compiled = {r["number"]: r for r in records if r["type"] == "compiled"}
+    families: dict = {family: [] for family in FAMILIES}
+    capture_errors = {r["family"]: r["error"] for r in records if r["type"] == "capture_error"}
     for r in records:
-        if r["type"] == "skip":
-            pytest.skip(f"cannot compile for sm_90 here: {r['reason']}")
-    if proc.returncode != 0 or not records or records[-1]["type"] != "coverage":
-        pending = [r["spec"] for r in records if r["type"] == "compiling"]
-        done = {r["spec"] for r in records if r["type"] == "compiled"}
-        crashed = [s for s in pending if s not in done]
-        pytest.fail(
-            f"the sm_90 compile worker exited with status {proc.returncode}"
-            + (f" while compiling {crashed[-1]}" if crashed else "")
-            + f"\nstdout (tail):\n{proc.stdout[-4000:]}\nstderr (tail):\n{proc.stderr[-8000:]}",
-            pytrace=False,
-        )
-    return records
+        if r["type"] == "launch":
+            families[r["family"]].append({**compiled[r["number"]], "labels": r["labels"]})
+    coverage = [r for r in records if r["type"] == "coverage"][0]
+    return {"families": families, "capture_errors": capture_errors, "coverage": coverage,
+            "compiled": list(compiled.values())}
+
 
 def _line(r: dict) -> str:
     if r["error"]:
@@ -513,13 +568,13 @@ def _line(r: dict) -> str:
     return (f"ok {r['spec']}: regs={r['regs']} spills(local)={r['local_bytes']}B shared={r['shared_bytes']}B "
             f"cubin={r['cubin_bytes']}B ({r['seconds']}s)")
 
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_kernels_compile_for_sm90(sm90, family):
     """Every specialisation the family's launchers make on CUDA for the workloads builds an sm_90 cubin."""
-    for r in sm90:
-        if r["type"] == "capture_error" and r["family"] == family:
-            pytest.fail(f"recording the {family} launches failed:\n{r['error']}", pytrace=False)
-    results = [r for r in sm90 if r["type"] == "compiled" and r["family"] == family]
+    if family in sm90["capture_errors"]:
+        pytest.fail(f"recording the {family} launches failed:\n{sm90['capture_errors'][family]}", pytrace=False)
+    results = sm90["families"][family]
     assert results, f"no {family} launch was recorded"
     print(f"\n[{family}] {len(results)} distinct sm_90 specialisations")
     for r in results:
@@ -535,23 +590,24 @@ def test_kernels_compile_for_sm90(sm90, family):
     for r in results:
         assert r["cubin_bytes"] > 0 and r["regs"], _line(r)
     heavy = [r for r in results if r["local_bytes"] > MAX_LOCAL_BYTES]
-    assert not heavy, f"sm_90 kernels using more than {MAX_LOCAL_BYTES} B of local memory (spills) per " \
-                      "thread:\n" + "\n".join(_line(r) for r in heavy)
+    assert not heavy, (f"sm_90 kernels using more than {MAX_LOCAL_BYTES} B of local memory (spills) per thread:\n"
+                       + "\n".join(_line(r) for r in heavy))
+
 
 def test_every_kernel_is_covered(sm90):
     """Each ``*_kernel`` JITFunction of ``upernet_fast.kernels`` is compiled by at least one workload above."""
-    coverage = [r for r in sm90 if r["type"] == "coverage"][0]
+    coverage = sm90["coverage"]
     missing = sorted({tuple(k) for k in coverage["defined"]} - {tuple(k) for k in coverage["covered"]})
     assert not missing, f"kernels with no sm_90 compile workload in this file: {missing}"
+
 
 def test_launchers_took_their_cuda_configuration(sm90):
     """The recorded launches carry the GPU block sizes, not the interpreter's (a guard on this file's set-up):
     see ``upsample_cross_entropy._forward_blocks`` / ``_backward_blocks`` and ``conv_bn_relu``'s
     ``_elementwise_block``."""
-    compiled = [r for r in sm90 if r["type"] == "compiled"]
 
     def of(module, kernel):
-        found = [r for r in compiled if r["module"] == f"{KERNEL_PACKAGE}.{module}" and r["kernel"] == kernel]
+        found = [r for r in sm90["compiled"] if r["module"] == f"{KERNEL_PACKAGE}.{module}" and r["kernel"] == kernel]
         assert found, f"no launch of {module}.{kernel} recorded"
         return found
 
@@ -564,4 +620,4 @@ def test_launchers_took_their_cuda_configuration(sm90):
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1])
+    _worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

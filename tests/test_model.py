@@ -290,3 +290,19 @@ def test_sync_bn_conversion_shares_parameters_and_matches_in_one_process():
     assert_close_rel(model(pixels, labels=labels).loss, reference(pixels, labels=labels).loss, "loss")
     assert_close_rel(model.decode_head.bottleneck.batch_norm.running_mean,
                      reference.decode_head.bottleneck.batch_norm.running_mean, "running mean")
+
+
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_bf16_autocast_training_step_matches_transformers(kind):
+    # Under autocast, ConvNeXt's features come out fp32 while the PPM branches (conv + BN) are bf16: the concats
+    # must promote like torch.cat. Tolerance: bf16 (8-bit mantissa) roundings through the head, 2e-2 relative.
+    reference, converted = converted_pair(kind)
+    pixels, labels = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ref = reference(pixels, labels=labels)
+        out_conv = converted(pixels, labels=labels)
+    assert out_conv.loss.dtype == out_ref.loss.dtype == torch.float32
+    assert out_conv.logits.dtype == out_ref.logits.dtype
+    assert rel_err(out_conv.loss.detach(), out_ref.loss.detach()) < 2e-2
+    out_ref.loss.backward(), out_conv.loss.backward()
+    assert rel_err(converted.decode_head.classifier.weight.grad, reference.decode_head.classifier.weight.grad) < 2e-2

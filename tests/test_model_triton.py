@@ -140,3 +140,29 @@ def test_interpolate_reference_is_what_the_head_would_call():
         converted.decode_head(features)
     assert {"interpolate", "cat"} <= set(recorder.names)
     assert F.interpolate is not None
+
+
+def test_bf16_autocast_training_step_within_twice_transformers_bf16_error():
+    # ConvNeXt under autocast: fp32 features next to bf16 branches in the PPM concat (promoted like torch.cat);
+    # the loss is fp32 like transformers'. Accuracy policy: against an fp32 run of the same model, our bf16 error
+    # is at most twice transformers' own bf16 error (plus a floor for values that are zero up to rounding).
+    reference, converted = pair()
+    fp32_model = copy.deepcopy(reference)
+    device_type = "cuda" if TRITON_DEVICE == "cuda" else "cpu"
+    pixels, labels = (t.to(TRITON_DEVICE) for t in batch())
+    exact = fp32_model(pixels, labels=labels).loss
+    exact.backward()
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        out_ref = reference(pixels, labels=labels)
+        out_conv = converted(pixels, labels=labels)
+    assert out_conv.loss.dtype == out_ref.loss.dtype == torch.float32
+    out_ref.loss.backward(), out_conv.loss.backward()
+    pairs = [("loss", out_conv.loss.detach(), out_ref.loss.detach(), exact.detach())]
+    for name in ("decode_head.classifier.weight", "decode_head.bottleneck.conv.weight", "decode_head.fpn_bottleneck.conv.weight"):
+        pairs.append((name, converted.get_parameter(name).grad, reference.get_parameter(name).grad,
+                      fp32_model.get_parameter(name).grad))
+    for name, ours, theirs, truth in pairs:
+        floor = 1e-3 * truth.abs().max()
+        ours_err = (ours.float() - truth).abs().max()
+        theirs_err = (theirs.float() - truth).abs().max()
+        assert ours_err <= 2 * theirs_err + floor, f"{name}: ours {ours_err:.3e}, transformers {theirs_err:.3e}"

@@ -256,8 +256,8 @@ def test_bad_inputs_raise_naming_the_argument():
         upsample_add(torch.randn(3, 4, 4), lateral)
     with pytest.raises(ValueError, match="lateral must be a 4D"):
         upsample_add(low, torch.randn(2, 3, 8))
-    with pytest.raises(TypeError, match="dtype"):
-        upsample_add(low.half(), lateral)
+    with pytest.raises(TypeError, match="low must be a floating-point tensor"):
+        upsample_add(low.long(), lateral)
     with pytest.raises(RuntimeError, match="float64"):
         upsample_add(low.double(), lateral.double(), backend="triton")
 
@@ -266,3 +266,14 @@ def test_auto_on_cpu_picks_eager():
     low, lateral = torch.randn(1, 2, 3, 3), torch.randn(1, 2, 6, 6)
     assert _backend.select("upsample_add", "auto", low, lateral).backend == "eager"
     assert upsample_add(low, lateral).equal(reference.upsample_add(low, lateral))
+
+
+def test_mixed_dtypes_promote_like_addition():
+    low = torch.randn(2, 3, 3, 3, device=TRITON_DEVICE).bfloat16().requires_grad_()
+    lateral = torch.randn(2, 3, 6, 6, device=TRITON_DEVICE, requires_grad=True)
+    ours = upsample_add(low, lateral, backend="triton")
+    expected = upsample_add(low, lateral, backend="eager")
+    assert ours.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(ours, expected, rtol=1e-2, atol=1e-2)  # bf16 resize in the reference
+    ours.sum().backward()
+    assert low.grad.dtype == torch.bfloat16 and lateral.grad.dtype == torch.float32

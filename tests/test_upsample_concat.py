@@ -200,8 +200,8 @@ def test_bad_inputs_raise_naming_the_argument():
         upsample_concat([x], (4, 0))
     with pytest.raises(ValueError, match="size must be two positive ints"):
         upsample_concat([x], (4, 4, 4))
-    with pytest.raises(TypeError, match="dtype"):
-        upsample_concat([x, x.half()], (4, 4))
+    with pytest.raises(TypeError, match=r"tensors\[1\] must be a floating-point tensor"):
+        upsample_concat([x, x.long()], (4, 4))
     with pytest.raises(RuntimeError, match="float64"):
         upsample_concat([x.double()], (4, 4), backend="triton")
 
@@ -210,3 +210,16 @@ def test_auto_on_cpu_picks_eager():
     tensors = [torch.randn(1, 2, 3, 3), torch.randn(1, 1, 1, 1)]
     assert _backend.select("upsample_concat", "auto", tensors, (3, 3)).backend == "eager"
     assert torch.equal(upsample_concat(tensors, (3, 3)), reference.upsample_concat(tensors, (3, 3)))
+
+
+def test_mixed_dtypes_promote_like_torch_cat():
+    # Under autocast a backbone may hand fp32 features next to bf16 branches; torch.cat promotes to fp32.
+    x = torch.randn(2, 3, 6, 6, device=TRITON_DEVICE, requires_grad=True)
+    branch = torch.randn(2, 4, 2, 2, device=TRITON_DEVICE).bfloat16().requires_grad_()
+    ours = upsample_concat([x, branch], (6, 6), backend="triton")
+    expected = upsample_concat([x, branch], (6, 6), backend="eager")
+    assert ours.dtype == expected.dtype == torch.float32
+    # The reference resizes the branch in bf16 before promoting; ours resizes after: bf16 rounding apart.
+    torch.testing.assert_close(ours, expected, rtol=1e-2, atol=1e-2)
+    ours.sum().backward()
+    assert x.grad.dtype == torch.float32 and branch.grad.dtype == torch.bfloat16

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -34,6 +35,17 @@ def check_same_placement(names: Sequence[str], tensors: Sequence[torch.Tensor], 
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; they must match")
         if dtype and t.dtype != first.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
+
+
+def promote_for_kernels(impl_backend: str, tensors):
+    """Mixed floating dtypes (fp32 features next to bf16 maps under autocast) promote as ``torch.cat`` and ``+``
+    do. The eager reference gets the tensors as they are (PyTorch promotes inside, bitwise as transformers);
+    kernel backends take one dtype, so they get every tensor cast to the promoted one."""
+    dtypes = {t.dtype for t in tensors}
+    if impl_backend == "eager" or len(dtypes) == 1:
+        return tuple(tensors)
+    dtype = functools.reduce(torch.promote_types, dtypes)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def check_size(name: str, size) -> tuple[int, int]:

@@ -6,7 +6,7 @@ import torch
 
 from upernet_fast import backend as _backend
 from upernet_fast import reference
-from upernet_fast._checks import check_feature_map, check_same_placement
+from upernet_fast._checks import check_feature_map, check_same_placement, promote_for_kernels
 from upernet_fast.ops._triton_support import triton_unavailable, triton_why_not
 
 OP = "upsample_add"
@@ -20,13 +20,14 @@ def upsample_add(low: torch.Tensor, lateral: torch.Tensor, *, backend: str = "au
     """
     check_feature_map("low", low)
     check_feature_map("lateral", lateral)
-    check_same_placement(("lateral", "low"), (lateral, low))
+    check_same_placement(("lateral", "low"), (lateral, low), dtype=False)
     if low.shape[:2] != lateral.shape[:2]:
         raise ValueError(
             f"low and lateral must have the same batch and channel sizes, got low {tuple(low.shape)} "
             f"and lateral {tuple(lateral.shape)}"
         )
     impl = _backend.select(OP, backend, low, lateral)
+    low, lateral = promote_for_kernels(impl.backend, (low, lateral))
     return impl.fn(low, lateral)
 
 

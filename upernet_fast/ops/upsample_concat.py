@@ -8,7 +8,7 @@ import torch
 
 from upernet_fast import backend as _backend
 from upernet_fast import reference
-from upernet_fast._checks import check_feature_map, check_same_placement, check_size
+from upernet_fast._checks import check_feature_map, check_same_placement, check_size, promote_for_kernels
 from upernet_fast.ops._triton_support import triton_unavailable, triton_why_not
 
 OP = "upsample_concat"
@@ -17,7 +17,8 @@ OP = "upsample_concat"
 def upsample_concat(tensors: Sequence[torch.Tensor], size: Sequence[int], *, backend: str = "auto") -> torch.Tensor:
     """``cat([t if t.shape[-2:] == size else interpolate(t, size, bilinear) for t in tensors], dim=1)``.
 
-    tensors: (B, C_i, h_i, w_i) with the same batch, dtype and device; returns (B, sum C_i, *size).
+    tensors: (B, C_i, h_i, w_i) with the same batch and device (floating dtypes promote as in torch.cat);
+    returns (B, sum C_i, *size).
     Differentiable in every input.
     """
     if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)) or len(tensors) == 0:
@@ -26,13 +27,13 @@ def upsample_concat(tensors: Sequence[torch.Tensor], size: Sequence[int], *, bac
     names = [f"tensors[{i}]" for i in range(len(tensors))]
     for name, t in zip(names, tensors):
         check_feature_map(name, t)
-    check_same_placement(names, tensors)
+    check_same_placement(names, tensors, dtype=False)
     for name, t in zip(names[1:], tensors[1:]):
         if t.shape[0] != tensors[0].shape[0]:
             raise ValueError(f"{name} has batch size {t.shape[0]} but tensors[0] has {tensors[0].shape[0]}")
     size = check_size("size", size)
     impl = _backend.select(OP, backend, tensors, size)
-    return impl.fn(tensors, size)
+    return impl.fn(promote_for_kernels(impl.backend, tensors), size)
 
 
 _backend.register(OP, "eager", reference.upsample_concat)
