@@ -182,9 +182,7 @@ def test_eval_refolds_after_parameter_or_statistic_change():
         return got
 
     first = check("initial")
-    folded = op_module._FOLD_CACHE[block.batch_norm][1]
-    check("cached")
-    assert op_module._FOLD_CACHE[block.batch_norm][1] is folded, "an unchanged block must reuse its fold"
+    check("unchanged")
     with torch.no_grad():
         block.batch_norm.running_mean.add_(0.3)
     assert not torch.equal(check("after running_mean change"), first)
@@ -205,15 +203,19 @@ def test_eval_refolds_after_parameter_or_statistic_change():
     conv_bn_relu(x, block.conv, block.batch_norm, backend="triton")
     block.eval()
     check("after a training step")
+    # In-place writes through .data do not bump version counters (EMA updates, some loaders write this way).
+    block.conv.weight.data.mul_(-1.0)
+    block.batch_norm.running_mean.data.add_(0.5)
+    check("after in-place writes through .data")
 
 
-def test_eval_fold_cached_under_inference_mode_is_usable_with_autograd_later():
+def test_eval_block_run_under_inference_mode_then_with_autograd():
     block = _make_block(3, 5, 1, 0, seed=20).eval().requires_grad_(False)  # a frozen block
     x = torch.randn(2, 3, 4, 5, device=DEV)
     with torch.inference_mode():
-        conv_bn_relu(x, block.conv, block.batch_norm, backend="triton")  # fills the fold cache
+        conv_bn_relu(x, block.conv, block.batch_norm, backend="triton")
     xg = x.clone().requires_grad_(True)
-    out = conv_bn_relu(xg, block.conv, block.batch_norm, backend="triton")  # reuses it, saved for backward
+    out = conv_bn_relu(xg, block.conv, block.batch_norm, backend="triton")  # the fold is saved for backward
     out.sum().backward()
     xr = x.clone().requires_grad_(True)
     reference.conv_bn_relu(xr, block.conv, block.batch_norm).sum().backward()

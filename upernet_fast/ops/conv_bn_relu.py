@@ -3,10 +3,9 @@
 Triton backend:
 
 * BatchNorm using running statistics (eval mode): BN is folded into the convolution's weight and bias on the
-  fly (stored parameters are never touched), then one conv call with bias, then ReLU. The folded tensors are
-  cached per BatchNorm module, keyed on the version counters and data pointers of every tensor they derive
-  from, so any change of a parameter or running statistic re-folds. When autograd needs gradients of the
-  parameters, the fold is differentiable and recomputed every call.
+  fly, every call (stored parameters are never touched, and any change of a parameter or running statistic
+  is seen at once), then one conv call with bias, then ReLU. The fold is differentiable, so gradients
+  still reach the conv and BN parameters in eval mode.
 * BatchNorm using batch statistics (training mode): the conv stays on PyTorch (cuDNN), then the custom op
   ``upernet_fast::bn_relu_train`` (Triton: deterministic per-channel statistics, one normalise+affine+ReLU
   pass). Its backward, ``upernet_fast::bn_relu_train_backward``, needs only the conv output and per-channel
@@ -19,8 +18,6 @@ Triton backend:
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -153,25 +150,6 @@ def _affine_params(batch_norm: nn.Module, like: torch.Tensor) -> tuple[torch.Ten
 
 # --------------------------------------------------------------------------------- eval: BN folded into conv
 
-# batch_norm module -> (key, folded weight, folded bias). Weak keys: dropping the module drops its entry.
-_FOLD_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _fold_key(conv: nn.Conv2d, batch_norm: nn.Module):
-    parts = [batch_norm.eps]
-    for t in (conv.weight, conv.bias, batch_norm.weight, batch_norm.bias, batch_norm.running_mean,
-              batch_norm.running_var):
-        if t is None:
-            parts.append(None)
-        else:
-            try:
-                version = t._version
-            except RuntimeError:  # inference tensors have no version counter: never cache them
-                return None
-            parts.append((version, t.data_ptr(), t.dtype, t.device))
-    return tuple(parts)
-
-
 def _fold(conv: nn.Conv2d, batch_norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """conv weight * scale and (conv bias - running mean) * scale + BN bias, scale = w / sqrt(var + eps).
 
@@ -192,27 +170,12 @@ def _fold(conv: nn.Conv2d, batch_norm: nn.Module) -> tuple[torch.Tensor, torch.T
     return folded_weight, shift.to(weight.dtype)
 
 
-def _folded_weights(conv: nn.Conv2d, batch_norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    params = [t for t in (conv.weight, conv.bias, batch_norm.weight, batch_norm.bias) if t is not None]
-    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in params)
-    if differentiable or torch.compiler.is_compiling():
-        return _fold(conv, batch_norm)
-    key = _fold_key(conv, batch_norm)
-    cached = _FOLD_CACHE.get(batch_norm)
-    if key is not None and cached is not None and cached[0] == key:
-        return cached[1], cached[2]
-    # Normal (not inference) tensors even under inference_mode, so that the cached fold can later be saved
-    # for backward by a conv whose input requires grad.
-    with torch.inference_mode(False), torch.no_grad():
-        folded = _fold(conv, batch_norm)
-    if key is not None:
-        _FOLD_CACHE[batch_norm] = (key, *folded)
-    return folded
-
-
 def conv_bn_relu_folded(x: torch.Tensor, conv: nn.Conv2d, batch_norm: nn.Module) -> torch.Tensor:
     """Eval-mode block: one conv with BN folded into its weight and bias, then ReLU."""
-    weight, bias = _folded_weights(conv, batch_norm)
+    # Folded on every call, never cached: one elementwise pass over the weight, small next to the conv, and it
+    # can never go stale (a cache keyed on version counters misses in-place writes through `.data`, as EMA
+    # updates and some checkpoint loaders do). Differentiable when autograd needs parameter gradients.
+    weight, bias = _fold(conv, batch_norm)
     out = conv._conv_forward(x, weight, bias)
     return torch.relu_(out) if not out.requires_grad else F.relu(out)
 
