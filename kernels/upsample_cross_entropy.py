@@ -24,7 +24,6 @@ fp16/bf16 logits are read and computed in fp32.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 
@@ -253,12 +252,6 @@ def _max_pairs(in_h: int, out_h: int, in_w: int, out_w: int, align_corners: bool
     return int((row_end - row_start).max()) * int((lasts - col_start[::block_j]).max())
 
 
-def _device_guard(t: torch.Tensor):
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
-
-
 def _forward_blocks(num_classes: int) -> tuple[int, int, int]:
     if _INTERPRETING:
         # Large pixel blocks (the interpreter pays per program), but at most 64 classes per chunk so that
@@ -312,15 +305,14 @@ def forward(
     partials = torch.empty((2, num_programs), device=device, dtype=torch.float32)
     if weight is not None:
         weight = weight.contiguous()
-    with _device_guard(logits):
-        _forward_kernel[(num_programs,)](
-            logits, labels, weight if weight is not None else lse, loss if write_loss else lse, lse, partials,
-            num_classes, in_h, in_w, out_h, out_w, num_pixels, num_programs,
-            *logits.stride(),
-            _scale(in_h, out_h, align_corners), _scale(in_w, out_w, align_corners), ignore_index,
-            HAS_WEIGHT=weight is not None, WRITE_LOSS=write_loss, ALIGN_CORNERS=bool(align_corners),
-            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps,
-        )
+    _forward_kernel[(num_programs,)](
+        logits, labels, weight if weight is not None else lse, loss if write_loss else lse, lse, partials,
+        num_classes, in_h, in_w, out_h, out_w, num_pixels, num_programs,
+        *logits.stride(),
+        _scale(in_h, out_h, align_corners), _scale(in_w, out_w, align_corners), ignore_index,
+        HAS_WEIGHT=weight is not None, WRITE_LOSS=write_loss, ALIGN_CORNERS=bool(align_corners),
+        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps,
+    )
     # torch.sum over a fixed-size buffer reduces in a fixed order: the result is deterministic.
     total = partials[0].sum()
     if reduction == "mean":
@@ -368,14 +360,13 @@ def backward(
     col_start, col_end = reader_ranges(in_w, out_w, align_corners, device)
     block_j, block_c, block_x, num_warps = _backward_blocks(num_classes, in_h, out_h, in_w, out_w, align_corners)
     grid = (batch * in_h, triton.cdiv(in_w, block_j), triton.cdiv(num_classes, block_c))
-    with _device_guard(logits):
-        _backward_kernel[grid](
-            grad_logits, logits, labels, weight if weight is not None else lse, lse, grad,
-            row_start, row_end, col_start, col_end,
-            num_classes, in_h, in_w, out_h, out_w,
-            *logits.stride(),
-            _scale(in_h, out_h, align_corners), _scale(in_w, out_w, align_corners), ignore_index,
-            PER_PIXEL_GRAD=per_pixel, HAS_WEIGHT=weight is not None, ALIGN_CORNERS=bool(align_corners),
-            BLOCK_J=block_j, BLOCK_C=block_c, BLOCK_X=block_x, num_warps=num_warps,
-        )
+    _backward_kernel[grid](
+        grad_logits, logits, labels, weight if weight is not None else lse, lse, grad,
+        row_start, row_end, col_start, col_end,
+        num_classes, in_h, in_w, out_h, out_w,
+        *logits.stride(),
+        _scale(in_h, out_h, align_corners), _scale(in_w, out_w, align_corners), ignore_index,
+        PER_PIXEL_GRAD=per_pixel, HAS_WEIGHT=weight is not None, ALIGN_CORNERS=bool(align_corners),
+        BLOCK_J=block_j, BLOCK_C=block_c, BLOCK_X=block_x, num_warps=num_warps,
+    )
     return grad_logits

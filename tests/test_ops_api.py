@@ -50,3 +50,35 @@ def test_ops_run_and_differentiate_on_the_eager_backend():
     assert out.shape == (2, 15, 7, 5)
     ops.upsample_add(pooled[2], out[:, :3], backend="eager").sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_double_backward_through_triton_says_what_to_do():
+    from conftest import TRITON_DEVICE
+
+    low = torch.randn(1, 2, 3, 3, device=TRITON_DEVICE, requires_grad=True)
+    lateral = torch.randn(1, 2, 6, 6, device=TRITON_DEVICE)
+    out = ops.upsample_add(low, lateral, backend="triton")
+    (grad,) = torch.autograd.grad(out.square().sum(), low, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward.*backend='eager'"):
+        grad.sum().backward()
+    # eager supports it, as transformers does
+    out = ops.upsample_add(low, lateral, backend="eager")
+    (grad,) = torch.autograd.grad(out.square().sum(), low, create_graph=True)
+    grad.sum().backward()
+    assert low.grad is not None
+
+
+def test_custom_ops_run_on_their_inputs_device():
+    # Triton launches on the current CUDA device: every custom op body is wrapped to make the input's current.
+    from upernet_fast.ops import _triton_support
+
+    seen = []
+
+    def body(x, items):
+        seen.append(x)
+        return x
+
+    wrapped = _triton_support.on_input_device(body)
+    x = torch.ones(1)
+    assert wrapped(x, [x]) is x and seen == [x]  # CPU tensors: no device context needed
+    assert wrapped.__wrapped__ is body  # custom_op reads the signature through functools.wraps

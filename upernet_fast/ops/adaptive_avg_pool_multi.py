@@ -9,7 +9,12 @@ import torch
 from upernet_fast import backend as _backend
 from upernet_fast import reference
 from upernet_fast._checks import check_feature_map, check_scales
-from upernet_fast.ops._triton_support import triton_unavailable, triton_why_not
+from upernet_fast.ops._triton_support import (
+    forbid_double_backward,
+    on_input_device,
+    triton_unavailable,
+    triton_why_not,
+)
 
 OP = "adaptive_avg_pool_multi"
 
@@ -42,6 +47,7 @@ def _kernels():
 
 
 @torch.library.custom_op("upernet_fast::adaptive_avg_pool_multi", mutates_args=())
+@on_input_device
 def _pool(x: torch.Tensor, scales: list[int]) -> list[torch.Tensor]:
     """One (B, C, s, s) map per scale, dense in x's memory format; one Triton launch for up to 8 scales."""
     return _kernels().pool_forward(x, scales)
@@ -56,6 +62,7 @@ def _pool_fake(x: torch.Tensor, scales: list[int]) -> list[torch.Tensor]:
 
 
 @torch.library.custom_op("upernet_fast::adaptive_avg_pool_multi_backward", mutates_args=())
+@on_input_device
 def _pool_backward(grads: list[torch.Tensor], input_shape: list[int], channels_last: bool) -> torch.Tensor:
     """grad_input (input_shape) from one gradient per scale (the scale is each gradient's size), gather form."""
     scales = [g.shape[-1] for g in grads]
@@ -81,6 +88,7 @@ def _pool_autograd_backward(ctx, grads):
 
 
 _pool.register_autograd(_pool_autograd_backward, setup_context=_setup_context)
+forbid_double_backward(_pool_backward, "adaptive_avg_pool_multi")
 
 
 def _triton_pool(x: torch.Tensor, scales: Sequence[int]) -> tuple[torch.Tensor, ...]:

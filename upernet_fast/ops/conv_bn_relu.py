@@ -25,7 +25,13 @@ from torch import nn
 
 from upernet_fast import backend as _backend
 from upernet_fast._checks import check_tensor
-from upernet_fast.ops._triton_support import TRITON_DTYPES, triton_unavailable, triton_why_not
+from upernet_fast.ops._triton_support import (
+    TRITON_DTYPES,
+    forbid_double_backward,
+    on_input_device,
+    triton_unavailable,
+    triton_why_not,
+)
 
 OP = "conv_bn_relu"
 BN_RELU_OP = "bn_relu"
@@ -224,6 +230,7 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("upernet_fast::bn_relu_train", mutates_args=())
+@on_input_device
 def bn_relu_train(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, group: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -258,6 +265,7 @@ def _bn_relu_train_fake(x, weight, bias, eps, group):
 
 
 @torch.library.custom_op("upernet_fast::bn_relu_train_backward", mutates_args=())
+@on_input_device
 def bn_relu_train_backward(
     grad: torch.Tensor,
     x: torch.Tensor,
@@ -312,6 +320,7 @@ def _backward(ctx, grad_y, _grad_mean, _grad_invstd, _grad_var):
 
 
 bn_relu_train.register_autograd(_backward, setup_context=_setup_context)
+forbid_double_backward(bn_relu_train_backward, "bn_relu")
 
 
 def bn_relu_batch_stats(y: torch.Tensor, batch_norm: nn.Module) -> torch.Tensor:

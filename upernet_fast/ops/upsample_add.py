@@ -7,7 +7,12 @@ import torch
 from upernet_fast import backend as _backend
 from upernet_fast import reference
 from upernet_fast._checks import check_feature_map, check_same_placement, promote_for_kernels
-from upernet_fast.ops._triton_support import triton_unavailable, triton_why_not
+from upernet_fast.ops._triton_support import (
+    forbid_double_backward,
+    on_input_device,
+    triton_unavailable,
+    triton_why_not,
+)
 
 OP = "upsample_add"
 
@@ -38,6 +43,7 @@ _backend.register(OP, "eager", reference.upsample_add)
 
 
 @torch.library.custom_op("upernet_fast::upsample_add", mutates_args=())
+@on_input_device
 def _upsample_add_op(low: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:
     from upernet_fast.kernels.upsample_add import upsample_add_forward
 
@@ -50,6 +56,7 @@ def _(low, lateral):
 
 
 @torch.library.custom_op("upernet_fast::upsample_add_backward", mutates_args=())
+@on_input_device
 def _upsample_add_backward_op(grad: torch.Tensor, low_size: list[int], low_channels_last: bool) -> torch.Tensor:
     """Grad of ``low`` (shape ``low_size``, channels_last or contiguous) for the output grad ``grad``."""
     from upernet_fast.kernels.upsample_concat import upsample_concat_backward
@@ -88,6 +95,7 @@ def _backward(ctx, grad):
 
 
 _upsample_add_op.register_autograd(_backward, setup_context=_setup_context)
+forbid_double_backward(_upsample_add_backward_op, "upsample_add")
 
 
 def _triton_upsample_add(low: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:

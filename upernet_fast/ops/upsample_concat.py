@@ -9,7 +9,12 @@ import torch
 from upernet_fast import backend as _backend
 from upernet_fast import reference
 from upernet_fast._checks import check_feature_map, check_same_placement, check_size, promote_for_kernels
-from upernet_fast.ops._triton_support import triton_unavailable, triton_why_not
+from upernet_fast.ops._triton_support import (
+    forbid_double_backward,
+    on_input_device,
+    triton_unavailable,
+    triton_why_not,
+)
 
 OP = "upsample_concat"
 
@@ -61,6 +66,7 @@ def _new_output(tensors: Sequence[torch.Tensor], size: Sequence[int]) -> torch.T
 
 
 @torch.library.custom_op("upernet_fast::upsample_concat", mutates_args=())
+@on_input_device
 def _upsample_concat_op(tensors: list[torch.Tensor], size: list[int]) -> torch.Tensor:
     from upernet_fast.kernels.upsample_concat import upsample_concat_forward
 
@@ -73,6 +79,7 @@ def _(tensors, size):
 
 
 @torch.library.custom_op("upernet_fast::upsample_concat_backward", mutates_args=())
+@on_input_device
 def _upsample_concat_backward_op(
     grad: torch.Tensor, shapes: list[int], channel_offsets: list[int], channels_last: list[bool]
 ) -> list[torch.Tensor]:
@@ -123,6 +130,7 @@ def _backward(ctx, grad):
 
 
 _upsample_concat_op.register_autograd(_backward, setup_context=_setup_context)
+forbid_double_backward(_upsample_concat_backward_op, "upsample_concat")
 
 
 def _triton_upsample_concat(tensors: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:

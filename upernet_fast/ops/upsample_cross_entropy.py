@@ -9,7 +9,12 @@ import torch
 from upernet_fast import backend as _backend
 from upernet_fast import reference
 from upernet_fast._checks import check_feature_map, check_tensor
-from upernet_fast.ops._triton_support import triton_unavailable, triton_why_not
+from upernet_fast.ops._triton_support import (
+    forbid_double_backward,
+    on_input_device,
+    triton_unavailable,
+    triton_why_not,
+)
 
 OP = "upsample_cross_entropy"
 
@@ -97,6 +102,7 @@ def _kernels():
 
 
 @torch.library.custom_op("upernet_fast::upsample_cross_entropy", mutates_args=())
+@on_input_device
 def _uce_forward_op(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -118,6 +124,7 @@ def _(logits, labels, weight, ignore_index, reduction, align_corners):
 
 
 @torch.library.custom_op("upernet_fast::upsample_cross_entropy_backward", mutates_args=())
+@on_input_device
 def _uce_backward_op(
     grad_loss: torch.Tensor,
     logits: torch.Tensor,
@@ -156,6 +163,7 @@ def _backward(ctx, grad_loss, grad_lse, grad_denominator):
 
 
 _uce_forward_op.register_autograd(_backward, setup_context=_setup_context)
+forbid_double_backward(_uce_backward_op, "upsample_cross_entropy")
 
 
 def _triton_upsample_cross_entropy(logits, labels, ignore_index, reduction, weight, align_corners):
