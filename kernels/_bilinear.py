@@ -128,8 +128,10 @@ def gather_weight(d, i, scale, n_in):
 @triton.jit
 def axis_offset(index, stride, WIDE: tl.constexpr):
     """``index * stride`` as an element offset; in int64 when a tensor may pass 2**31 elements."""
+    # One return statement: the compiler (not the interpreter) requires every return of a jit function to
+    # have the same type, and the two branches would return int64 and int32.
     if WIDE:
-        return index.to(tl.int64) * stride
+        index = index.to(tl.int64)
     return index * stride
 
 

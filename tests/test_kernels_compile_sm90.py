@@ -5,10 +5,11 @@ The other kernel tests run without a GPU through Triton's interpreter, which nev
 that only fails in the real compiler (a layout or shape the backend rejects, ptxas running out of registers)
 would pass them. This file closes that gap on any machine, GPU or not.
 
-How: the work runs in a child process (this file run as a script), because under TRITON_INTERPRET=1, which
-conftest.py sets before Triton is imported, every ``@triton.jit`` function (``triton.language``'s own ``tl.sum``,
-``tl.cdiv``, ... included) is an interpreter object that the compiler cannot take. In the child, started
-without TRITON_INTERPRET:
+How: the work runs in child processes (this file run as a script, one per CPU up to 4, each compiling a share
+of the specialisations), because under TRITON_INTERPRET=1, which conftest.py sets before Triton is imported,
+every ``@triton.jit`` function (``triton.language``'s own ``tl.sum``, ``tl.cdiv``, ... included) is an
+interpreter object that the compiler cannot take, and the decision is made once, at import. In a child,
+started without TRITON_INTERPRET:
 
 1. the kernel modules are imported normally: their kernels are ``JITFunction``s, and every launcher takes its
    CUDA branch (``interpreting()`` is False, ``upsample_cross_entropy._INTERPRETING`` is False);
@@ -20,10 +21,14 @@ without TRITON_INTERPRET:
    tensors report data pointer 0, i.e. aligned like CUDA allocations;
 3. each distinct specialisation is compiled once with ``triton.compile(ASTSource(...), target=GPUTarget("cuda",
    90, 32))`` (Triton bundles ptxas: no GPU needed), and the cubin's registers and local memory (spills) are
-   read with the bundled ``cuobjdump -res-usage``. Compiled kernels land in Triton's usual cache, so a second
-   run is quick.
+   read with the bundled ``cuobjdump -res-usage`` (local memory is what Triton reports as ``n_spills``).
+   Compiled kernels land in Triton's usual cache, so a second run is quick (about 70 s cold on 2 cores).
 
-The tests read the child's results: one test per kernel file, failing with the specialisation, its workloads
+Launchers that read tensor values (only ``_bilinear.gather_ranges``, a test helper) get small CPU tensors;
+every other launcher's CUDA path is reached with ``meta`` tensors, so no configuration is re-derived here by
+hand: the block sizes, warps and flags compiled are the ones the launchers' own code picks.
+
+The tests read the children's results: one test per kernel file, failing with the specialisation, its workloads
 and the compiler's error when a kernel does not build. ``pytest -s`` prints every specialisation with its
 registers and spills.
 
@@ -141,6 +146,7 @@ UPSAMPLE_ADD_SCENARIOS = [
     ("downsample 1x5x13x10 -> 5x4 fp16", _upsample_add((1, 5, 13, 10), (1, 5, 5, 4), torch.float16)),
     ("mixed layouts 2x512x32x32 NCHW -> 64x64 channels_last fp32",
      _upsample_add((2, 512, 32, 32), (2, 512, 64, 64), torch.float32, False, True)),
+    # lateral of 64 * 512 * 256 * 256 = 2**31 elements (e.g. batch 64 at 1024x1024)
     ("int64-sized 64x512x128x128 -> 256x256 bf16", _upsample_add((64, 512, 128, 128), (64, 512, 256, 256),
                                                                  torch.bfloat16)),
 ]
@@ -187,8 +193,10 @@ UPSAMPLE_CONCAT_SCENARIOS = [
         (9, 7), torch.float16)),
     ("mixed layouts 2x3x5x5 + 2x4x2x3 -> 6x6 bf16",
      _upsample_concat([(2, 3, 5, 5), (2, 4, 2, 3)], (6, 6), torch.bfloat16, layouts=[True, False])),
-    ("int64-sized FPN concat 16x512 -> 512x512 fp32",
-     _upsample_concat([(16, 512, 512, 512), (16, 512, 256, 256)], (512, 512), torch.float32)),
+    # Cityscapes-size inference (1024x2048, batch 8): the concat has 8 * 2048 * 256 * 512 = 2**31 elements
+    ("int64-sized FPN concat 4x 8x512 -> 256x512 fp32 (Cityscapes 1024x2048, batch 8)",
+     _upsample_concat([(8, 512, 256, 512), (8, 512, 128, 256), (8, 512, 64, 128), (8, 512, 32, 64)], (256, 512),
+                      torch.float32)),
 ]
 
 
@@ -345,8 +353,11 @@ class _Launch:
 
     def describe(self) -> str:
         consts = ", ".join(f"{k}={v}" for k, v in self.constants().items())
+        names = [p.name for p in self.fn.params]
+        ones = [names[path[0]] for path in sorted(self.constexprs) if len(path) == 1 and not names[path[0]].isupper()]
+        pinned = f"; ==1: {','.join(ones)}" if ones else ""  # e.g. the unit stride: which layout this is
         pointers = sorted({ty for ty in self.signature.values() if isinstance(ty, str) and ty.startswith("*")})
-        return (f"{self.name}[{consts}; {'/'.join(pointers)}; num_warps={self.options.num_warps}, "
+        return (f"{self.name}[{consts}; {'/'.join(pointers)}{pinned}; num_warps={self.options.num_warps}, "
                 f"num_stages={self.options.num_stages}]")
 
 
@@ -565,8 +576,9 @@ def sm90() -> dict:
 def _line(r: dict) -> str:
     if r["error"]:
         return f"FAILED {r['spec']}"
+    more = f" +{len(r['labels']) - 1} more" if len(r["labels"]) > 1 else ""
     return (f"ok {r['spec']}: regs={r['regs']} spills(local)={r['local_bytes']}B shared={r['shared_bytes']}B "
-            f"cubin={r['cubin_bytes']}B ({r['seconds']}s)")
+            f"cubin={r['cubin_bytes']}B ({r['seconds']}s) <- {r['labels'][0]}{more}")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
