@@ -9,6 +9,11 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # fp32 tests compare in true fp32: cuDNN convolutions default to TF32 (10-bit mantissa) on Ampere and later,
+    # which would put 1e-3 differences between any two differently-ordered fp32 convolutions.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 # The device the Triton backend is tested on: the GPU when there is one, else CPU tensors under the interpreter.
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"

@@ -488,3 +488,45 @@ def test_bn_relu_refuses_eval_mode_on_triton_and_checks_arguments():
         bn_relu(y, nn.Identity())
     with pytest.raises(ValueError, match="y must be a 4D"):
         bn_relu(y[0], bn)
+
+
+# ------------------------------------------------------------------- eval inference: cuDNN conv+bias+ReLU
+
+
+class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten ops that run (below autograd), to see which kernels an eval block launches."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_eval_two_kernel_path_on_cpu_and_under_autograd():
+    # The fused cuDNN call applies only to CUDA inputs with nothing needing gradients.
+    block = _make_block(3, 5, 3, 1, seed=30).eval()
+    x = torch.randn(2, 3, 6, 5, device=DEV)
+    with torch.no_grad(), _AtenOps() as ops_seen:
+        conv_bn_relu(x, block.conv, block.batch_norm, backend="triton")
+    assert not any("cudnn_convolution_relu" in n for n in ops_seen.names)
+    assert any("relu" in n for n in ops_seen.names)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_eval_inference_on_gpu_is_one_fused_cudnn_call(autocast, layout):
+    block = _make_block(8, 16, 3, 1, seed=31).eval()
+    x = in_layout(torch.randn(2, 8, 9, 7, device=DEV), layout)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        with _AtenOps() as ops_seen:
+            out = conv_bn_relu(x, block.conv, block.batch_norm, backend="triton")
+        expected = reference.conv_bn_relu(x, block.conv, block.batch_norm)
+    assert any("cudnn_convolution_relu" in n for n in ops_seen.names), ops_seen.names
+    assert not any(n.startswith("relu") for n in ops_seen.names), ops_seen.names  # no separate ReLU pass
+    # fp32: folding reorders the sums (see the eval folding test). bf16: both sides round to 8-bit mantissas.
+    tol = 2e-2 if autocast else 1e-4
+    _close(out, expected, rtol=tol, atol=tol, what="fused eval output")

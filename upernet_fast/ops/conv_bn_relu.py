@@ -4,7 +4,8 @@ Triton backend:
 
 * BatchNorm using running statistics (eval mode): BN is folded into the convolution's weight and bias on the
   fly, every call (stored parameters are never touched, and any change of a parameter or running statistic
-  is seen at once), then one conv call with bias, then ReLU. The fold is differentiable, so gradients
+  is seen at once), then one conv call with bias and ReLU: on CUDA without autograd, cuDNN's fused
+  conv+bias+ReLU (one kernel, the output written once); else conv with bias, then ReLU. The fold is differentiable, so gradients
   still reach the conv and BN parameters in eval mode.
 * BatchNorm using batch statistics (training mode): the conv stays on PyTorch (cuDNN), then the custom op
   ``upernet_fast::bn_relu_train`` (Triton: deterministic per-channel statistics, one normalise+affine+ReLU
@@ -18,6 +19,8 @@ Triton backend:
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -182,8 +185,53 @@ def conv_bn_relu_folded(x: torch.Tensor, conv: nn.Conv2d, batch_norm: nn.Module)
     # can never go stale (a cache keyed on version counters misses in-place writes through `.data`, as EMA
     # updates and some checkpoint loaders do). Differentiable when autograd needs parameter gradients.
     weight, bias = _fold(conv, batch_norm)
+    fused = _cudnn_conv_bias_relu(x, conv, weight, bias)
+    if fused is not None:
+        return fused
     out = conv._conv_forward(x, weight, bias)
     return torch.relu_(out) if not out.requires_grad else F.relu(out)
+
+
+# Set to the reason once cuDNN refuses the fused call on this machine; the two-kernel path is used from then on.
+_cudnn_fused_refused: list[str] = []
+
+
+def _cudnn_conv_bias_relu(x, conv: nn.Conv2d, weight, bias) -> torch.Tensor | None:
+    """conv + bias + ReLU in one cuDNN call (inference on CUDA only), or None where it does not apply.
+
+    ``aten::cudnn_convolution_relu`` has no autograd formula, so it is used only when nothing needs gradients;
+    it is not autocast-aware, so under autocast the operands are cast to the autocast dtype as conv would be.
+    A cuDNN refusal (an unsupported dtype/layout combination on some versions) is announced once, then the
+    conv-then-in-place-ReLU path runs for the rest of the process.
+    """
+    if (
+        _cudnn_fused_refused
+        or x.device.type != "cuda"
+        or not torch.backends.cudnn.enabled
+        or conv.padding_mode != "zeros"
+        or isinstance(conv.padding, str)
+        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    if torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    elif not (x.dtype == weight.dtype == bias.dtype):
+        return None
+    try:
+        return torch.ops.aten.cudnn_convolution_relu(
+            x, weight, bias, list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
+        )
+    except RuntimeError as exc:
+        _cudnn_fused_refused.append(str(exc).splitlines()[0])
+        warnings.warn(
+            f"upernet_fast: cuDNN refused the fused conv+bias+ReLU ({_cudnn_fused_refused[0]}); eval-mode blocks "
+            "run conv then ReLU from now on",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
 
 
 # ------------------------------------------------------------------------ training: Triton custom ops
