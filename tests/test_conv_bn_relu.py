@@ -18,7 +18,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TRITON_DEVICE
+from conftest import HAS_CUDA, TRITON_DEVICE
 from layouts import in_layout
 from torch import nn
 
@@ -47,7 +47,7 @@ def _make_block(cin, cout, kernel, padding, bias=False, momentum=0.1, seed=0):
 
 def _step(block, x, g, backend):
     """One forward+backward; returns output and every gradient of interest (cloned)."""
-    x = x.clone().requires_grad_(True)
+    x = x.detach().requires_grad_(True)  # a leaf in the same layout (clone would make sliced inputs dense)
     y = conv_bn_relu(x, block.conv, block.batch_norm, backend=backend)
     y.backward(g)
     return y.detach(), x.grad, block.conv.weight.grad.clone(), block.batch_norm.weight.grad.clone(), \
@@ -60,6 +60,27 @@ def _bn_state(bn):
 
 def _close(actual, expected, rtol, atol, what):
     torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.fixture
+def triton_launches(monkeypatch):
+    """Counts entries into the Triton BN+ReLU kernels: proves a path ran on Triton rather than falling back to
+    eager (which would match the reference anyway)."""
+    calls = []
+    real = op_module._kernels
+
+    def counting():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(op_module, "_kernels", counting)
+    return calls
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cudnn_fused_state(monkeypatch):
+    """A cuDNN refusal in one test must not turn the fused eval path off for the tests after it."""
+    monkeypatch.setattr(op_module, "_cudnn_fused_refused", [])
 
 
 # Labelled shapes: (N, C_in, H, W) -> C_out with kernel/padding.
@@ -324,7 +345,7 @@ def test_opcheck_custom_ops():
         torch.library.opcheck(op_module.bn_relu_train_backward, args)
 
 
-def test_compile_fullgraph_aot_eager_train():
+def test_compile_fullgraph_aot_eager_train(triton_launches):
     block = _make_block(3, 5, 3, 1, seed=14)
     ref = copy.deepcopy(block)
     block.backend = "triton"
@@ -342,9 +363,10 @@ def test_compile_fullgraph_aot_eager_train():
         _close(block.batch_norm.weight.grad, ref.batch_norm.weight.grad, rtol=1e-5, atol=1e-5, what="grad w")
     for a, b in zip(_bn_state(block.batch_norm), _bn_state(ref.batch_norm)):
         _close(a.float(), b.float(), rtol=1e-5, atol=1e-6, what="running stats")
+    assert len(triton_launches) >= 4  # forward and backward of both steps ran the Triton kernels
 
 
-def test_module_converted_by_class_assignment():
+def test_module_converted_by_class_assignment(triton_launches):
     """An instance whose __init__ never ran (transformers' UperNetConvModule with __class__ reassigned)."""
     from transformers.models.upernet.modeling_upernet import UperNetConvModule
 
@@ -355,8 +377,10 @@ def test_module_converted_by_class_assignment():
     hf.__class__ = ConvBNReLU
     x = torch.randn(2, 3, 6, 5, device=DEV)
     _close(hf(x), ref(x), rtol=1e-5, atol=1e-5, what="no backend attribute")  # getattr default: auto
+    assert triton_launches == []  # auto on CPU tensors is eager
     hf.backend = "triton"
     _close(hf(x), ref(x), rtol=1e-5, atol=1e-5, what="triton, train")
+    assert triton_launches, "backend='triton' set by attribute must run the Triton kernels"
     hf.eval()
     ref.eval()
     with torch.no_grad():
@@ -364,7 +388,7 @@ def test_module_converted_by_class_assignment():
     assert list(hf.state_dict()) == keys == list(ConvBNReLU(3, 5, 3, padding=1).state_dict())
 
 
-def test_triton_refuses_with_reasons_and_auto_falls_back():
+def test_triton_refuses_with_reasons_and_auto_falls_back(triton_launches):
     block = _make_block(3, 5, 1, 0, seed=17).double()
     x = torch.randn(2, 3, 4, 4, device=DEV, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="float64"):
@@ -383,6 +407,7 @@ def test_triton_refuses_with_reasons_and_auto_falls_back():
     upernet_fast.set_backend("triton")  # the process-wide override reaches the module too
     out = block(torch.randn(2, 3, 4, 4, device=DEV))
     assert block.batch_norm.num_batches_tracked.item() == 1 and out.shape == (2, 5, 4, 4)
+    assert triton_launches, "the process-wide override must run the Triton kernels"
 
 
 # ----------------------------------------------------------------------------------------- raw kernels
@@ -461,7 +486,7 @@ def test_bn_relu_training_matches_batch_norm_then_relu(layout):
     for step in range(2):
         y = in_layout(torch.randn(3, 5, 7, 5, device=DEV), layout)
         grad = torch.randn(3, 5, 7, 5, device=DEV)
-        y_ref, y_ours = y.clone().requires_grad_(), y.clone().requires_grad_()
+        y_ref, y_ours = y.detach().requires_grad_(), y.detach().requires_grad_()  # keep the layout (no copy)
         out_ref = F.relu(bn_ref(y_ref))
         out_ours = bn_relu(y_ours, bn_ours, backend="triton")
         torch.testing.assert_close(out_ours, out_ref, rtol=1e-5, atol=1e-5)
@@ -505,7 +530,8 @@ class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_eval_two_kernel_path_on_cpu_and_under_autograd():
+@pytest.mark.skipif(HAS_CUDA, reason="CPU-only check; on CUDA the GPU tests below cover both paths")
+def test_eval_on_cpu_takes_the_conv_then_relu_path():
     # The fused cuDNN call applies only to CUDA inputs with nothing needing gradients.
     block = _make_block(3, 5, 3, 1, seed=30).eval()
     x = torch.randn(2, 3, 6, 5, device=DEV)

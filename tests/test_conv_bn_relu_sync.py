@@ -66,6 +66,14 @@ def _worker(rank: int, store_file: str, out_dir: str) -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend runs CPU tensors through the interpreter
     import torch.distributed as dist
 
+    import importlib
+
+    op_module = importlib.import_module("upernet_fast.ops.conv_bn_relu")  # the module, not the function
+
+    # Count entries into the Triton kernels: a silent fallback to eager would also match the reference.
+    launches = []
+    real_kernels = op_module._kernels
+    op_module._kernels = lambda: launches.append(1) or real_kernels()
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=WORLD)
     try:
         results = {}
@@ -74,7 +82,9 @@ def _worker(rank: int, store_file: str, out_dir: str) -> None:
             block = nn.SyncBatchNorm.convert_sync_batchnorm(block)
             assert isinstance(block.batch_norm, nn.SyncBatchNorm)
             block.backend = backend
+            launches.clear()
             results[(backend, layout)] = _run(block, xs, gs, ROWS[rank], layout)
+            results[(backend, layout)]["triton_launches"] = len(launches)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -117,3 +127,6 @@ def test_sync_batchnorm_two_processes_matches_concatenated_batch(tmp_path):
             for a, b, name in zip(rank_result["buffers"], want["buffers"], ("mean", "var", "count")):
                 close(a, b, f"{config} running {name}")
         assert got[0]["buffers"][2].item() == STEPS
+        backend = config[0]
+        for rank_result in got:  # forward and backward of every step on Triton, none on eager
+            assert (rank_result["triton_launches"] >= 2 * STEPS) == (backend == "triton"), (config, rank_result)

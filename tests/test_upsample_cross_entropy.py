@@ -314,11 +314,11 @@ def test_backend_selection():
 
 def test_bad_inputs_raise_naming_the_argument():
     logits, labels, weight = _inputs(2, 4, 3, 3, 6, 6)
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(ValueError, match="labels must be a 3D"):
         _triton(logits, labels[0])  # 2D labels
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(ValueError, match=r"labels must have shape \(B, H, W\)"):
         _triton(logits, labels[:1])  # batch mismatch
-    with pytest.raises(TypeError, match="labels"):
+    with pytest.raises(TypeError, match="labels must be an integer"):
         _triton(logits, labels.float())
     for value in (4, -1):
         bad = labels.clone()
