@@ -64,6 +64,26 @@ def _empty(path: Path, title: str, message: str) -> Path:
     return _save(fig, ax, title, path)
 
 
+def _by_label(rows: list[dict], value) -> dict[str, dict[str, float]]:
+    """{row label: {provider: value(row)}} over the rows whose value is not None."""
+    groups: dict[str, dict[str, float]] = {}
+    for r in rows:
+        v = value(r)
+        if v is not None:
+            groups.setdefault(_label(r), {})[r["provider"]] = v
+    return groups
+
+
+def _chart(path: Path, title: str, groups: dict, providers: list[str], xlabel: str, ref_line: float | None,
+           empty_message: str) -> Path:
+    """A grouped bar chart of ``groups``, or a page saying why there is nothing to plot."""
+    if not groups:
+        return _empty(path, title, empty_message)
+    fig, ax = _figure(len(groups))
+    _grouped_barh(ax, groups, providers, xlabel, ref_line)
+    return _save(fig, ax, title, path)
+
+
 def plot_file(csv_file: Path) -> list[Path]:
     import matplotlib
 
@@ -77,44 +97,24 @@ def plot_file(csv_file: Path) -> list[Path]:
                        if p in PROVIDER_COLORS else 99)
     out = []
 
-    speed: dict[str, dict[str, float]] = {}
-    for r in measured:
+    def speedup(r):
         base = eager_time(r, rows)
-        if base is not None and r["provider"] != baseline_provider(r):
-            speed.setdefault(_label(r), {})[r["provider"]] = base / float(r["p50_ms"])
-    path = Path(f"{stem}_speedup.png")
-    if speed:
-        others = [p for p in providers if p != baseline_provider(measured[0])]
-        fig, ax = _figure(len(speed))
-        _grouped_barh(ax, speed, others, "speed-up over the baseline (p50 / p50; > 1 is faster)", 1.0)
-        out.append(_save(fig, ax, title, path))
-    else:
-        out.append(_empty(path, title, "no provider besides the baseline was measured in the latest run\n"
-                                       "(see the CSV notes for why each was skipped)"))
+        return None if base is None or r["provider"] == baseline_provider(r) else base / float(r["p50_ms"])
 
-    roof: dict[str, dict[str, float]] = {}
-    for r in measured:
-        if r.get("pct_roofline"):
-            roof.setdefault(_label(r), {})[r["provider"]] = float(r["pct_roofline"])
-    path = Path(f"{stem}_roofline.png")
-    if roof:
-        fig, ax = _figure(len(roof))
-        _grouped_barh(ax, roof, providers, "percent of measured copy bandwidth (bytes model / p50)", 100.0)
-        out.append(_save(fig, ax, title, path))
-    else:
-        out.append(_empty(path, title, "no bandwidth figures in the latest run (end-to-end rows have none)"))
+    def column(name):
+        return lambda r: float(r[name]) if r.get(name) else None
 
-    mem: dict[str, dict[str, float]] = {}
-    for r in measured:
-        if r.get("peak_mb"):
-            mem.setdefault(_label(r), {})[r["provider"]] = float(r["peak_mb"])
-    path = Path(f"{stem}_memory.png")
-    if mem:
-        fig, ax = _figure(len(mem))
-        _grouped_barh(ax, mem, providers, "peak MB above the memory allocated before the call", None)
-        out.append(_save(fig, ax, title, path))
-    else:
-        out.append(_empty(path, title, "no peak memory recorded: PyTorch keeps no allocator statistics on CPU"))
+    others = [p for p in providers if not measured or p != baseline_provider(measured[0])]
+    out.append(_chart(Path(f"{stem}_speedup.png"), title, _by_label(measured, speedup), others,
+                      "speed-up over the baseline (p50 / p50; > 1 is faster)", 1.0,
+                      "no provider besides the baseline was measured in the latest run\n"
+                      "(see the CSV notes for why each was skipped)"))
+    out.append(_chart(Path(f"{stem}_roofline.png"), title, _by_label(measured, column("pct_roofline")), providers,
+                      "percent of measured copy bandwidth (bytes model / p50)", 100.0,
+                      "no bandwidth figures in the latest run (end-to-end rows have none)"))
+    out.append(_chart(Path(f"{stem}_memory.png"), title, _by_label(measured, column("peak_mb")), providers,
+                      "peak MB above the memory allocated before the call", None,
+                      "no peak memory recorded: PyTorch keeps no allocator statistics on CPU"))
     return out
 
 

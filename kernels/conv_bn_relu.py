@@ -244,6 +244,12 @@ def _reduction_config(x: torch.Tensor) -> tuple[bool, int, int, int, int, int]:
     return channels_last, block_p, block_c, num_parts, pixels_per_part, channel_blocks
 
 
+def _finalize_config(channels: int, num_parts: int) -> tuple[tuple[int], int, int]:
+    """(grid, BLOCK_PARTS, BLOCK_C) of a finalize kernel: channel blocks of up to 64, partials read 64 at a time."""
+    block_c = min(64, triton.next_power_of_2(channels))
+    return (triton.cdiv(channels, block_c),), min(64, triton.next_power_of_2(num_parts)), block_c
+
+
 def _elementwise_block(numel: int) -> int:
     return min(1024 if interpreting() else 2048, max(16, triton.next_power_of_2(numel)))
 
@@ -261,10 +267,9 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     )
     mean = torch.empty(c, dtype=torch.float32, device=x.device)
     var = torch.empty_like(mean)
-    fin_c = min(64, triton.next_power_of_2(c))
-    _stats_finalize_kernel[(triton.cdiv(c, fin_c),)](
-        part_mean, part_m2, mean, var, c, pixels, num_parts, ppp,
-        BLOCK_PARTS=min(64, triton.next_power_of_2(num_parts)), BLOCK_C=fin_c,
+    grid, block_parts, fin_c = _finalize_config(c, num_parts)
+    _stats_finalize_kernel[grid](
+        part_mean, part_m2, mean, var, c, pixels, num_parts, ppp, BLOCK_PARTS=block_parts, BLOCK_C=fin_c,
     )
     return mean, var
 
@@ -307,10 +312,9 @@ def bn_relu_backward_reduce(
     )
     sum_g = torch.empty(c, dtype=torch.float32, device=x.device)
     sum_gxhat = torch.empty_like(sum_g)
-    fin_c = min(64, triton.next_power_of_2(c))
-    _backward_finalize_kernel[(triton.cdiv(c, fin_c),)](
-        part_g, part_gx, invstd, sum_g, sum_gxhat, c, num_parts,
-        BLOCK_PARTS=min(64, triton.next_power_of_2(num_parts)), BLOCK_C=fin_c,
+    grid, block_parts, fin_c = _finalize_config(c, num_parts)
+    _backward_finalize_kernel[grid](
+        part_g, part_gx, invstd, sum_g, sum_gxhat, c, num_parts, BLOCK_PARTS=block_parts, BLOCK_C=fin_c,
     )
     return sum_g, sum_gxhat
 

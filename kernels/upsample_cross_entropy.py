@@ -25,13 +25,14 @@ fp16/bf16 logits are read and computed in fp32.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from upernet_fast.kernels._bilinear import axis_scale
+from upernet_fast.ops._triton_support import interpreting
+
 
 
 @triton.jit
@@ -203,10 +204,10 @@ def _backward_kernel(
 
 
 def _scale(n_in: int, n_out: int, align_corners: bool) -> float:
-    # A Python float rounds to the same fp32 as PyTorch's fp32 division of the two sizes (53 >= 2*24 + 2 bits).
     if align_corners:
+        # A Python float rounds to the same fp32 as PyTorch's fp32 division (53 >= 2*24 + 2 bits).
         return (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
-    return n_in / n_out
+    return axis_scale(n_in, n_out)
 
 
 def source_rows(n_in: int, n_out: int, align_corners: bool) -> torch.Tensor:
@@ -253,7 +254,7 @@ def _max_pairs(in_h: int, out_h: int, in_w: int, out_w: int, align_corners: bool
 
 
 def _forward_blocks(num_classes: int) -> tuple[int, int, int]:
-    if _INTERPRETING:
+    if interpreting():
         # Large pixel blocks (the interpreter pays per program), but at most 64 classes per chunk so that
         # the tests' 150-class case runs the multi-chunk online log-sum-exp the GPU runs.
         return 256, min(triton.next_power_of_2(num_classes), 64), 1
@@ -262,7 +263,7 @@ def _forward_blocks(num_classes: int) -> tuple[int, int, int]:
 
 def _backward_blocks(num_classes: int, in_h: int, out_h: int, in_w: int, out_w: int, align_corners: bool):
     """(BLOCK_J, BLOCK_C, BLOCK_X, num_warps); tl.dot needs every block >= 16."""
-    if _INTERPRETING:
+    if interpreting():
         # Bigger pixel chunks (the interpreter pays per loop step), the GPU's column block, and at most 64
         # classes: the tests then run several class blocks, column blocks and pixel chunks, as the GPU does.
         block_j, block_c, max_x = 16, max(min(triton.next_power_of_2(num_classes), 64), 16), 512
@@ -270,7 +271,7 @@ def _backward_blocks(num_classes: int, in_h: int, out_h: int, in_w: int, out_w: 
         block_j, block_c, max_x = 16, 16, 128
     pairs = _max_pairs(in_h, out_h, in_w, out_w, align_corners, block_j)
     block_x = max(min(triton.next_power_of_2(max(pairs, 1)), max_x), 16)
-    return block_j, block_c, block_x, (1 if _INTERPRETING else 4)
+    return block_j, block_c, block_x, (1 if interpreting() else 4)
 
 
 def forward(

@@ -12,7 +12,7 @@ interpreter object that the compiler cannot take, and the decision is made once,
 started without TRITON_INTERPRET:
 
 1. the kernel modules are imported normally: their kernels are ``JITFunction``s, and every launcher takes its
-   CUDA branch (``interpreting()`` is False, ``upsample_cross_entropy._INTERPRETING`` is False);
+   CUDA branch (``interpreting()`` is False);
 2. ``JITFunction.run`` is replaced, while the launchers are called, by a recorder that does what the real
    ``run`` does up to its compile call, for ``GPUTarget("cuda", 90, 32)``: bind the arguments, specialise
    them (dtypes, ints equal to 1 and divisibility by 16, pointer alignment), parse the launch options
