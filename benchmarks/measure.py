@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import inspect
+import os
 import platform
 import subprocess
 import time
@@ -184,7 +185,14 @@ def triton_version() -> str:
         return "absent"
 
 
+GIT_COMMIT_ENV = "UPERNET_FAST_GIT_COMMIT"
+
+
 def git_commit() -> str:
+    """The checkout's commit (``-dirty`` with uncommitted changes), or ``UPERNET_FAST_GIT_COMMIT`` where it is set:
+    a copy of the working tree without ``.git`` (the lent GPU machine's) is told its commit that way."""
+    if os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                              text=True, timeout=10, check=True).stdout.strip()

@@ -207,6 +207,16 @@ def test_append_keeps_one_header_and_refuses_other_columns(tmp_path):
         append_rows(other, [row])
 
 
+def test_commit_stamp_can_be_given_where_there_is_no_git(monkeypatch):
+    from benchmarks import measure
+
+    monkeypatch.delenv(measure.GIT_COMMIT_ENV, raising=False)
+    from_git = measure.git_commit()
+    assert from_git == "unknown" or len(from_git.removesuffix("-dirty")) == 12, from_git
+    monkeypatch.setenv(measure.GIT_COMMIT_ENV, "0123456789ab")
+    assert measure.run_stamp("cpu")["git_commit"] == "0123456789ab"
+
+
 def test_quantiles_interpolate_linearly():
     assert quantiles([5.0, 1.0, 3.0, 2.0, 4.0]) == pytest.approx([1.8, 3.0, 4.2])
     assert quantiles([7.0]) == [7.0, 7.0, 7.0]

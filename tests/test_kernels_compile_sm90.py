@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -416,6 +417,18 @@ def _resource_usage(cuobjdump: str, cubin: bytes, name: str) -> dict:
     raise AssertionError(f"no resource usage for {name} in cuobjdump's output:\n{text}")
 
 
+def _global_access_widths(ptx: str) -> dict:
+    """Static count of the PTX global loads and stores by width, e.g. {"ld.v4.b32": 4, "st.b16": 2}: how wide
+    each thread's memory instructions are (128-bit accesses keep more bytes in flight per instruction, which the
+    bandwidth-bound kernels need). Counted in the code, not per execution."""
+    counts: dict = {}
+    # e.g. "ld.global.L1::evict_last.v4.b32", "st.global.v2.b16", "ld.global.b32"
+    for op, vec, ty in re.findall(r"\b(ld|st)\.global(?:\.[\w:]+?)*?(\.v[248])?\.([busf]\d+)\b", ptx):
+        key = f"{op}{vec}.{ty}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def _compile(launch, target, cuobjdump) -> dict:
     import triton
     from triton.compiler import ASTSource
@@ -435,7 +448,8 @@ def _compile(launch, target, cuobjdump) -> dict:
                                  f"{launch.options.num_warps}")
         usage = _resource_usage(cuobjdump, cubin, kernel.metadata.name)
         result.update(regs=usage.get("REG"), local_bytes=usage.get("LOCAL"), stack_bytes=usage.get("STACK"),
-                      shared_bytes=usage.get("SHARED"), cubin_bytes=len(cubin))
+                      shared_bytes=usage.get("SHARED"), cubin_bytes=len(cubin),
+                      global_access=_global_access_widths(kernel.asm.get("ptx", "")))
     except Exception as exc:  # noqa: BLE001 - reported with its specialisation by the tests
         # A CompilationError names the kernel line; its causes name the helper and, last, the actual error.
         parts, seen = [], exc
@@ -578,7 +592,7 @@ def _line(r: dict) -> str:
         return f"FAILED {r['spec']}"
     more = f" +{len(r['labels']) - 1} more" if len(r["labels"]) > 1 else ""
     return (f"ok {r['spec']}: regs={r['regs']} spills(local)={r['local_bytes']}B shared={r['shared_bytes']}B "
-            f"cubin={r['cubin_bytes']}B ({r['seconds']}s) <- {r['labels'][0]}{more}")
+            f"cubin={r['cubin_bytes']}B global={r['global_access']} ({r['seconds']}s) <- {r['labels'][0]}{more}")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
