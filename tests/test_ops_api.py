@@ -27,6 +27,7 @@ from upernet_fast import ops
         (lambda: ops.upsample_cross_entropy(torch.randn(1, 3, 2, 2), torch.full((1, 4, 4), -1)), ValueError, r"found -1"),
         (lambda: ops.upsample_cross_entropy(torch.randn(1, 3, 2, 2), torch.zeros(1, 4, 4, dtype=torch.long), reduction="avg"), ValueError, "reduction must be one of"),
         (lambda: ops.upsample_cross_entropy(torch.randn(1, 3, 2, 2), torch.zeros(1, 4, 4, dtype=torch.long), weight=torch.ones(4)), ValueError, r"weight must be a \(3,\)"),
+        (lambda: ops.upsample_cross_entropy(torch.randn(1, 3, 2, 2), torch.zeros(1, 4, 4, dtype=torch.long), resized=torch.randn(1, 3, 2, 2)), ValueError, r"resized must be logits resized to the labels' size, shape \(1, 3, 4, 4\)"),
         (lambda: ops.conv_bn_relu(torch.randn(1, 2, 4, 4), torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)), ValueError, "x must have 3 channels"),
     ],
 )
@@ -50,6 +51,29 @@ def test_ops_run_and_differentiate_on_the_eager_backend():
     assert out.shape == (2, 15, 7, 5)
     ops.upsample_add(pooled[2], out[:, :3], backend="eager").sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none", "mean_all"])
+def test_loss_of_already_resized_logits_is_the_eager_loss_bitwise(reduction):
+    """``resized=`` (a model's full-resolution logits) spares the eager backend its own resize: same values and
+    gradients, bitwise, since the resize it skips is the same call."""
+    import torch.nn.functional as F
+
+    logits = torch.randn(2, 5, 7, 5, requires_grad=True)
+    labels = torch.randint(0, 5, (2, 29, 23))
+    labels[:, :3] = 255
+    weight = torch.rand(5) + 0.5
+    plain = ops.upsample_cross_entropy(logits, labels, reduction=reduction, weight=weight, backend="eager")
+    (grad_plain,) = torch.autograd.grad(plain.sum(), logits)
+    resized = F.interpolate(logits, size=(29, 23), mode="bilinear", align_corners=False)
+    reused = ops.upsample_cross_entropy(logits, labels, reduction=reduction, weight=weight, backend="eager",
+                                        resized=resized)
+    (grad_reused,) = torch.autograd.grad(reused.sum(), logits)
+    assert torch.equal(plain, reused) and torch.equal(grad_plain, grad_reused)
+    # A resized tensor that disagrees with the logits shows the eager backend really takes the loss of it.
+    shifted = ops.upsample_cross_entropy(logits, labels, reduction=reduction, weight=weight, backend="eager",
+                                         resized=resized.detach() * 2)
+    assert not torch.equal(shifted, plain)
 
 
 def test_double_backward_through_triton_says_what_to_do():

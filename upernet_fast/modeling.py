@@ -244,7 +244,7 @@ class UperNetForSemanticSegmentation(hf.UperNetForSemanticSegmentation):
 
         loss = None
         if labels is not None:
-            loss = self._loss(head_logits, labels)
+            loss = self._loss(head_logits, labels, resized=None if logits is head_logits else logits)
             if self.auxiliary_head is not None:
                 auxiliary_loss = self._loss(self.auxiliary_head(features), labels)
                 loss = loss + self.config.auxiliary_loss_weight * auxiliary_loss
@@ -256,13 +256,14 @@ class UperNetForSemanticSegmentation(hf.UperNetForSemanticSegmentation):
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
 
-    def _loss(self, head_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _loss(self, head_logits: torch.Tensor, labels: torch.Tensor, resized: torch.Tensor | None = None):
         return ops.upsample_cross_entropy(
             head_logits,
             labels,
             ignore_index=self.config.loss_ignore_index,
             reduction=getattr(self, "loss_reduction", "mean"),
             backend=_backend_of(self.decode_head),
+            resized=resized,
         )
 
 

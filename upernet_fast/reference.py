@@ -77,6 +77,17 @@ def upsample_cross_entropy(
     divided by every pixel, ignored ones included, as mmsegmentation's default).
     """
     full = resize_bilinear(logits, labels.shape[-2:], align_corners=align_corners)
+    return cross_entropy(full, labels, ignore_index, reduction, weight)
+
+
+def cross_entropy(
+    full: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = 255,
+    reduction: str = "mean",
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The loss of :func:`upsample_cross_entropy` once the logits are at the labels' size (same reductions)."""
     if reduction == "mean_all":
         summed = F.cross_entropy(full, labels, weight=weight, ignore_index=ignore_index, reduction="sum")
         return summed / labels.numel()

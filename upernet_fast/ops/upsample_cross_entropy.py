@@ -28,6 +28,7 @@ def upsample_cross_entropy(
     align_corners: bool = False,
     *,
     backend: str = "auto",
+    resized: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``logits`` (B, C, h, w) bilinearly resized to ``labels`` (B, H, W, integer).
 
@@ -35,6 +36,12 @@ def upsample_cross_entropy(
     ``reduction``: ``"mean"`` (over non-ignored pixels, class-weighted when ``weight`` is given), ``"sum"``,
     ``"none"`` (returns (B, H, W)) or ``"mean_all"`` (sum / every pixel, as mmsegmentation). Labels outside
     ``[0, C)`` that are not ``ignore_index`` raise.
+
+    ``resized``: optional, ``interpolate(logits, labels.shape[-2:], mode="bilinear", align_corners=...)`` when the
+    caller already has it (a model returning full-resolution logits). The eager backend then takes the loss of
+    it instead of resizing again: the same numbers, one resize fewer, and the graph transformers' model gives
+    torch.compile (with a second resize of the same logits next to an auxiliary loss, torch 2.13's Inductor on
+    CPU returned all-zero gradients; see tests/test_model_compile.py). The fused backends ignore it.
     """
     check_feature_map("logits", logits)
     check_tensor("labels", labels, ndim=3)
@@ -61,11 +68,19 @@ def upsample_cross_entropy(
                 f"weight must be a ({num_classes},) tensor on {logits.device}, "
                 f"got {tuple(weight.shape)} on {weight.device}"
             )
-    labels = labels.long()
+    # Decided in Python: int64 labels (the usual case) add no conversion node to a torch.compile graph.
+    labels = labels if labels.dtype == torch.int64 else labels.long()
     if not torch.compiler.is_compiling():
         # Needs a host sync; under torch.compile the kernels' own masking still prevents out-of-bounds reads.
         _check_label_range(labels, num_classes, ignore_index)
+    if resized is not None and (resized.shape != (*logits.shape[:2], *labels.shape[-2:]) or resized.device != logits.device):
+        raise ValueError(
+            f"resized must be logits resized to the labels' size, shape {(*logits.shape[:2], *labels.shape[-2:])} "
+            f"on {logits.device}, got {tuple(resized.shape)} on {resized.device}"
+        )
     impl = _backend.select(OP, backend, logits, labels, ignore_index, reduction, weight, align_corners)
+    if impl.backend == "eager" and resized is not None:
+        return reference.cross_entropy(resized, labels, ignore_index, reduction, weight)
     if impl.backend != "eager" and logits.dtype != torch.float32 and torch.is_autocast_enabled(logits.device.type):
         # Autocast runs cross-entropy in fp32, so the reference returns an fp32 loss under it; the custom op is
         # invisible to autocast, so cast here. Only the low-resolution logits are cast (the reference casts the
