@@ -73,10 +73,11 @@ def upsample_cross_entropy(
     if not torch.compiler.is_compiling():
         # Needs a host sync; under torch.compile the kernels' own masking still prevents out-of-bounds reads.
         _check_label_range(labels, num_classes, ignore_index)
-    if resized is not None and (resized.shape != (*logits.shape[:2], *labels.shape[-2:]) or resized.device != logits.device):
+    resized_shape = (*logits.shape[:2], *labels.shape[-2:])
+    if resized is not None and (tuple(resized.shape) != resized_shape or resized.device != logits.device):
         raise ValueError(
-            f"resized must be logits resized to the labels' size, shape {(*logits.shape[:2], *labels.shape[-2:])} "
-            f"on {logits.device}, got {tuple(resized.shape)} on {resized.device}"
+            f"resized must be logits resized to the labels' size, shape {resized_shape} on {logits.device}, "
+            f"got {tuple(resized.shape)} on {resized.device}"
         )
     impl = _backend.select(OP, backend, logits, labels, ignore_index, reduction, weight, align_corners)
     if impl.backend == "eager" and resized is not None:
