@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from upernet_fast.measure import QUANTILES, quantiles, synchronize
-from upernet_fast.ops._triton_support import interpreting  # noqa: F401 (re-exported for run.py)
+from upernet_fast.kernels._utils import interpreting  # noqa: F401 (re-exported for run.py)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

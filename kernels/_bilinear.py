@@ -22,39 +22,13 @@ specialised by Triton, so that dimension is accessed contiguously and vectorised
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from upernet_fast.kernels._utils import axis_inverse_scale, axis_scale
+
 MAX_TILE = 2048  # elements per program: enough work per program to stream, small enough for registers
-
-
-def axis_scale(n_in: int, n_out: int) -> float:
-    """``(float)n_in / n_out`` in float32, as PyTorch's ``area_pixel_compute_scale`` (exact as a Python float)."""
-    return float(np.float32(n_in) / np.float32(n_out))
-
-
-def axis_inverse_scale(n_in: int, n_out: int) -> float:
-    """``n_out / n_in``: only used to estimate the gather ranges, which are then corrected exactly."""
-    return float(np.float32(n_out) / np.float32(n_in))
-
-
-def needs_int64(*tensors: torch.Tensor) -> bool:
-    """Whether an element offset of any tensor can exceed int32 (then the kernels index in int64)."""
-    limit = 2**31 - 1
-    for t in tensors:
-        span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
-        if span >= limit or t.numel() >= limit:
-            return True
-    return False
-
-
-def is_channels_last_layout(t: torch.Tensor) -> bool:
-    """Whether channels are the innermost dimension of ``t`` (channels_last, sliced or not): then tiles run
-    along C and new tensors made for ``t`` are channels_last. Size-1 dims make both layouts contiguous at once;
-    ``stride(3) > 1`` keeps an NCHW (B, C, 1, 1) tensor NCHW."""
-    return t.shape[1] > 1 and t.stride(1) == 1 and t.stride(3) > 1
 
 
 def tile_shape(height: int, width: int, channels: int, channels_last: bool) -> tuple[int, int, int]:
@@ -84,14 +58,18 @@ def launch_warps(tile: tuple[int, int, int]) -> int:
 
 
 @triton.jit
-def source_index(d, scale, n_in):
-    """PyTorch's rule for output indices ``d`` (int tensor): returns (i0, i1, l0, l1)."""
-    src = (d.to(tl.float32) + 0.5) * scale - 0.5
-    src = tl.maximum(src, 0.0)
-    i0 = src.to(tl.int32)  # truncation is floor here: src >= 0
-    i1 = tl.minimum(i0 + 1, n_in - 1)
-    l1 = src - i0.to(tl.float32)
+def source_index(d, scale, n_in, ALIGN_CORNERS: tl.constexpr = False):
+    """PyTorch's rule (``area_pixel_compute_source_index`` + ``guard_index_and_lambda``, fp32) for output
+    indices ``d`` (int tensor) on an axis of ``n_in`` inputs: returns (i0, i1, l0, l1)."""
+    d_f = d.to(tl.float32)
+    if ALIGN_CORNERS:
+        src = d_f * scale
+    else:
+        src = tl.maximum((d_f + 0.5) * scale - 0.5, 0.0)
+    i0 = tl.minimum(tl.floor(src).to(tl.int32), n_in - 1)
+    l1 = tl.minimum(tl.maximum(src - i0.to(tl.float32), 0.0), 1.0)  # the clamps are PyTorch's guard
     l0 = 1.0 - l1
+    i1 = tl.minimum(i0 + 1, n_in - 1)
     return i0, i1, l0, l1
 
 

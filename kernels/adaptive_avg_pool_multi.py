@@ -28,43 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from upernet_fast.kernels import _utils as u
+
 MAX_SCALES_PER_LAUNCH = 8
-# Element offsets past this need int64 arithmetic in the kernels.
-_INT32_MAX = 2**31 - 1
-# CUDA's limit on grid axis 0.
-_MAX_PROGRAMS = 2**31 - 1
-
-
-def output_channels_last(x: torch.Tensor) -> bool:
-    """Whether outputs derived from ``x`` are channels_last: PyTorch's ``suggest_memory_format`` rule.
-
-    Strides must not decrease in the order C, W, H, N (each step at least the previous stride times that
-    dimension's size), with PyTorch's tie-breaks towards NCHW for ambiguous size-1 cases.
-    """
-    sizes, strides = x.shape, x.stride()
-    if strides[1] == 0:
-        return False
-    floor = 0
-    for d in (1, 3, 2, 0):
-        if strides[d] < floor:
-            return False
-        if d == 0 and floor == strides[1]:
-            return False
-        floor = strides[d] * max(sizes[d], 1)
-    return True
-
-
-def memory_format(channels_last: bool) -> torch.memory_format:
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def _needs_int64(*tensors: torch.Tensor) -> bool:
-    """True when an element offset of any tensor could exceed int32 (strides of views included)."""
-    for t in tensors:
-        span = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
-        if span > _INT32_MAX or t.numel() > _INT32_MAX:
-            return True
-    return False
 
 
 def _groups(scales: Sequence[int]) -> list[tuple[int, ...]]:
@@ -75,16 +41,6 @@ def _groups(scales: Sequence[int]) -> list[tuple[int, ...]]:
 def _pad(items: Sequence, filler) -> list:
     """Pad per-scale arguments to the kernel's fixed MAX_SCALES_PER_LAUNCH slots (unused slots are never read)."""
     return list(items) + [filler] * (MAX_SCALES_PER_LAUNCH - len(items))
-
-
-def _checked_grid(programs: int) -> int:
-    if programs > _MAX_PROGRAMS:
-        raise ValueError(f"adaptive_avg_pool_multi: {programs} programs exceed one launch's grid (2**31 - 1)")
-    return programs
-
-
-def _pow2_at_most(n: int, cap: int) -> int:
-    return min(triton.next_power_of_2(max(int(n), 1)), cap)
 
 
 @triton.jit
@@ -305,7 +261,7 @@ def _pool_backward_kernel(
 def _block_sizes(C: int, H: int, W: int) -> tuple[int, int, int]:
     """(BLOCK_H, BLOCK_W, BLOCK_C): tiles of at most 4 x 16 x 32 elements (16 fp32 per thread at 4 warps);
     the forward's window-mask product is BLOCK_W x BLOCK_S x BLOCK_C, at most 16 x 8 x 32."""
-    return _pow2_at_most(H, 4), _pow2_at_most(W, 16), _pow2_at_most(C, 32)
+    return u.pow2_at_most(H, 4), u.pow2_at_most(W, 16), u.pow2_at_most(C, 32)
 
 
 def pool_forward(
@@ -315,12 +271,12 @@ def pool_forward(
     up to 8 scales).
 
     x: (B, C, H, W), any strides, fp32/fp16/bf16. Returns one (B, C, s, s) tensor per scale, dense in the
-    memory format of :func:`output_channels_last`. ``out``: optional preallocated outputs of exactly that
+    memory format of :func:`upernet_fast.kernels._utils.is_channels_last`. ``out``: optional preallocated outputs of exactly that
     shape, dtype and layout (tests fill them with NaN to prove every element is written).
     """
     B, C, H, W = x.shape
-    channels_last = output_channels_last(x)
-    fmt = memory_format(channels_last)
+    channels_last = u.is_channels_last(x)
+    fmt = u.memory_format(channels_last)
     if out is None:
         out = [torch.empty((B, C, s, s), dtype=x.dtype, device=x.device, memory_format=fmt) for s in scales]
     out = list(out)
@@ -332,12 +288,12 @@ def pool_forward(
 
     block_h, block_w, block_c = _block_sizes(C, H, W)
     n_cblocks = triton.cdiv(C, block_c)
-    use_int64 = _needs_int64(x, *out)
+    use_int64 = u.needs_int64(x, *out)
     done = 0
     for group in _groups(scales):
         group_out = out[done : done + len(group)]
         done += len(group)
-        grid = (_checked_grid(B * n_cblocks * sum(group)),)
+        grid = (u.checked_grid(B * n_cblocks * sum(group), "adaptive_avg_pool_multi"),)
         _pool_forward_kernel[grid](
             x,
             *_pad(group_out, group_out[0]),
@@ -351,7 +307,7 @@ def pool_forward(
             BLOCK_H=block_h,
             BLOCK_W=block_w,
             BLOCK_C=block_c,
-            BLOCK_S=_pow2_at_most(max(group), 8),
+            BLOCK_S=u.pow2_at_most(max(group), 8),
             num_warps=4,
         )
     return out
@@ -371,7 +327,7 @@ def pool_backward(
     ``out``: optional preallocated grad_input of exactly that shape and layout.
     """
     B, C, H, W = (int(n) for n in input_shape)
-    fmt = memory_format(channels_last)
+    fmt = u.memory_format(channels_last)
     grads = [g.contiguous(memory_format=fmt) for g in grads]
     dtype, device = grads[0].dtype, grads[0].device
     if out is None:
@@ -383,8 +339,8 @@ def pool_backward(
     n_cblocks = triton.cdiv(C, block_c)
     n_wblocks = triton.cdiv(W, block_w)
     n_tiles = triton.cdiv(H, block_h) * n_wblocks
-    grid = (_checked_grid(B * n_cblocks * n_tiles),)
-    use_int64 = _needs_int64(out, *grads)
+    grid = (u.checked_grid(B * n_cblocks * n_tiles, "adaptive_avg_pool_multi"),)
+    use_int64 = u.needs_int64(out, *grads)
     done = 0
     for group in _groups(scales):
         group_grads = grads[done : done + len(group)]

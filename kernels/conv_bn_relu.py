@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from upernet_fast.ops._triton_support import interpreting
+from upernet_fast.kernels._utils import elementwise_block, interpreting
+from upernet_fast.kernels._utils import is_channels_last as _channels_last_rule
 
 # Programs along the pixel axis of a reduction: enough to fill an H100 (132 SMs) several times over with
 # the channel blocks, few enough that the finalize pass reads a small array. Fewer under the interpreter.
@@ -209,12 +210,10 @@ def _backward_apply_kernel(
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
-    """True when ``x`` is stored NHWC; the launchers take NCHW-contiguous or channels_last tensors only."""
-    if x.is_contiguous():
-        return False
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return True
-    raise ValueError(f"x must be NCHW-contiguous or channels_last, got strides {x.stride()} for {tuple(x.shape)}")
+    """True when ``x`` is stored NHWC; the launchers take dense (NCHW-contiguous or channels_last) tensors only."""
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError(f"x must be NCHW-contiguous or channels_last, got strides {x.stride()} for {tuple(x.shape)}")
+    return _channels_last_rule(x)
 
 
 def _channel_div(x: torch.Tensor) -> int:
@@ -250,10 +249,6 @@ def _finalize_config(channels: int, num_parts: int) -> tuple[tuple[int], int, in
     return (triton.cdiv(channels, block_c),), min(64, triton.next_power_of_2(num_parts)), block_c
 
 
-def _elementwise_block(numel: int) -> int:
-    return min(1024 if interpreting() else 2048, max(16, triton.next_power_of_2(numel)))
-
-
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of x (N, C, H, W), fp32, deterministic. N * H * W must be >= 1."""
     n, c, h, w = x.shape
@@ -285,7 +280,7 @@ def bn_relu_apply(
     """relu((x - mean) * invstd * weight + bias) per channel, in x's dtype and layout."""
     y = torch.empty_like(x) if out is None else out
     numel = x.numel()
-    block = _elementwise_block(numel)
+    block = elementwise_block(numel)
     _apply_kernel[(triton.cdiv(numel, block),)](
         x, y, mean, invstd, weight, bias, numel, x.shape[1], _channel_div(x), BLOCK=block,
     )
@@ -334,7 +329,7 @@ def bn_relu_backward_input(
     """dx = w * invstd * (g_relu - sum_g / count - xhat * sum_gxhat / count), in x's dtype and layout."""
     dx = torch.empty_like(x) if out is None else out
     numel = x.numel()
-    block = _elementwise_block(numel)
+    block = elementwise_block(numel)
     _backward_apply_kernel[(triton.cdiv(numel, block),)](
         grad, x, dx, mean, invstd, weight, bias, sum_g, sum_gxhat, 1.0 / count, numel, x.shape[1],
         _channel_div(x), BLOCK=block,

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from upernet_fast.kernels import _bilinear as bl
+from upernet_fast.kernels import _utils as u
 
 
 @triton.jit
@@ -51,13 +52,13 @@ def upsample_add_forward(low: torch.Tensor, lateral: torch.Tensor, out: torch.Te
     in_h, in_w = low.shape[-2:]
     if out is None:
         out = torch.empty_like(lateral)
-    tile = bl.tile_shape(out_h, out_w, channels, bl.is_channels_last_layout(out))
+    tile = bl.tile_shape(out_h, out_w, channels, u.is_channels_last(out))
     grid = (bl.program_count(batch, channels, out_h, out_w, tile),)
     _upsample_add_forward_kernel[grid](
         low, lateral, out,
-        channels, in_h, in_w, out_h, out_w, bl.axis_scale(in_h, out_h), bl.axis_scale(in_w, out_w),
+        channels, in_h, in_w, out_h, out_w, u.axis_scale(in_h, out_h), u.axis_scale(in_w, out_w),
         *low.stride(), *lateral.stride(), *out.stride(),
-        SAME_SIZE=(in_h, in_w) == (out_h, out_w), WIDE=bl.needs_int64(low, lateral, out),
+        SAME_SIZE=(in_h, in_w) == (out_h, out_w), WIDE=u.needs_int64(low, lateral, out),
         BLOCK_H=tile[0], BLOCK_W=tile[1], BLOCK_C=tile[2], num_warps=bl.launch_warps(tile),
     )
     return out

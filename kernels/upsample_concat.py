@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from upernet_fast.kernels import _bilinear as bl
+from upernet_fast.kernels import _utils as u
 
 MAX_INPUTS = 5
 
@@ -132,8 +133,8 @@ def upsample_concat_forward(
     offsets = [0]
     for t in tensors:
         offsets.append(offsets[-1] + t.shape[1])
-    tile = bl.tile_shape(out_h, out_w, max(t.shape[1] for t in tensors), bl.is_channels_last_layout(out))
-    wide = bl.needs_int64(out, *tensors)
+    tile = bl.tile_shape(out_h, out_w, max(t.shape[1] for t in tensors), u.is_channels_last(out))
+    wide = u.needs_int64(out, *tensors)
     for chunk in _chunks(list(range(len(tensors))), MAX_INPUTS):
         slots, same, end = [], [], 0
         for k in chunk:
@@ -141,8 +142,8 @@ def upsample_concat_forward(
             channels, in_h, in_w = t.shape[1:]
             end += bl.program_count(batch, channels, out_h, out_w, tile)
             same.append((in_h, in_w) == (out_h, out_w))
-            slots.append((t, channels, in_h, in_w, offsets[k], bl.axis_scale(in_h, out_h),
-                          bl.axis_scale(in_w, out_w), *t.stride(), end))
+            slots.append((t, channels, in_h, in_w, offsets[k], u.axis_scale(in_h, out_h),
+                          u.axis_scale(in_w, out_w), *t.stride(), end))
         # Unused slots repeat the first one; NUM_INPUTS keeps them out of the compiled kernel.
         slots += [slots[0]] * (MAX_INPUTS - len(slots))
         same += [True] * (MAX_INPUTS - len(same))
@@ -169,9 +170,9 @@ def upsample_concat_backward(
         max(g.shape[2] for g in grad_inputs),
         max(g.shape[3] for g in grad_inputs),
         max(g.shape[1] for g in grad_inputs),
-        bl.is_channels_last_layout(first),
+        u.is_channels_last(first),
     )
-    wide = bl.needs_int64(grad, *grad_inputs)
+    wide = u.needs_int64(grad, *grad_inputs)
     for chunk in _chunks(list(range(len(grad_inputs))), MAX_INPUTS):
         slots, end = [], 0
         for k in chunk:
@@ -180,8 +181,8 @@ def upsample_concat_backward(
             end += bl.program_count(batch, channels, in_h, in_w, tile)
             slots.append((
                 g, channels, in_h, in_w, channel_offsets[k],
-                bl.axis_scale(in_h, out_h), bl.axis_scale(in_w, out_w),
-                bl.axis_inverse_scale(in_h, out_h), bl.axis_inverse_scale(in_w, out_w),
+                u.axis_scale(in_h, out_h), u.axis_scale(in_w, out_w),
+                u.axis_inverse_scale(in_h, out_h), u.axis_inverse_scale(in_w, out_w),
                 *g.stride(), end,
             ))
         slots += [slots[0]] * (MAX_INPUTS - len(slots))

@@ -30,25 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from upernet_fast.kernels._bilinear import axis_scale
-from upernet_fast.ops._triton_support import interpreting
+from upernet_fast.kernels._bilinear import source_index
+from upernet_fast.kernels._utils import axis_scale, interpreting
 
-
-
-@triton.jit
-def _source_index(dst, scale, n_in, ALIGN_CORNERS: tl.constexpr):
-    """Source indices (i0, i1) and weights (l0, l1) of output positions ``dst`` along one axis (PyTorch's rule)."""
-    dst_f = dst.to(tl.float32)
-    if ALIGN_CORNERS:
-        src = dst_f * scale
-    else:
-        src = (dst_f + 0.5) * scale - 0.5
-        src = tl.maximum(src, 0.0)
-    i0 = tl.minimum(tl.floor(src).to(tl.int32), n_in - 1)
-    l1 = tl.minimum(tl.maximum(src - i0.to(tl.float32), 0.0), 1.0)
-    l0 = 1.0 - l1
-    i1 = tl.minimum(i0 + 1, n_in - 1)
-    return i0, i1, l0, l1
 
 
 @triton.jit
@@ -67,8 +51,8 @@ def _forward_kernel(
     rest = pix // out_w
     y = rest % out_h
     b = rest // out_h
-    i0, i1, h0, h1 = _source_index(y, scale_h, in_h, ALIGN_CORNERS)
-    j0, j1, w0, w1 = _source_index(x, scale_w, in_w, ALIGN_CORNERS)
+    i0, i1, h0, h1 = source_index(y, scale_h, in_h, ALIGN_CORNERS)
+    j0, j1, w0, w1 = source_index(x, scale_w, in_w, ALIGN_CORNERS)
     base = b.to(tl.int64) * stride_b
     off00 = base + i0.to(tl.int64) * stride_h + j0.to(tl.int64) * stride_w
     off01 = base + i0.to(tl.int64) * stride_h + j1.to(tl.int64) * stride_w
@@ -157,8 +141,8 @@ def _backward_kernel(
         k_mask = k < num_pairs
         y = y_start + k // span_x
         x = x_start + k % span_x
-        r0, r1, h0, h1 = _source_index(y, scale_h, in_h, ALIGN_CORNERS)
-        q0, q1, w0, w1 = _source_index(x, scale_w, in_w, ALIGN_CORNERS)
+        r0, r1, h0, h1 = source_index(y, scale_h, in_h, ALIGN_CORNERS)
+        q0, q1, w0, w1 = source_index(x, scale_w, in_w, ALIGN_CORNERS)
         # Weight of low-res row i in output row y; both terms apply when r0 == r1 == i at the border.
         weight_y = tl.where(r0 == i, h0, 0.0) + tl.where(r1 == i, h1, 0.0)
         pix = (b * out_h + y) * out_w + x

@@ -23,10 +23,13 @@ TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 def _fresh_backend_state():
     """No test leaks a process-wide backend override into the next."""
     import upernet_fast
+    from upernet_fast import backend
 
     upernet_fast.set_backend(None)
+    backend.clear_cache()
     yield
     upernet_fast.set_backend(None)
+    backend.clear_cache()
 
 
 def pytest_collection_modifyitems(config, items):

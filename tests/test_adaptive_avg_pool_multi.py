@@ -19,6 +19,7 @@ from layouts import LAYOUTS, in_layout
 
 from upernet_fast import backend as _backend
 from upernet_fast import reference
+from upernet_fast.kernels import _utils as kernel_utils
 from upernet_fast.kernels import adaptive_avg_pool_multi as kernels
 from upernet_fast.ops import adaptive_avg_pool_multi
 
@@ -101,7 +102,7 @@ def test_low_precision_within_twice_pytorch_error(case, dtype, layout):
 
     exact_grad = _reference_grad(x.double(), scales, [g.double() for g in grads])
     torch_grad = _reference_grad(x, scales, grads)
-    our_grad = kernels.pool_backward(grads, x.shape, scales, kernels.output_channels_last(x))
+    our_grad = kernels.pool_backward(grads, x.shape, scales, kernel_utils.is_channels_last(x))
     assert our_grad.dtype == dtype
     torch_err = (torch_grad.double() - exact_grad).abs().max().item()
     our_err = (our_grad.double() - exact_grad).abs().max().item()
@@ -164,10 +165,10 @@ def test_backward_is_bitwise_repeatable(dtype):
 
 def test_int64_offsets_path(monkeypatch):
     # Tensors past 2**31 elements do not fit in this test; lower the threshold so the int64 code path runs.
-    monkeypatch.setattr(kernels, "_INT32_MAX", 8)
+    monkeypatch.setattr(kernel_utils, "INT32_MAX", 8)
     shape, scales = (2, 3, 7, 5), UPERNET_SCALES
     x = _make_input(shape, torch.float32, "sliced")
-    assert kernels._needs_int64(x)
+    assert kernel_utils.needs_int64(x)
     for out, ref in zip(kernels.pool_forward(x, scales), reference.adaptive_avg_pool_multi(x, scales)):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     grads = _random_grads(x, scales)
@@ -177,8 +178,8 @@ def test_int64_offsets_path(monkeypatch):
 
 def test_int64_needed_for_big_strides():
     big_view = torch.empty_strided((2, 2, 2, 2), (2**31, 4, 2, 1), device="meta")
-    assert kernels._needs_int64(big_view)
-    assert not kernels._needs_int64(torch.empty((16, 768, 16, 16), device="meta"))
+    assert kernel_utils.needs_int64(big_view)
+    assert not kernel_utils.needs_int64(torch.empty((16, 768, 16, 16), device="meta"))
 
 
 def test_outputs_left_out_of_the_loss():

@@ -28,6 +28,7 @@ from upernet_fast.ops.conv_bn_relu import ConvBNReLU, conv_bn_relu
 
 # The module itself (upernet_fast.ops re-exports a function of the same name).
 op_module = importlib.import_module("upernet_fast.ops.conv_bn_relu")
+bn_module = importlib.import_module("upernet_fast.ops.bn_relu")
 
 DEV = TRITON_DEVICE
 
@@ -67,13 +68,13 @@ def triton_launches(monkeypatch):
     """Counts entries into the Triton BN+ReLU kernels: proves a path ran on Triton rather than falling back to
     eager (which would match the reference anyway)."""
     calls = []
-    real = op_module._kernels
+    real = bn_module._kernels
 
     def counting():
         calls.append(1)
         return real()
 
-    monkeypatch.setattr(op_module, "_kernels", counting)
+    monkeypatch.setattr(bn_module, "_kernels", counting)
     return calls
 
 
@@ -339,10 +340,10 @@ def test_opcheck_custom_ops():
         x = in_layout(torch.randn(2, 5, 3, 4, device=DEV), layout).requires_grad_(True)
         w = torch.rand(5, device=DEV, requires_grad=True) + 0.5
         b = torch.randn(5, device=DEV, requires_grad=True)
-        torch.library.opcheck(op_module.bn_relu_train, (x, w, b, 1e-5, -1))
+        torch.library.opcheck(bn_module.bn_relu_train, (x, w, b, 1e-5, ""))
         mean, var = x.detach().mean((0, 2, 3)), x.detach().var((0, 2, 3), unbiased=False)
-        args = (torch.randn_like(x), x.detach(), w.detach(), b.detach(), mean, torch.rsqrt(var + 1e-5), -1)
-        torch.library.opcheck(op_module.bn_relu_train_backward, args)
+        args = (torch.randn_like(x), x.detach(), w.detach(), b.detach(), mean, torch.rsqrt(var + 1e-5), "")
+        torch.library.opcheck(bn_module.bn_relu_train_backward, args)
 
 
 def test_compile_fullgraph_aot_eager_train(triton_launches):

@@ -68,7 +68,7 @@ def _worker(rank: int, store_file: str, out_dir: str) -> None:
 
     import importlib
 
-    op_module = importlib.import_module("upernet_fast.ops.conv_bn_relu")  # the module, not the function
+    op_module = importlib.import_module("upernet_fast.ops.bn_relu")  # the module, not the function
 
     # Count entries into the Triton kernels: a silent fallback to eager would also match the reference.
     launches = []

@@ -56,6 +56,8 @@ import torch
 if __name__ != "__main__":
     pytest.importorskip("triton")
 
+from upernet_fast.kernels._utils import is_channels_last  # noqa: E402 (imports no Triton)
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 KERNEL_PACKAGE = "upernet_fast.kernels"
@@ -100,7 +102,7 @@ def _pool(shape, scales, dtype, channels_last=False, view=None):
         if view is not None:
             x = view(x)
         outs = k.pool_forward(x, scales)
-        cl = k.output_channels_last(x)
+        cl = is_channels_last(x)
         k.pool_backward([torch.empty_like(o) for o in outs], x.shape, scales, cl)
 
     return scenario
@@ -131,7 +133,7 @@ def _upsample_add(low_shape, lateral_shape, dtype, low_cl=False, lateral_cl=None
         low, lateral = _t(low_shape, dtype, low_cl), _t(lateral_shape, dtype, lateral_cl)
         out = m["upsample_add"].upsample_add_forward(low, lateral)
         if tuple(low_shape[-2:]) != tuple(lateral_shape[-2:]):  # equal sizes: the grad of low is grad itself
-            grad_low = _t(low_shape, dtype, m["_bilinear"].is_channels_last_layout(low))
+            grad_low = _t(low_shape, dtype, is_channels_last(low))
             m["upsample_concat"].upsample_concat_backward(torch.empty_like(out), [grad_low], [0])
 
     return scenario
@@ -164,12 +166,12 @@ def _upsample_concat(shapes, size, dtype, channels_last=False, layouts=None):
         tensors = [_t(s, dtype, cl) for s, cl in zip(shapes, layouts)]
         first = tensors[0]
         out = _t((first.shape[0], sum(t.shape[1] for t in tensors), *size), dtype,
-                 bl.is_channels_last_layout(first))
+                 is_channels_last(first))
         uc.upsample_concat_forward(tensors, size, out)
         offsets, resized, offset = [], [], 0
         for t in tensors:
             if tuple(t.shape[-2:]) != tuple(size):
-                resized.append(_t(t.shape, dtype, bl.is_channels_last_layout(t)))
+                resized.append(_t(t.shape, dtype, is_channels_last(t)))
                 offsets.append(offset)
             offset += t.shape[1]
         if resized:

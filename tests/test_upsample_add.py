@@ -172,14 +172,14 @@ def test_equal_size_grads_are_not_shared_between_leaves():
 
 def test_int64_indexing_path(monkeypatch):
     # Tensors past 2**31 elements are too big for a test; force the int64 offset path on a small one instead.
-    from upernet_fast.kernels import _bilinear
+    from upernet_fast.kernels import _utils as kernel_utils
 
     (b, c, h, w), (H, W) = CASES["7x5_to_13x11"]
     low = _random((b, c, h, w), torch.float32, 17)
     lateral = _random((b, c, H, W), torch.float32, 18)
     grad = _random((b, c, H, W), torch.float32, 19)
     narrow = _run(low, lateral, grad)
-    monkeypatch.setattr(_bilinear, "needs_int64", lambda *tensors: True)
+    monkeypatch.setattr(kernel_utils, "needs_int64", lambda *tensors: True)
     wide = _run(low, lateral, grad)
     assert all(torch.equal(a, b) for a, b in zip(narrow, wide))
 

@@ -143,11 +143,11 @@ def test_backward_is_bitwise_repeatable_and_same_size_grads_are_views():
 
 def test_int64_indexing_path(monkeypatch):
     # Tensors past 2**31 elements are too big for a test; force the int64 offset path on a small one instead.
-    from upernet_fast.kernels import _bilinear
+    from upernet_fast.kernels import _utils as kernel_utils
 
     tensors, size, grad = _inputs("odd_ratios_13x11", torch.float32, "contiguous")
     out, grads = _run(tensors, size, grad)
-    monkeypatch.setattr(_bilinear, "needs_int64", lambda *tensors: True)
+    monkeypatch.setattr(kernel_utils, "needs_int64", lambda *tensors: True)
     wide_out, wide_grads = _run(tensors, size, grad)
     assert torch.equal(out, wide_out) and all(torch.equal(a, b) for a, b in zip(grads, wide_grads))
 

@@ -1,11 +1,15 @@
 """The one place that decides which implementation of an op runs.
 
 Every op (``adaptive_avg_pool_multi``, ``upsample_add``, ...) has an ``"eager"`` implementation (the pure
-PyTorch reference, always available) and may have ``"triton"`` and ``"cpp"`` ones. Each implementation says
-*why* it cannot run, at two levels:
+PyTorch reference, always available) and may have ``"triton"`` and ``"cpp"`` ones. What a backend can take is
+declared once, as data (:class:`Capabilities`: devices, dtypes, determinism, double backward), in
+:data:`BACKENDS_DECLARED`; an op's implementation inherits its backend's capabilities, may narrow them, and may
+add an op-specific ``why_not`` for what data cannot say (a module type, an index-width limit). One shared check
+reads the declarations, so each refusal has the same wording whatever the op:
 
 * ``why_unavailable()``: process-wide (triton not importable, extension not built, ...);
-* ``why_not(*args, **kwargs)``: for one call's inputs (device, dtype, layout, ...).
+* capabilities: the call's device and floating dtypes;
+* the op's own ``why_not(*args)``, when it has one.
 
 Selection for one call, in this order:
 
@@ -15,27 +19,128 @@ Selection for one call, in this order:
    cpp, then eager; CPU inputs prefer cpp, then eager (Triton on CPU only runs under the interpreter, which
    is a correctness tool, not a fast path, so ``auto`` never picks it there).
 
-A backend that was asked for by name and cannot run raises with its reasons. ``auto`` falling back from a
-preferred backend that should have applied (for example triton refusing a CUDA float64 input) warns once per
-(op, backend, reason).
+The part of the decision that depends only on (op, backend asked for, device, dtypes, interpreter switch) is
+resolved once and cached; only op-specific ``why_not`` checks run per call. A backend that was asked for by
+name and cannot run raises with its reasons. ``auto`` falling back from a preferred backend that should have
+applied (for example triton refusing a CUDA float64 input) warns once per (op, backend, reason).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
-BACKENDS = ("eager", "triton", "cpp")
+from upernet_fast._checks import tensors_in
+from upernet_fast.kernels._utils import interpreting
+
+NAMES = ("eager", "triton", "cpp")
+BACKENDS = NAMES  # kept name: the public tuple of backend names
 AUTO = "auto"
 ENV_VAR = "UPERNET_FAST_BACKEND"
 
 # Preference of "auto" by the device type of the inputs.
 _AUTO_ORDER = {"cuda": ("triton", "cpp", "eager"), "cpu": ("cpp", "eager")}
 _AUTO_ORDER_OTHER = ("eager",)
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend's kernels accept, as data.
+
+    ``devices``: device types taken (None: any); ``interpreted_devices``: device types taken only under
+    ``TRITON_INTERPRET=1``; ``dtypes``: floating dtypes of the tensor inputs (None: any); ``deterministic``:
+    bitwise repeatable run to run (and, for cpp, for any thread count); ``double_backward``: whether the
+    backward is itself differentiable; ``layouts``: a description, every backend takes any strides.
+    """
+
+    devices: tuple[str, ...] | None = None
+    interpreted_devices: tuple[str, ...] = ()
+    dtypes: tuple[torch.dtype, ...] | None = None
+    deterministic: bool = True
+    double_backward: bool = False
+    layouts: str = "NCHW, channels_last and sliced views"
+
+    def why_not(self, display: str, device: str, dtypes: Sequence[torch.dtype]) -> str | None:
+        """Why tensors on ``device`` with these floating ``dtypes`` cannot go to these kernels, or None."""
+        if self.devices is not None and device not in self.devices:
+            if device in self.interpreted_devices:
+                if not interpreting():
+                    return f"{device.upper()} tensors run on {display} only under TRITON_INTERPRET=1"
+            else:
+                taken = "/".join(d.upper() for d in self.devices)
+                return f"{display} kernels take {taken} tensors, got a {device} tensor"
+        if self.dtypes is not None:
+            for dtype in dtypes:
+                if dtype not in self.dtypes:
+                    taken = "/".join(_DTYPE_NAMES.get(d, str(d)) for d in self.dtypes)
+                    return f"{display} kernels take {taken}, got {dtype}"
+        return None
+
+    def summary(self) -> str:
+        devices = "any device" if self.devices is None else "/".join(self.devices)
+        if self.interpreted_devices:
+            devices += " (" + "/".join(self.interpreted_devices) + " under TRITON_INTERPRET=1)"
+        dtypes = "any dtype" if self.dtypes is None else "/".join(_DTYPE_NAMES.get(d, str(d)) for d in self.dtypes)
+        flags = ("deterministic" if self.deterministic else "not deterministic on CUDA") + (
+            ", double backward" if self.double_backward else ", first-order backward only"
+        )
+        return f"{devices}; {dtypes}; {flags}"
+
+
+def _triton_unavailable() -> str | None:
+    from upernet_fast.ops._triton_support import triton_unavailable
+
+    return triton_unavailable()
+
+
+def _cpp_unavailable() -> str | None:
+    from upernet_fast import cpp_extension
+
+    return cpp_extension.why_unavailable()
+
+
+@dataclass(frozen=True)
+class BackendDeclaration:
+    """A backend as a whole: its display name, its process-wide availability check and default capabilities."""
+
+    name: str
+    display: str
+    why_unavailable: Callable[[], str | None]
+    capabilities: Capabilities
+
+
+BACKENDS_DECLARED: dict[str, BackendDeclaration] = {
+    "eager": BackendDeclaration(
+        "eager",
+        "PyTorch",
+        lambda: None,
+        # PyTorch's own CUDA bilinear and adaptive-pool backwards use atomics (see README, determinism).
+        Capabilities(deterministic=False, double_backward=True, layouts="anything PyTorch takes"),
+    ),
+    "triton": BackendDeclaration(
+        "triton",
+        "Triton",
+        _triton_unavailable,
+        Capabilities(
+            devices=("cuda",),
+            interpreted_devices=("cpu",),
+            dtypes=(torch.float32, torch.float16, torch.bfloat16),
+        ),
+    ),
+    "cpp": BackendDeclaration(
+        "cpp",
+        "C++",
+        _cpp_unavailable,
+        Capabilities(devices=("cpu",), dtypes=(torch.float32, torch.bfloat16, torch.float64)),
+    ),
+}
 
 
 def _never(*args, **kwargs) -> str | None:
@@ -44,22 +149,40 @@ def _never(*args, **kwargs) -> str | None:
 
 @dataclass(frozen=True)
 class Implementation:
-    """One backend's implementation of one op. ``fn`` takes the op's arguments, without ``backend``."""
+    """One backend's implementation of one op. ``fn`` takes the op's arguments, without ``backend``.
+
+    ``capabilities`` are the backend's, narrowed by the op where it declared so; ``why_not`` is the op's own
+    check, for what the data cannot express.
+    """
 
     op: str
     backend: str
     fn: Callable
-    why_unavailable: Callable[[], str | None] = _never
     why_not: Callable[..., str | None] = _never
+    capabilities: Capabilities = Capabilities()
+
+    def why_unavailable(self) -> str | None:
+        return BACKENDS_DECLARED[self.backend].why_unavailable()
+
+    def why_not_capable(self, device: str, dtypes: Sequence[torch.dtype]) -> str | None:
+        return self.capabilities.why_not(BACKENDS_DECLARED[self.backend].display, device, dtypes)
 
     def reason(self, *args, **kwargs) -> str | None:
-        """Why this implementation cannot take these inputs, or None when it can."""
-        return self.why_unavailable() or self.why_not(*args, **kwargs)
+        """Why this implementation cannot take these inputs, or None when it can (uncached, for diagnostics)."""
+        reason = self.why_unavailable()
+        if reason is None:
+            reason = self.why_not_capable(*_placement(self.op, args, kwargs))
+        return reason or self.why_not(*args, **kwargs)
 
 
 _REGISTRY: dict[str, dict[str, Implementation]] = {}
 _override: str | None = None
 _warned: set[tuple[str, str, str]] = set()
+# (op, backend asked for, device type, floating dtypes, interpreting) -> [(implementation, static reason)], in
+# order of preference. Cleared whenever an implementation is registered.
+_static_cache: dict[tuple, list[tuple[Implementation, str | None, bool]]] = {}
+# op -> fn(*args) giving the tensors whose device and dtypes are judged (default: every tensor argument).
+_judged_tensors: dict[str, Callable[..., Sequence[torch.Tensor]]] = {}
 
 
 def register(
@@ -67,15 +190,30 @@ def register(
     backend: str,
     fn: Callable,
     *,
-    why_unavailable: Callable[[], str | None] | None = None,
     why_not: Callable[..., str | None] | None = None,
+    tensors: Callable[..., Sequence[torch.Tensor]] | None = None,
+    **narrowed_capabilities,
 ) -> Implementation:
-    """Register ``fn`` as ``backend``'s implementation of ``op`` (re-registering replaces)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    impl = Implementation(op, backend, fn, why_unavailable or _never, why_not or _never)
+    """Declare ``fn`` as ``backend``'s implementation of ``op`` (re-registering replaces).
+
+    ``narrowed_capabilities`` (``dtypes=...``, ``devices=...``, ...) replace fields of the backend's defaults.
+    ``tensors(*args)``: the tensors of a call whose device and dtypes are judged, for every backend of ``op``
+    (default: the tensor arguments, one level into lists; an op taking modules names their parameters here).
+    """
+    if backend not in NAMES:
+        raise ValueError(f"backend must be one of {NAMES}, got {backend!r}")
+    capabilities = dataclasses.replace(BACKENDS_DECLARED[backend].capabilities, **narrowed_capabilities)
+    impl = Implementation(op, backend, fn, why_not or _never, capabilities)
+    if tensors is not None:
+        _judged_tensors[op] = tensors
     _REGISTRY.setdefault(op, {})[backend] = impl
+    _static_cache.clear()
     return impl
+
+
+def clear_cache() -> None:
+    """Forget resolved selections (after changing what a backend's availability depends on, e.g. in tests)."""
+    _static_cache.clear()
 
 
 def ops() -> list[str]:
@@ -85,9 +223,12 @@ def ops() -> list[str]:
 
 
 def _check_name(name: str, what: str) -> str:
-    if not isinstance(name, str) or name not in (AUTO,) + BACKENDS:
-        raise ValueError(f"{what} must be one of {(AUTO,) + BACKENDS}, got {name!r}")
-    return name
+    if name in _VALID_NAMES:
+        return name
+    raise ValueError(f"{what} must be one of {(AUTO,) + NAMES}, got {name!r}")
+
+
+_VALID_NAMES = frozenset((AUTO,) + NAMES)
 
 
 def set_backend(name: str | None) -> None:
@@ -108,7 +249,7 @@ def get_backend() -> str:
 
 
 def _device_type(args, kwargs) -> str:
-    for value in list(args) + list(kwargs.values()):
+    for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
             return value.device.type
         if isinstance(value, (list, tuple)):
@@ -116,6 +257,13 @@ def _device_type(args, kwargs) -> str:
                 if isinstance(item, torch.Tensor):
                     return item.device.type
     return "cpu"
+
+
+def _placement(op: str, args, kwargs) -> tuple[str, tuple[torch.dtype, ...]]:
+    pick = _judged_tensors.get(op)
+    tensors = pick(*args, **kwargs) if pick is not None else tensors_in((*args, *kwargs.values()))
+    dtypes = tuple(sorted({t.dtype for t in tensors if t.is_floating_point()}, key=str))
+    return _device_type(args, kwargs), dtypes
 
 
 def _warn_once(op: str, backend: str, reason: str, chosen: str) -> None:
@@ -129,58 +277,72 @@ def _warn_once(op: str, backend: str, reason: str, chosen: str) -> None:
         )
 
 
+def _candidates(op: str, impls: dict[str, Implementation], requested: str, args, kwargs):
+    """[(implementation, reason it cannot run whatever the op's own check says or None, unavailable?)] in order
+    of preference; cached per (op, backend asked for, device, dtypes, interpreter switch)."""
+    device, dtypes = _placement(op, args, kwargs)
+    key = (op, requested, device, dtypes, interpreting())
+    cached = _static_cache.get(key)
+    if cached is None:
+        names = (requested,) if requested != AUTO else _AUTO_ORDER.get(device, _AUTO_ORDER_OTHER)
+        cached = []
+        for impl in (impls[name] for name in names if name in impls):
+            unavailable = impl.why_unavailable()
+            if unavailable is not None:
+                cached.append((impl, unavailable, True))
+            else:
+                cached.append((impl, impl.why_not_capable(device, dtypes), False))
+        _static_cache[key] = cached
+    return cached
+
+
 def select(op: str, backend: str, *args, **kwargs) -> Implementation:
     """The implementation of ``op`` that runs for these inputs (see the module docstring for the rules)."""
-    _load_ops()
     impls = _REGISTRY.get(op)
     if impls is None:
-        raise KeyError(f"unknown op {op!r}; registered ops: {sorted(_REGISTRY)}")
+        _load_ops()
+        impls = _REGISTRY.get(op)
+        if impls is None:
+            raise KeyError(f"unknown op {op!r}; registered ops: {sorted(_REGISTRY)}")
     requested = _check_name(backend, "backend")
     if requested == AUTO:
         requested = get_backend()
-    if requested != AUTO:
-        impl = impls.get(requested)
-        if impl is None:
-            raise RuntimeError(
-                f"backend={requested!r} was asked for, but {op} has no {requested} implementation "
-                f"(it has: {sorted(impls)})"
-            )
-        reason = impl.reason(*args, **kwargs)
-        if reason is not None:
-            raise RuntimeError(f"backend={requested!r} was asked for, but it cannot run {op} here: {reason}")
-        return impl
-    device = _device_type(args, kwargs)
+    if requested != AUTO and requested not in impls:
+        raise RuntimeError(
+            f"backend={requested!r} was asked for, but {op} has no {requested} implementation "
+            f"(it has: {sorted(impls)})"
+        )
     skipped: list[tuple[str, str]] = []
-    for name in _AUTO_ORDER.get(device, _AUTO_ORDER_OTHER):
-        impl = impls.get(name)
-        if impl is None:
-            continue
-        reason = impl.reason(*args, **kwargs)
+    for impl, static_reason, unavailable in _candidates(op, impls, requested, args, kwargs):
+        reason = static_reason or impl.why_not(*args, **kwargs)
         if reason is None:
             for skipped_name, skipped_reason in skipped:
-                _warn_once(op, skipped_name, skipped_reason, name)
+                _warn_once(op, skipped_name, skipped_reason, impl.backend)
             return impl
-        # A backend that is simply not installed or built is expected on many machines: not a fallback
-        # worth a warning. A backend that is present but refuses these inputs is.
-        if impl.why_unavailable() is None:
-            skipped.append((name, reason))
+        if requested != AUTO:
+            raise RuntimeError(f"backend={requested!r} was asked for, but it cannot run {op} here: {reason}")
+        # A backend that is simply not installed or built is expected on many machines: auto skips it
+        # silently. A backend that is present but refuses these inputs is a fallback worth a warning.
+        if not unavailable:
+            skipped.append((impl.backend, reason))
     raise RuntimeError(f"no backend can run {op} on these inputs")  # unreachable: eager takes everything
 
 
 def describe() -> list[dict[str, str]]:
-    """One row per (op, backend): whether it is available in this process, and why not."""
+    """One row per (op, backend): whether it is available in this process, why not, and what it takes."""
     _load_ops()
     rows = []
     for op in sorted(_REGISTRY):
-        for name in BACKENDS:
+        for name in NAMES:
             impl = _REGISTRY[op].get(name)
             if impl is None:
-                status, why = "absent", "not implemented in this version"
+                status, why, takes = "absent", "not implemented in this version", ""
             else:
                 why = impl.why_unavailable()
                 status = "available" if why is None else "unavailable"
                 why = why or ""
-            rows.append({"op": op, "backend": name, "status": status, "why": why})
+                takes = impl.capabilities.summary()
+            rows.append({"op": op, "backend": name, "status": status, "why": why, "takes": takes})
     return rows
 
 

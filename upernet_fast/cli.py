@@ -14,7 +14,7 @@ def _info(args) -> int:
 
     import upernet_fast
     from upernet_fast import backend
-    from upernet_fast.ops._triton_support import interpreting
+    from upernet_fast.kernels._utils import interpreting
 
     try:
         import triton

@@ -5,7 +5,7 @@ PyTorch) and the oracle that the Triton and C++ kernels are tested against. They
 transformers' ``UperNetForSemanticSegmentation`` operation for operation: same calls, same order, so that
 fp32 results are bitwise those of the reference model.
 
-Semantics (see shared/reference/upernet-spec.md):
+Semantics (the exact rules of transformers' model and of PyTorch's kernels):
 
 * bilinear interpolation is always ``align_corners=False`` and size-based;
 * adaptive average pooling uses PyTorch's bins ``[floor(o*in/out), ceil((o+1)*in/out))``;
@@ -59,7 +59,71 @@ def conv_bn_relu(
     Uses the modules themselves so that training-mode BatchNorm updates the running statistics the same way
     (including ``momentum=None`` and SyncBatchNorm).
     """
-    return F.relu(batch_norm(conv(x)))
+    return bn_relu(conv(x), batch_norm)
+
+
+def bn_relu(y: torch.Tensor, batch_norm: torch.nn.Module) -> torch.Tensor:
+    """``relu(batch_norm(y))`` with the module itself; SyncBatchNorm on CPU tensors too (see below)."""
+    group = sync_group(batch_norm)
+    if group is not None and y.device.type == "cpu":
+        return _cpu_sync_batch_norm_relu(y, batch_norm, group)
+    return F.relu(batch_norm(y))
+
+
+# ---- BatchNorm semantics shared by every backend: which statistics, which process group, running averages
+
+
+def uses_batch_stats(batch_norm: torch.nn.Module) -> bool:
+    """Whether BN normalises with the batch's statistics (as ``_BatchNorm.forward`` decides)."""
+    return batch_norm.training or (batch_norm.running_mean is None and batch_norm.running_var is None)
+
+
+def sync_group(batch_norm: torch.nn.Module):
+    """The process group a SyncBatchNorm reduces over in this call, or None (same rule as torch's forward)."""
+    if not isinstance(batch_norm, torch.nn.SyncBatchNorm) or not batch_norm.training:
+        return None
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    group = batch_norm.process_group or torch.distributed.group.WORLD
+    return group if torch.distributed.get_world_size(group) > 1 else None
+
+
+def update_running_stats(batch_norm: torch.nn.Module, mean: torch.Tensor, var_unbiased: torch.Tensor) -> None:
+    """running = (1 - f) * running + f * batch statistic, f = momentum or 1 / num_batches_tracked."""
+    if not (batch_norm.training and batch_norm.track_running_stats) or batch_norm.running_mean is None:
+        return
+    with torch.no_grad():
+        batch_norm.num_batches_tracked.add_(1)
+        if batch_norm.momentum is None:  # cumulative moving average; a tensor factor avoids a host sync
+            factor = 1.0 / batch_norm.num_batches_tracked.to(torch.float64)
+            keep = 1.0 - factor
+            factor, keep = factor.to(torch.float32), keep.to(torch.float32)
+        else:
+            factor, keep = batch_norm.momentum, 1.0 - batch_norm.momentum
+        rm, rv = batch_norm.running_mean, batch_norm.running_var
+        rm.copy_((mean * factor + rm.float() * keep).to(rm.dtype))
+        rv.copy_((var_unbiased * factor + rv.float() * keep).to(rv.dtype))
+
+
+def _cpu_sync_batch_norm_relu(y: torch.Tensor, batch_norm: torch.nn.Module, group) -> torch.Tensor:
+    """SyncBatchNorm + ReLU on CPU (torch's SyncBatchNorm refuses CPU tensors): all-reduce the sums, then
+    normalise with the global statistics. Autograd-aware collectives make the backward all-reduce too."""
+    from torch.distributed.nn.functional import all_reduce
+
+    channels = y.shape[1]
+    yf = y.float()
+    count = yf.new_full((1,), float(y.numel() // channels))
+    totals = all_reduce(torch.cat([yf.sum((0, 2, 3)), count]), group=group)
+    total_count = totals[-1]
+    mean = totals[:channels] / total_count
+    centered = yf - mean.view(1, -1, 1, 1)
+    var = all_reduce((centered * centered).sum((0, 2, 3)), group=group) / total_count
+    out = centered * torch.rsqrt(var + batch_norm.eps).view(1, -1, 1, 1)
+    if batch_norm.weight is not None:
+        out = out * batch_norm.weight.view(1, -1, 1, 1) + batch_norm.bias.view(1, -1, 1, 1)
+    n = float(total_count.item())
+    update_running_stats(batch_norm, mean.detach(), var.detach() * (n / max(n - 1.0, 1.0)))
+    return F.relu(out).to(y.dtype)
 
 
 def upsample_cross_entropy(

@@ -4,7 +4,8 @@ Importing this package registers every op's implementations with :mod:`upernet_f
 """
 
 from upernet_fast.ops.adaptive_avg_pool_multi import adaptive_avg_pool_multi
-from upernet_fast.ops.conv_bn_relu import ConvBNReLU, bn_relu, conv_bn_relu
+from upernet_fast.ops.bn_relu import bn_relu
+from upernet_fast.ops.conv_bn_relu import ConvBNReLU, conv_bn_relu
 from upernet_fast.ops.upsample_add import upsample_add
 from upernet_fast.ops.upsample_concat import upsample_concat
 from upernet_fast.ops.upsample_cross_entropy import upsample_cross_entropy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -9,12 +10,8 @@ import torch
 from upernet_fast import backend as _backend
 from upernet_fast import reference
 from upernet_fast._checks import check_feature_map, check_scales
-from upernet_fast.ops._triton_support import (
-    forbid_double_backward,
-    on_input_device,
-    triton_unavailable,
-    triton_why_not,
-)
+from upernet_fast.kernels._utils import is_channels_last, memory_format
+from upernet_fast.ops._kernel_op import KernelOp
 
 OP = "adaptive_avg_pool_multi"
 
@@ -33,70 +30,59 @@ def adaptive_avg_pool_multi(
     return tuple(impl.fn(x, scales))
 
 
-_backend.register(OP, "eager", reference.adaptive_avg_pool_multi)
+# ---- kernel backends: one declaration (schemas, fakes, autograd) for the Triton and the C++ kernels --------
+# Outputs and gradients are dense in x's memory format (PyTorch's suggest_memory_format rule).
 
 
-# --- Triton backend: custom ops (so torch.compile sees no graph break), fake kernels, autograd. -----------
-# The kernels module imports triton, so it is imported only when an op runs (this file imports without it).
-
-
-def _kernels():
-    from upernet_fast.kernels import adaptive_avg_pool_multi as kernels
-
-    return kernels
-
-
-@torch.library.custom_op("upernet_fast::adaptive_avg_pool_multi", mutates_args=())
-@on_input_device
-def _pool(x: torch.Tensor, scales: list[int]) -> list[torch.Tensor]:
-    """One (B, C, s, s) map per scale, dense in x's memory format; one Triton launch for up to 8 scales."""
-    return _kernels().pool_forward(x, scales)
-
-
-@_pool.register_fake
-def _pool_fake(x: torch.Tensor, scales: list[int]) -> list[torch.Tensor]:
+def _fake(x: torch.Tensor, scales: list[int]) -> list[torch.Tensor]:
     B, C = x.shape[:2]
-    kernels = _kernels()
-    fmt = kernels.memory_format(kernels.output_channels_last(x))
+    fmt = memory_format(is_channels_last(x))
     return [torch.empty((B, C, s, s), dtype=x.dtype, device=x.device, memory_format=fmt) for s in scales]
 
 
-@torch.library.custom_op("upernet_fast::adaptive_avg_pool_multi_backward", mutates_args=())
-@on_input_device
-def _pool_backward(grads: list[torch.Tensor], input_shape: list[int], channels_last: bool) -> torch.Tensor:
-    """grad_input (input_shape) from one gradient per scale (the scale is each gradient's size), gather form."""
-    scales = [g.shape[-1] for g in grads]
-    return _kernels().pool_backward(grads, input_shape, scales, channels_last)
-
-
-@_pool_backward.register_fake
-def _pool_backward_fake(grads: list[torch.Tensor], input_shape: list[int], channels_last: bool) -> torch.Tensor:
-    fmt = _kernels().memory_format(channels_last)
+def _backward_fake(grads: list[torch.Tensor], input_shape: list[int], channels_last: bool) -> torch.Tensor:
+    fmt = memory_format(channels_last)
     return torch.empty(input_shape, dtype=grads[0].dtype, device=grads[0].device, memory_format=fmt)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     x, _ = inputs
     ctx.input_shape = list(x.shape)
-    ctx.channels_last = _kernels().output_channels_last(x)
+    ctx.channels_last = is_channels_last(x)
 
 
-def _pool_autograd_backward(ctx, grads):
+def _backward(backward_op, ctx, grads):
     # Autograd materialises the gradient of an output that took no part in the loss as zeros.
-    grad_x = torch.ops.upernet_fast.adaptive_avg_pool_multi_backward(list(grads), ctx.input_shape, ctx.channels_last)
-    return grad_x, None
+    return backward_op(list(grads), ctx.input_shape, ctx.channels_last), None
 
 
-_pool.register_autograd(_pool_autograd_backward, setup_context=_setup_context)
-forbid_double_backward(_pool_backward, "adaptive_avg_pool_multi")
+KERNEL_OP = KernelOp(
+    "adaptive_avg_pool_multi(Tensor x, int[] scales) -> Tensor[]",
+    _fake,
+    backward_schema="adaptive_avg_pool_multi_backward(Tensor[] grads, int[] input_shape, bool channels_last) -> Tensor",
+    backward_fake=_backward_fake,
+    setup_context=_setup_context,
+    backward=_backward,
+)
 
 
-def _triton_pool(x: torch.Tensor, scales: Sequence[int]) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.ops.upernet_fast.adaptive_avg_pool_multi(x, list(scales)))
+def _triton_forward(x: torch.Tensor, scales: list[int]) -> list[torch.Tensor]:
+    """One (B, C, s, s) map per scale; one Triton launch for up to 8 scales."""
+    from upernet_fast.kernels.adaptive_avg_pool_multi import pool_forward
+
+    return pool_forward(x, scales)
 
 
-def _triton_why_not(x: torch.Tensor, scales: Sequence[int]) -> str | None:
-    return triton_why_not(x)
+def _triton_backward(grads: list[torch.Tensor], input_shape: list[int], channels_last: bool) -> torch.Tensor:
+    """grad_input (input_shape) from one gradient per scale (the scale is each gradient's size), gather form."""
+    from upernet_fast.kernels.adaptive_avg_pool_multi import pool_backward
+
+    return pool_backward(grads, input_shape, [g.shape[-1] for g in grads], channels_last)
 
 
-_backend.register(OP, "triton", _triton_pool, why_unavailable=triton_unavailable, why_not=_triton_why_not)
+def _run(kernel_op, x: torch.Tensor, scales: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    return tuple(kernel_op(x, list(scales)))
+
+
+_backend.register(OP, "eager", reference.adaptive_avg_pool_multi)
+_backend.register(OP, "triton", functools.partial(_run, KERNEL_OP.define("upernet_fast", _triton_forward, _triton_backward)))

@@ -7,12 +7,8 @@ import torch
 from upernet_fast import backend as _backend
 from upernet_fast import reference
 from upernet_fast._checks import check_feature_map, check_same_placement, promote_for_kernels
-from upernet_fast.ops._triton_support import (
-    forbid_double_backward,
-    on_input_device,
-    triton_unavailable,
-    triton_why_not,
-)
+from upernet_fast.kernels._utils import is_channels_last, memory_format
+from upernet_fast.ops._kernel_op import KernelOp
 
 OP = "upsample_add"
 
@@ -36,74 +32,60 @@ def upsample_add(low: torch.Tensor, lateral: torch.Tensor, *, backend: str = "au
     return impl.fn(low, lateral)
 
 
-_backend.register(OP, "eager", reference.upsample_add)
-
-
-# ---- Triton backend: custom ops (opaque to torch.compile, no graph break), fake kernels, autograd ----------
-
-
-@torch.library.custom_op("upernet_fast::upsample_add", mutates_args=())
-@on_input_device
-def _upsample_add_op(low: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:
-    from upernet_fast.kernels.upsample_add import upsample_add_forward
-
-    return upsample_add_forward(low, lateral)
-
-
-@_upsample_add_op.register_fake
-def _(low, lateral):
-    return torch.empty_like(lateral)  # the launcher allocates its output the same way
-
-
-@torch.library.custom_op("upernet_fast::upsample_add_backward", mutates_args=())
-@on_input_device
-def _upsample_add_backward_op(grad: torch.Tensor, low_size: list[int], low_channels_last: bool) -> torch.Tensor:
-    """Grad of ``low`` (shape ``low_size``, channels_last or contiguous) for the output grad ``grad``."""
-    from upernet_fast.kernels.upsample_concat import upsample_concat_backward
-
-    grad_low = _new_grad(grad, low_size, low_channels_last)
-    return upsample_concat_backward(grad, [grad_low], [0])[0]
-
-
-@_upsample_add_backward_op.register_fake
-def _(grad, low_size, low_channels_last):
-    return _new_grad(grad, low_size, low_channels_last)
+# ---- kernel backends: one declaration (schemas, fakes, autograd) for the Triton and the C++ kernels --------
 
 
 def _new_grad(like: torch.Tensor, shape: list[int], channels_last: bool) -> torch.Tensor:
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format(channels_last))
+
+
+def _fake(low, lateral):
+    return torch.empty_like(lateral)  # the launchers allocate their output the same way
+
+
+def _backward_fake(grad, low_size, low_channels_last):
+    return _new_grad(grad, low_size, low_channels_last)
 
 
 def _setup_context(ctx, inputs, output):
-    from upernet_fast.kernels._bilinear import is_channels_last_layout
-
     low, lateral = inputs
     ctx.low_size = list(low.shape)
-    ctx.low_channels_last = is_channels_last_layout(low)
+    ctx.low_channels_last = is_channels_last(low)
     ctx.same_size = tuple(low.shape[-2:]) == tuple(lateral.shape[-2:])
 
 
-def _backward(ctx, grad):
+def _backward(backward_op, ctx, grad):
     grad_low = None
     if ctx.needs_input_grad[0]:
         if ctx.same_size:
             grad_low = grad  # interpolate() at equal size is the identity
         else:
-            grad_low = _upsample_add_backward_op(grad, ctx.low_size, ctx.low_channels_last)
+            grad_low = backward_op(grad, ctx.low_size, ctx.low_channels_last)
     return grad_low, grad  # lateral's grad is the incoming grad itself: no copy
 
 
-_upsample_add_op.register_autograd(_backward, setup_context=_setup_context)
-forbid_double_backward(_upsample_add_backward_op, "upsample_add")
+KERNEL_OP = KernelOp(
+    "upsample_add(Tensor low, Tensor lateral) -> Tensor",
+    _fake,
+    backward_schema="upsample_add_backward(Tensor grad, int[] low_size, bool low_channels_last) -> Tensor",
+    backward_fake=_backward_fake,
+    setup_context=_setup_context,
+    backward=_backward,
+)
 
 
-def _triton_upsample_add(low: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:
-    return _upsample_add_op(low, lateral)
+def _triton_forward(low: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:
+    from upernet_fast.kernels.upsample_add import upsample_add_forward
+
+    return upsample_add_forward(low, lateral)
 
 
-def _triton_why_not(low: torch.Tensor, lateral: torch.Tensor) -> str | None:
-    return triton_why_not(low, lateral)
+def _triton_backward(grad: torch.Tensor, low_size: list[int], low_channels_last: bool) -> torch.Tensor:
+    """Grad of ``low`` (shape ``low_size``, channels_last or contiguous) for the output grad ``grad``."""
+    from upernet_fast.kernels.upsample_concat import upsample_concat_backward
+
+    return upsample_concat_backward(grad, [_new_grad(grad, low_size, low_channels_last)], [0])[0]
 
 
-_backend.register(OP, "triton", _triton_upsample_add, why_unavailable=triton_unavailable, why_not=_triton_why_not)
+_backend.register(OP, "eager", reference.upsample_add)
+_backend.register(OP, "triton", KERNEL_OP.define("upernet_fast", _triton_forward, _triton_backward))

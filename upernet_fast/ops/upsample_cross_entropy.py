@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import functools
 
 import torch
 
 from upernet_fast import backend as _backend
 from upernet_fast import reference
 from upernet_fast._checks import check_feature_map, check_tensor
-from upernet_fast.ops._triton_support import (
-    forbid_double_backward,
-    on_input_device,
-    triton_unavailable,
-    triton_why_not,
-)
+from upernet_fast.ops._kernel_op import KernelOp
 
 OP = "upsample_cross_entropy"
 
@@ -82,12 +77,6 @@ def upsample_cross_entropy(
     impl = _backend.select(OP, backend, logits, labels, ignore_index, reduction, weight, align_corners)
     if impl.backend == "eager" and resized is not None:
         return reference.cross_entropy(resized, labels, ignore_index, reduction, weight)
-    if impl.backend != "eager" and logits.dtype != torch.float32 and torch.is_autocast_enabled(logits.device.type):
-        # Autocast runs cross-entropy in fp32, so the reference returns an fp32 loss under it; the custom op is
-        # invisible to autocast, so cast here. Only the low-resolution logits are cast (the reference casts the
-        # full-resolution ones); the kernels compute in fp32 either way.
-        logits = logits.float()
-        weight = None if weight is None else weight.float()
     return impl.fn(logits, labels, ignore_index, reduction, weight, align_corners)
 
 
@@ -101,37 +90,15 @@ def _check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int
         )
 
 
-_backend.register(OP, "eager", reference.upsample_cross_entropy)
+# ---- kernel backends: one declaration (schemas, fakes, autograd) for the Triton and the C++ kernels --------
+# The forward returns (loss, lse, denominator); only the loss is differentiable, the other two are the
+# statistics the backward needs: per-pixel log-sum-exp (B, H, W) fp32 and the 0-dim fp32 number the loss sum
+# was divided by. Nothing of size (B, C, H, W) is allocated or saved. Under autocast the forward op's floating
+# inputs are cast to fp32 by the dispatcher (register_autocast), as autocast runs cross-entropy in fp32: the
+# loss is fp32 like the reference's, and only the low-resolution logits are cast.
 
 
-# ------------------------------------------------------------------------------------------------- triton
-# Custom ops: opaque to torch.compile (no graph break, thanks to the fake kernels) and differentiable through
-# register_autograd. The forward returns (loss, lse, denominator); only the loss is differentiable, the other
-# two are the statistics the backward needs: per-pixel log-sum-exp (B, H, W) fp32 and the 0-dim fp32 number
-# the loss sum was divided by. Nothing of size (B, C, H, W) is allocated or saved.
-
-
-def _kernels():
-    from upernet_fast.kernels import upsample_cross_entropy as kernels  # imports triton: only when running
-
-    return kernels
-
-
-@torch.library.custom_op("upernet_fast::upsample_cross_entropy", mutates_args=())
-@on_input_device
-def _uce_forward_op(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    ignore_index: int,
-    reduction: str,
-    align_corners: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _kernels().forward(logits, labels, weight, ignore_index, reduction, align_corners)
-
-
-@_uce_forward_op.register_fake
-def _(logits, labels, weight, ignore_index, reduction, align_corners):
+def _fake(logits, labels, weight, ignore_index, reduction, align_corners):
     batch, out_h, out_w = labels.shape
     loss_shape = (batch, out_h, out_w) if reduction == "none" else ()
     loss = logits.new_empty(loss_shape)
@@ -139,24 +106,8 @@ def _(logits, labels, weight, ignore_index, reduction, align_corners):
     return loss, lse, logits.new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("upernet_fast::upsample_cross_entropy_backward", mutates_args=())
-@on_input_device
-def _uce_backward_op(
-    grad_loss: torch.Tensor,
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    lse: torch.Tensor,
-    denominator: torch.Tensor,
-    ignore_index: int,
-    align_corners: bool,
-) -> torch.Tensor:
-    return _kernels().backward(grad_loss, logits, labels, weight, lse, denominator, ignore_index, align_corners)
-
-
-@_uce_backward_op.register_fake
-def _(grad_loss, logits, labels, weight, lse, denominator, ignore_index, align_corners):
-    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)  # contiguous, like the kernel
+def _backward_fake(grad_loss, logits, labels, weight, lse, denominator, ignore_index, align_corners):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)  # contiguous, like the kernels
 
 
 def _setup_context(ctx, inputs, output):
@@ -168,29 +119,52 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, denominator)
 
 
-def _backward(ctx, grad_loss, grad_lse, grad_denominator):
+def _backward(backward_op, ctx, grad_loss, grad_lse, grad_denominator):
     logits, labels, weight, lse, denominator = ctx.saved_tensors
     grad_logits = None
     if ctx.needs_input_grad[0]:
-        grad_logits = _uce_backward_op(
+        grad_logits = backward_op(
             grad_loss, logits, labels, weight, lse, denominator, ctx.ignore_index, ctx.align_corners
         )
     return grad_logits, None, None, None, None, None
 
 
-_uce_forward_op.register_autograd(_backward, setup_context=_setup_context)
-forbid_double_backward(_uce_backward_op, "upsample_cross_entropy")
+KERNEL_OP = KernelOp(
+    "upsample_cross_entropy(Tensor logits, Tensor labels, Tensor? weight, int ignore_index, str reduction, "
+    "bool align_corners) -> (Tensor, Tensor, Tensor)",
+    _fake,
+    backward_schema=(
+        "upsample_cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor? weight, "
+        "Tensor lse, Tensor denominator, int ignore_index, bool align_corners) -> Tensor"
+    ),
+    backward_fake=_backward_fake,
+    setup_context=_setup_context,
+    backward=_backward,
+    autocast_to=torch.float32,
+)
 
 
-def _triton_upsample_cross_entropy(logits, labels, ignore_index, reduction, weight, align_corners):
-    loss, _, _ = _uce_forward_op(logits, labels, weight, ignore_index, reduction, bool(align_corners))
+def _kernels():
+    from upernet_fast.kernels import upsample_cross_entropy as kernels  # imports triton: only when running
+
+    return kernels
+
+
+def _triton_forward(logits, labels, weight, ignore_index, reduction, align_corners):
+    return _kernels().forward(logits, labels, weight, ignore_index, reduction, align_corners)
+
+
+def _triton_backward(grad_loss, logits, labels, weight, lse, denominator, ignore_index, align_corners):
+    return _kernels().backward(grad_loss, logits, labels, weight, lse, denominator, ignore_index, align_corners)
+
+
+def _run(kernel_op, logits, labels, ignore_index, reduction, weight, align_corners):
+    loss, _, _ = kernel_op(logits, labels, weight, ignore_index, reduction, bool(align_corners))
     return loss
 
 
-def _triton_why_not(logits, labels, ignore_index, reduction, weight, align_corners) -> str | None:
-    reason = triton_why_not(logits, *(() if weight is None else (weight,)))
-    if reason:
-        return reason
+def _kernels_why_not(logits, labels, ignore_index, reduction, weight, align_corners) -> str | None:
+    """Index widths of the kernels (every kernel backend: they index pixels in int32, labels in int64)."""
     if labels.numel() >= 2**31:
         return f"labels has {labels.numel()} pixels; the kernels index pixels with int32 (at most 2**31 - 1)"
     if ignore_index < -(2**63) or ignore_index >= 2**63:
@@ -198,6 +172,10 @@ def _triton_why_not(logits, labels, ignore_index, reduction, weight, align_corne
     return None
 
 
+_backend.register(OP, "eager", reference.upsample_cross_entropy)
 _backend.register(
-    OP, "triton", _triton_upsample_cross_entropy, why_unavailable=triton_unavailable, why_not=_triton_why_not
+    OP,
+    "triton",
+    functools.partial(_run, KERNEL_OP.define("upernet_fast", _triton_forward, _triton_backward)),
+    why_not=_kernels_why_not,
 )

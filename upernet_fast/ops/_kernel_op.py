@@ -1,0 +1,135 @@
+"""One declaration per fused op for every kernel backend: schema, fake kernel and autograd formula, written once.
+
+An op with kernels (``upsample_add``, ...) is a forward op and a backward op. Their schemas, fake (meta)
+kernels and the autograd formula that links them do not depend on who wrote the kernels, so each op file
+declares them once as a :class:`KernelOp` and instantiates it per backend namespace:
+
+* ``upernet_fast::<op>``: the Triton kernels. :meth:`KernelOp.define` defines the schemas here in Python and
+  registers the Python launchers for CPU (the interpreter) and CUDA.
+* ``upernet_fast_cpp::<op>``: the C++ kernels. The extension defines the same schemas in C++
+  (``TORCH_LIBRARY``) with its CPU kernels; :meth:`KernelOp.attach` adds the fake kernel and the autograd
+  formula once the extension is loaded (tests compare the two namespaces' schemas).
+
+Why two namespaces rather than one op with a kernel per device: the Triton kernels must also run on CPU
+tensors under ``TRITON_INTERPRET=1`` (that is how they are proven without a GPU), and a dispatcher op has one
+CPU kernel. The backend layer (``upernet_fast.backend``) chooses between them.
+
+Ops are defined with ``torch.library.Library`` + ``impl`` rather than ``torch.library.custom_op``: the same
+machinery (fake kernels, ``register_autograd``, ``opcheck``, no graph break under ``torch.compile``) with
+less Python per call.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+from upernet_fast.ops._triton_support import on_input_device
+
+# One Library object per namespace, kept alive for the process (dropping it would unregister the ops).
+_LIBRARIES: dict[str, torch.library.Library] = {}
+
+
+def _library(namespace: str) -> torch.library.Library:
+    if namespace not in _LIBRARIES:
+        _LIBRARIES[namespace] = torch.library.Library(namespace, "FRAGMENT")  # noqa: TOR901
+    return _LIBRARIES[namespace]
+
+
+def _name(schema: str) -> str:
+    return schema.split("(", 1)[0].strip()
+
+
+class KernelOp:
+    """A forward op, its backward op and the autograd formula between them, independent of the kernels.
+
+    ``schema``/``fake``: the forward op's schema (without namespace) and fake kernel. ``backward_schema``/
+    ``backward_fake``: the backward op's. ``setup_context(ctx, inputs, output)`` and
+    ``backward(backward_op, ctx, *grads)`` form the autograd formula; ``backward_op`` is the backward op of the
+    namespace being differentiated, so one formula serves every backend. ``op_name`` names the op in the
+    double-backward refusal. ``autocast_to``: under autocast (CPU or CUDA), the forward op's floating inputs
+    are cast to this dtype by the dispatcher (``register_autocast``), as autocast does for the ATen ops the
+    op replaces.
+    """
+
+    def __init__(
+        self,
+        schema: str,
+        fake: Callable,
+        *,
+        backward_schema: str,
+        backward_fake: Callable,
+        setup_context: Callable,
+        backward: Callable,
+        op_name: str | None = None,
+        autocast_to: torch.dtype | None = None,
+    ) -> None:
+        self.schema, self.fake = schema, fake
+        self.backward_schema, self.backward_fake = backward_schema, backward_fake
+        self.setup_context, self.backward = setup_context, backward
+        self.name, self.backward_name = _name(schema), _name(backward_schema)
+        self.op_name = op_name or self.name
+        self.autocast_to = autocast_to
+        self._attached: set[str] = set()
+
+    def define(self, namespace: str, kernel: Callable, backward_kernel: Callable, *, display: str = "Triton"):
+        """Define both ops in ``namespace`` with Python kernels (Triton launchers) for CPU and CUDA tensors.
+
+        Returns the forward op (an ``OpOverloadPacket``). Each kernel runs with its inputs' CUDA device current.
+        """
+        library = _library(namespace)
+        for schema, fn in ((self.schema, kernel), (self.backward_schema, backward_kernel)):
+            library.define(schema)
+            guarded = on_input_device(fn)
+            for dispatch_key in ("CPU", "CUDA"):
+                library.impl(_name(schema), guarded, dispatch_key)
+        self._register_fake_and_autograd(namespace, display)
+        return getattr(getattr(torch.ops, namespace), self.name)
+
+    def attach(self, namespace: str, *, display: str = "C++", fakes: bool = True) -> None:
+        """Give ops already defined in ``namespace`` (by the C++ extension) this fake kernel and autograd formula.
+
+        Idempotent. ``fakes=False`` where the extension registers its own Meta kernels.
+        """
+        if namespace in self._attached:
+            return
+        ours = f"{self.name}({self.schema.split('(', 1)[1]}"
+        theirs = str(getattr(getattr(torch.ops, namespace), self.name).default._schema).split("::", 1)[1]
+        if ours.replace(" ", "") != theirs.replace(" ", ""):
+            raise RuntimeError(f"{namespace}::{self.name} has schema {theirs!r}; expected {ours!r}")
+        self._register_fake_and_autograd(namespace, display, fakes=fakes)
+
+    def _register_fake_and_autograd(self, namespace: str, display: str, fakes: bool = True) -> None:
+        forward, backward = f"{namespace}::{self.name}", f"{namespace}::{self.backward_name}"
+        lib = _library(namespace)
+        if fakes:
+            torch.library.register_fake(forward, self.fake, lib=lib)
+            torch.library.register_fake(backward, self.backward_fake, lib=lib)
+        backward_op = getattr(getattr(torch.ops, namespace), self.backward_name)
+        torch.library.register_autograd(
+            forward, functools.partial(self.backward, backward_op), setup_context=self.setup_context, lib=lib
+        )
+        if self.autocast_to is not None:
+            for device_type in ("cpu", "cuda"):
+                torch.library.register_autocast(forward, device_type, self.autocast_to, lib=lib)
+        refuse_double_backward(backward, self.op_name, display, lib)
+        self._attached.add(namespace)
+
+
+def refuse_double_backward(backward_op: str, op_name: str, display: str, lib=None) -> None:
+    """Give a backward op an autograd formula that says plainly why it cannot be differentiated.
+
+    The kernels' backwards are first-order only. Without this, ``create_graph=True`` followed by a second
+    backward fails with PyTorch's generic "no autograd formula was registered".
+    """
+
+    def refuse(ctx, *grads):
+        raise RuntimeError(
+            f"upernet_fast: {op_name}'s {display} backward has no backward of its own (double backward, e.g. a "
+            f"gradient penalty, is not supported there); run {op_name} with backend='eager' for higher-order "
+            "gradients"
+        )
+
+    torch.library.register_autograd(backward_op, refuse, setup_context=lambda ctx, inputs, output: None, lib=lib)

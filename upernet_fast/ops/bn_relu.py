@@ -1,0 +1,227 @@
+"""BatchNorm + ReLU after a convolution, normalising with the batch's statistics: entry point and backends.
+
+Kernel backends (training mode, batch statistics): the op ``bn_relu_train`` computes deterministic per-channel
+statistics and one normalise+affine+ReLU pass. Its backward, ``bn_relu_train_backward``, needs only the input
+and per-channel statistics: one fused reduction pass plus one elementwise pass. Running statistics are updated
+outside the op, exactly as ``nn.BatchNorm2d`` does (unbiased variance, ``momentum=None`` = cumulative average).
+
+SyncBatchNorm in training with a process group of more than one process: per-process (count, mean, variance)
+are all-gathered and combined in rank order (torch's SyncBatchNorm does the same with counts, so unequal batch
+sizes are right); the backward all-reduces the two per-channel sums. Weight and bias gradients stay
+per-process, as in torch's SyncBatchNorm (DDP averages them). The process group reaches the op by name
+(``ProcessGroup.group_name``, "" for none) and is resolved inside it, so the op schema carries only a string.
+
+The ops compose kernel-level functions (statistics, apply, backward reduce, backward apply) around the
+collectives; :func:`composite_kernel_op` builds them for one set of kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from upernet_fast import backend as _backend
+from upernet_fast import reference
+from upernet_fast._checks import check_tensor
+from upernet_fast.kernels._utils import is_channels_last
+from upernet_fast.ops._kernel_op import KernelOp
+
+OP = "bn_relu"
+
+
+def bn_relu(y: torch.Tensor, batch_norm: nn.Module, *, backend: str = "auto") -> torch.Tensor:
+    """``relu(batch_norm(y))``: the BatchNorm+ReLU half of the block, after any convolution.
+
+    ``batch_norm`` (BatchNorm2d or SyncBatchNorm) runs in its own mode; in training it normalises with the batch
+    statistics and updates its running statistics. The Triton backend covers training (batch statistics); in
+    eval, folding BN into the convolution (:func:`conv_bn_relu`) removes the pass altogether.
+    """
+    check_tensor("y", y, ndim=4, floating=True)
+    if not isinstance(batch_norm, nn.modules.batchnorm._BatchNorm):
+        raise TypeError(f"batch_norm must be a torch.nn BatchNorm module, got {type(batch_norm).__name__}")
+    if y.shape[1] != batch_norm.num_features:
+        raise ValueError(
+            f"y must have {batch_norm.num_features} channels (batch_norm.num_features), got shape {tuple(y.shape)}"
+        )
+    impl = _backend.select(OP, backend, y, batch_norm)
+    return impl.fn(y, batch_norm)
+
+
+def check_values_per_channel(y: torch.Tensor) -> None:
+    # Same test and message as F.batch_norm's in training (torch.nn.functional._verify_batch_size).
+    if y.shape[0] * y.shape[2] * y.shape[3] == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {y.size()}")
+
+
+def affine_params(batch_norm: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if batch_norm.weight is not None:
+        return batch_norm.weight, batch_norm.bias
+    channels = batch_norm.num_features  # affine=False: identity affine
+    return like.new_ones(channels, dtype=torch.float32), like.new_zeros(channels, dtype=torch.float32)
+
+
+def _resolve_group(group_name: str):
+    return torch.distributed.distributed_c10d._resolve_process_group(group_name)
+
+
+def _all_gather_stats(mean: torch.Tensor, var: torch.Tensor, count: int, group):
+    """Global (mean, biased var, count) from every process's, combined in rank order (Chan, two-pass)."""
+    world = torch.distributed.get_world_size(group)
+    local = torch.cat([mean, var, mean.new_full((1,), float(count))])
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    torch.distributed.all_gather(gathered, local, group=group)
+    rows = torch.stack(gathered).double()  # (world, 2C + 1); float64 makes the tiny combination exact enough
+    channels = mean.numel()
+    means, variances, counts = rows[:, :channels], rows[:, channels:2 * channels], rows[:, 2 * channels:]
+    total = counts.sum()
+    global_mean = (counts * means).sum(0) / total
+    m2 = (counts * variances + counts * (means - global_mean) ** 2).sum(0)
+    return global_mean.float(), (m2 / total).float(), int(total.item())
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()
+
+
+def _forward(kernels, x, weight, bias, eps, group_name):
+    """relu(batch_norm(x)) with batch statistics; (y, mean, invstd, unbiased var), statistics fp32 (C,)."""
+    kernels = kernels()
+    x = _dense(x)
+    channels = x.shape[1]
+    count = x.numel() // channels if channels else 0
+    if count > 0:
+        mean, var = kernels.channel_stats(x)
+    else:
+        mean = x.new_zeros(channels, dtype=torch.float32)
+        var = torch.zeros_like(mean)
+    if group_name:
+        mean, var, count = _all_gather_stats(mean, var, count, _resolve_group(group_name))
+    invstd = torch.rsqrt(var + eps)
+    var_unbiased = var * (count / max(count - 1, 1))
+    y = kernels.bn_relu_apply(x, mean, invstd, weight, bias) if x.numel() else torch.empty_like(x)
+    return y, mean, invstd, var_unbiased
+
+
+def _backward_kernel(kernels, grad, x, weight, bias, mean, invstd, group_name):
+    """(grad of x, grad of weight, grad of bias) of the forward's y, from x and the statistics only."""
+    kernels = kernels()
+    x = _dense(x)
+    fmt = torch.channels_last if is_channels_last(x) and not x.is_contiguous() else torch.contiguous_format
+    grad = grad.contiguous(memory_format=fmt)
+    if x.numel():
+        sum_g, sum_gxhat = kernels.bn_relu_backward_reduce(grad, x, mean, invstd, weight, bias)
+    else:
+        sum_g = mean.new_zeros(mean.shape)
+        sum_gxhat = torch.zeros_like(sum_g)
+    # Weight and bias gradients of this process's batch only, as torch's SyncBatchNorm returns them.
+    grad_weight = sum_gxhat.to(weight.dtype, copy=True)
+    grad_bias = sum_g.to(bias.dtype, copy=True)
+    count = x.numel() // x.shape[1] if x.shape[1] else 0
+    if group_name:
+        sums = torch.cat([sum_g, sum_gxhat, sum_g.new_full((1,), float(count))])
+        torch.distributed.all_reduce(sums, group=_resolve_group(group_name))
+        channels = sum_g.numel()
+        sum_g, sum_gxhat, count = sums[:channels], sums[channels:2 * channels], float(sums[-1].item())
+    if x.numel():
+        grad_x = kernels.bn_relu_backward_input(grad, x, mean, invstd, weight, bias, sum_g, sum_gxhat, count)
+    else:
+        grad_x = torch.empty_like(x)
+    return grad_x, grad_weight, grad_bias
+
+
+def _fake(x, weight, bias, eps, group_name):
+    stats = [x.new_empty((x.shape[1],), dtype=torch.float32) for _ in range(3)]
+    return (torch.empty_like(x), *stats)
+
+
+def _backward_fake(grad, x, weight, bias, mean, invstd, group_name):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _eps, group_name = inputs
+    _y, mean, invstd, _var = output
+    ctx.save_for_backward(x, weight, bias, mean, invstd)
+    ctx.group_name = group_name
+
+
+def _backward(backward_op, ctx, grad_y, _grad_mean, _grad_invstd, _grad_var):
+    x, weight, bias, mean, invstd = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = backward_op(grad_y, x, weight, bias, mean, invstd, ctx.group_name)
+    return grad_x, grad_weight, grad_bias, None, None
+
+
+def composite_kernel_op(name: str) -> KernelOp:
+    """The training op pair named ``name`` / ``name_backward``: same schema, fakes and autograd for every backend."""
+    return KernelOp(
+        f"{name}(Tensor x, Tensor weight, Tensor bias, float eps, str group_name) -> (Tensor, Tensor, Tensor, Tensor)",
+        _fake,
+        backward_schema=(
+            f"{name}_backward(Tensor grad, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor invstd, "
+            "str group_name) -> (Tensor, Tensor, Tensor)"
+        ),
+        backward_fake=_backward_fake,
+        setup_context=_setup_context,
+        backward=_backward,
+        op_name=OP,
+    )
+
+
+def _kernels():
+    from upernet_fast.kernels import conv_bn_relu as kernels  # imports triton: only when running
+
+    return kernels
+
+
+KERNEL_OP = composite_kernel_op("bn_relu_train")
+bn_relu_train = KERNEL_OP.define(
+    "upernet_fast",
+    functools.partial(_forward, lambda: _kernels()),
+    functools.partial(_backward_kernel, lambda: _kernels()),
+)
+bn_relu_train_backward = torch.ops.upernet_fast.bn_relu_train_backward
+
+
+def batch_stats_path(train_op, y: torch.Tensor, batch_norm: nn.Module) -> torch.Tensor:
+    """relu(batch_norm(y)) normalising with y's batch statistics through ``train_op``; updates running stats."""
+    group = reference.sync_group(batch_norm)
+    if group is None:
+        check_values_per_channel(y)
+    weight, bias = affine_params(batch_norm, y)
+    group_name = "" if group is None else group.group_name
+    out, mean, _invstd, var_unbiased = train_op(_dense(y), weight, bias, float(batch_norm.eps), group_name)
+    reference.update_running_stats(batch_norm, mean, var_unbiased)
+    return out
+
+
+def batch_norm_why_not(y: torch.Tensor, batch_norm: nn.Module) -> str | None:
+    """Why the kernels' BN+ReLU cannot normalise ``y`` with ``batch_norm`` (module type, empty input), or None."""
+    if type(batch_norm) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
+        # A subclass may override forward; only the stock modules' semantics are reproduced.
+        return f"batch_norm must be a torch.nn.BatchNorm2d or SyncBatchNorm, got {type(batch_norm).__name__}"
+    if y.numel() == 0:
+        return "empty input"
+    return None
+
+
+def _train_why_not(y: torch.Tensor, batch_norm: nn.Module) -> str | None:
+    reason = batch_norm_why_not(y, batch_norm)
+    if reason is None and not reference.uses_batch_stats(batch_norm):
+        return ("batch_norm uses running statistics (eval mode); the kernels normalise with batch statistics "
+                "(in eval, conv_bn_relu folds BN into the convolution instead)")
+    return reason
+
+
+def bn_parameters(y: torch.Tensor, batch_norm: nn.Module) -> list[torch.Tensor]:
+    """The tensors whose device and dtype a backend must take: the map and BatchNorm's parameters and buffers."""
+    return [y] + [t for t in (batch_norm.weight, batch_norm.running_var) if t is not None]
+
+
+_backend.register(OP, "eager", reference.bn_relu)
+_backend.register(
+    OP, "triton", functools.partial(batch_stats_path, bn_relu_train), why_not=_train_why_not, tensors=bn_parameters
+)
