@@ -59,16 +59,20 @@ def promote_for_kernels(impl_backend: str, tensors):
     return tuple(t.to(dtype) for t in tensors)
 
 
-def check_size(name: str, size) -> tuple[int, int]:
+def _is_size(value) -> bool:
+    """A positive int, or a symbolic size (torch.export / dynamic shapes): its value is the tracer's to guard."""
+    if isinstance(value, torch.SymInt):
+        return True
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_size(name: str, size) -> tuple:
+    """(height, width) as given: plain ints stay ints, symbolic sizes stay symbolic (``int()`` would pin them)."""
     if isinstance(size, torch.Size):
         size = tuple(size)
-    if (
-        not isinstance(size, (tuple, list))
-        or len(size) != 2
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size)
-    ):
+    if not isinstance(size, (tuple, list)) or len(size) != 2 or not all(_is_size(s) for s in size):
         raise ValueError(f"{name} must be two positive ints (height, width), got {size!r}")
-    return int(size[0]), int(size[1])
+    return tuple(size)
 
 
 def check_scales(name: str, scales) -> tuple[int, ...]:

@@ -181,6 +181,9 @@ _warned: set[tuple[str, str, str]] = set()
 # (op, backend asked for, device type, floating dtypes, interpreting) -> [(implementation, static reason)], in
 # order of preference. Cleared whenever an implementation is registered.
 _static_cache: dict[tuple, list[tuple[Implementation, str | None, bool]]] = {}
+# The same key -> the implementation chosen, when that choice needs no per-call check at all (the common case:
+# no op-specific why_not on the way). Cleared with the other.
+_chosen_cache: dict[tuple, Implementation] = {}
 # op -> fn(*args) giving the tensors whose device and dtypes are judged (default: every tensor argument).
 _judged_tensors: dict[str, Callable[..., Sequence[torch.Tensor]]] = {}
 
@@ -207,13 +210,14 @@ def register(
     if tensors is not None:
         _judged_tensors[op] = tensors
     _REGISTRY.setdefault(op, {})[backend] = impl
-    _static_cache.clear()
+    clear_cache()
     return impl
 
 
 def clear_cache() -> None:
     """Forget resolved selections (after changing what a backend's availability depends on, e.g. in tests)."""
     _static_cache.clear()
+    _chosen_cache.clear()
 
 
 def ops() -> list[str]:
@@ -260,9 +264,16 @@ def _device_type(args, kwargs) -> str:
 
 
 def _placement(op: str, args, kwargs) -> tuple[str, tuple[torch.dtype, ...]]:
+    """(device type, floating dtypes) of a call: the key of the cached part of the selection. On the hot path of
+    every op call, so one pass and no allocation beyond the key."""
     pick = _judged_tensors.get(op)
-    tensors = pick(*args, **kwargs) if pick is not None else tensors_in((*args, *kwargs.values()))
-    dtypes = tuple(sorted({t.dtype for t in tensors if t.is_floating_point()}, key=str))
+    tensors = pick(*args, **kwargs) if pick is not None else tensors_in(args + tuple(kwargs.values()) if kwargs else args)
+    dtypes: tuple[torch.dtype, ...] = ()
+    for t in tensors:
+        if t.dtype not in dtypes and t.is_floating_point():
+            dtypes += (t.dtype,)
+    if len(dtypes) > 1:
+        dtypes = tuple(sorted(dtypes, key=str))
     return _device_type(args, kwargs), dtypes
 
 
@@ -277,13 +288,12 @@ def _warn_once(op: str, backend: str, reason: str, chosen: str) -> None:
         )
 
 
-def _candidates(op: str, impls: dict[str, Implementation], requested: str, args, kwargs):
+def _candidates(key: tuple, impls: dict[str, Implementation]):
     """[(implementation, reason it cannot run whatever the op's own check says or None, unavailable?)] in order
-    of preference; cached per (op, backend asked for, device, dtypes, interpreter switch)."""
-    device, dtypes = _placement(op, args, kwargs)
-    key = (op, requested, device, dtypes, interpreting())
+    of preference, for ``key`` = (op, backend asked for, device, dtypes, interpreter switch); cached."""
     cached = _static_cache.get(key)
     if cached is None:
+        _op, requested, device, dtypes, _interpreting = key
         names = (requested,) if requested != AUTO else _AUTO_ORDER.get(device, _AUTO_ORDER_OTHER)
         cached = []
         for impl in (impls[name] for name in names if name in impls):
@@ -298,26 +308,35 @@ def _candidates(op: str, impls: dict[str, Implementation], requested: str, args,
 
 def select(op: str, backend: str, *args, **kwargs) -> Implementation:
     """The implementation of ``op`` that runs for these inputs (see the module docstring for the rules)."""
+    requested = get_backend() if backend == AUTO else backend
+    key = (op, requested, *_placement(op, args, kwargs), interpreting())
+    chosen = _chosen_cache.get(key)
+    if chosen is not None:
+        return chosen
+    _check_name(backend, "backend")
     impls = _REGISTRY.get(op)
     if impls is None:
         _load_ops()
         impls = _REGISTRY.get(op)
         if impls is None:
             raise KeyError(f"unknown op {op!r}; registered ops: {sorted(_REGISTRY)}")
-    requested = _check_name(backend, "backend")
-    if requested == AUTO:
-        requested = get_backend()
     if requested != AUTO and requested not in impls:
         raise RuntimeError(
             f"backend={requested!r} was asked for, but {op} has no {requested} implementation "
             f"(it has: {sorted(impls)})"
         )
     skipped: list[tuple[str, str]] = []
-    for impl, static_reason, unavailable in _candidates(op, impls, requested, args, kwargs):
-        reason = static_reason or impl.why_not(*args, **kwargs)
+    per_call_checks = False
+    for impl, static_reason, unavailable in _candidates(key, impls):
+        reason = static_reason
+        if reason is None and impl.why_not is not _never:
+            per_call_checks = True
+            reason = impl.why_not(*args, **kwargs)
         if reason is None:
             for skipped_name, skipped_reason in skipped:
                 _warn_once(op, skipped_name, skipped_reason, impl.backend)
+            if not per_call_checks:
+                _chosen_cache[key] = impl
             return impl
         if requested != AUTO:
             raise RuntimeError(f"backend={requested!r} was asked for, but it cannot run {op} here: {reason}")

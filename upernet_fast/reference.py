@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 REDUCTIONS = ("mean", "sum", "none", "mean_all")
 
@@ -42,11 +43,18 @@ def upsample_concat(tensors: Sequence[torch.Tensor], size: Sequence[int]) -> tor
     """``cat([t if t is already size else interpolate(t, size) for t in tensors], dim=1)``.
 
     Used for the FPN concat before ``fpn_bottleneck`` and the PPM concat before ``bottleneck``. Like the
-    reference model, a map already at ``size`` is not resampled.
+    reference model, a map already at ``size`` is not resampled (interpolating it would copy it unchanged).
     """
-    size = tuple(int(s) for s in size)
-    parts = [t if tuple(t.shape[-2:]) == size else resize_bilinear(t, size) for t in tensors]
+    size = tuple(size)  # not int(): symbolic sizes (torch.export with dynamic shapes) must stay symbolic
+    parts = [t if _same_size(t.shape[-2:], size) else resize_bilinear(t, size) for t in tensors]
     return torch.cat(parts, dim=1)
+
+
+def _same_size(a: Sequence, b: Sequence) -> bool:
+    """Whether two sizes are equal, asking a tracer only what it already knows: under torch.export a pooled 2x2
+    branch next to an (H/32)x(W/32) map would otherwise add the guard H/32 == 2 and pin the exported height.
+    When equality is not known the map is interpolated, which at equal size copies it: the same values."""
+    return all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
 def conv_bn_relu(
