@@ -37,3 +37,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def triton_launches(monkeypatch):
+    """Counts entries into the Triton BN+ReLU kernels: proves a path ran on Triton rather than falling back to
+    eager (which would match the reference anyway)."""
+    import importlib
+
+    bn_module = importlib.import_module("upernet_fast.ops.bn_relu")  # the module; ops.bn_relu is the function
+    calls = []
+    real = bn_module._kernels
+
+    def counting():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(bn_module, "_kernels", counting)
+    return calls

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TRITON_DEVICE
 from layouts import LAYOUTS, in_layout
+from op_testing import OpSpec, OpTests, layout_inputs
 
 from upernet_fast import backend as _backend
 from upernet_fast import reference
@@ -201,29 +202,29 @@ def test_reference_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda t: reference.adaptive_avg_pool_multi(t, (2, 3)), (x,))
 
 
-def test_opcheck_forward_and_backward_ops():
-    x = _make_input((2, 3, 7, 5), torch.float32, "contiguous").requires_grad_()
-    torch.library.opcheck(torch.ops.upernet_fast.adaptive_avg_pool_multi.default, (x, [1, 2, 3, 6]))
-    grads = _random_grads(x, (1, 2, 6))
-    torch.library.opcheck(
-        torch.ops.upernet_fast.adaptive_avg_pool_multi_backward.default, (grads, [2, 3, 7, 5], False)
-    )
+def _kernel_calls(device):
+    x = _make_input((2, 3, 7, 5), torch.float32, "contiguous").to(device).requires_grad_()
+    return [
+        ("adaptive_avg_pool_multi", (x, [1, 2, 3, 6])),
+        ("adaptive_avg_pool_multi_backward", (_random_grads(x, (1, 2, 6)), [2, 3, 7, 5], False)),
+    ]
 
 
-def test_compiles_without_graph_break():
-    shape, scales = (2, 3, 7, 5), UPERNET_SCALES
-    compiled = torch.compile(
-        lambda t: adaptive_avg_pool_multi(t, scales, backend="triton"), fullgraph=True, backend="aot_eager"
+class TestShared(OpTests):
+    # The PPM scales on an odd, non-divisible map (overlapping bins, 6 > 5 repeats pixels).
+    spec = OpSpec(
+        name=OP,
+        make_inputs=lambda device, layout, seed: (layout_inputs([(2, 3, 7, 5)], device, layout, seed)[0],),
+        run=lambda inputs, backend: adaptive_avg_pool_multi(inputs[0], UPERNET_SCALES, backend=backend),
+        kernel_calls=_kernel_calls,
+        bad_calls=[
+            (lambda: adaptive_avg_pool_multi(torch.randn(1, 2, 4, 4), [0], backend="triton"), ValueError, "scales"),
+            (lambda: adaptive_avg_pool_multi(torch.randn(1, 2, 4, 4, dtype=torch.float64), UPERNET_SCALES,
+                                             backend="triton"), RuntimeError, "float64"),
+        ],
+        rtol=1e-5,
+        atol=1e-6,  # fp32 sums of at most 35 terms in another order
     )
-    x = _make_input(shape, torch.float32, "channels_last")
-    leaf = x.clone().requires_grad_()
-    outs = compiled(leaf)
-    grads = _random_grads(x, scales)
-    torch.autograd.backward(list(outs), grads)
-    for out, ref in zip(outs, reference.adaptive_avg_pool_multi(x, scales)):
-        assert _is_channels_last(out) == _is_channels_last(ref)
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(leaf.grad, _reference_grad(x, scales, grads), rtol=1e-5, atol=1e-6)
 
 
 def test_triton_refuses_float64_with_reason():

@@ -67,7 +67,7 @@ KERNEL_MODULES = (
     "upsample_add",
     "upsample_concat",
     "upsample_cross_entropy",
-    "conv_bn_relu",
+    "bn_relu",
 )
 DEVICE = "meta"  # shapes and strides only: the launchers allocate nothing real and no kernel runs
 # Local memory per thread (spill slots and stack) that a kernel may use on sm_90 before this file fails: generous,
@@ -251,12 +251,12 @@ CROSS_ENTROPY_SCENARIOS = [
 ]
 
 
-# conv_bn_relu: statistics (partial + finalize), apply, backward (partial + finalize) and backward apply
+# bn_relu: statistics (partial + finalize), apply, backward (partial + finalize) and backward apply
 
 
 def _bn(shape, dtype, channels_last=False, param_dtype=torch.float32):
     def scenario(m):
-        k = m["conv_bn_relu"]
+        k = m["bn_relu"]
         x = _t(shape, dtype, channels_last)
         c = shape[1]
         weight = torch.empty(c, dtype=param_dtype, device=DEVICE)
@@ -295,7 +295,7 @@ FAMILIES = {
     "upsample_concat": UPSAMPLE_CONCAT_SCENARIOS,
     "_bilinear": BILINEAR_SCENARIOS,
     "upsample_cross_entropy": CROSS_ENTROPY_SCENARIOS,
-    "conv_bn_relu": BN_SCENARIOS,
+    "bn_relu": BN_SCENARIOS,
 }
 
 
@@ -631,7 +631,7 @@ def test_every_kernel_is_covered(sm90):
 
 def test_launchers_took_their_cuda_configuration(sm90):
     """The recorded launches carry the GPU block sizes, not the interpreter's (a guard on this file's set-up):
-    see ``upsample_cross_entropy._forward_blocks`` / ``_backward_blocks`` and ``conv_bn_relu``'s
+    see ``upsample_cross_entropy._forward_blocks`` / ``_backward_blocks`` and ``bn_relu``'s
     ``_elementwise_block``."""
 
     def of(module, kernel):
@@ -644,7 +644,7 @@ def test_launchers_took_their_cuda_configuration(sm90):
     for r in of("upsample_cross_entropy", "_backward_kernel"):
         c = r["constants"]
         assert c["BLOCK_J"] == 16 and c["BLOCK_C"] == 16 and c["BLOCK_X"] <= 128 and r["num_warps"] == 4, r
-    assert max(r["constants"]["BLOCK"] for r in of("conv_bn_relu", "_apply_kernel")) == 2048
+    assert max(r["constants"]["BLOCK"] for r in of("bn_relu", "_apply_kernel")) == 2048
 
 
 if __name__ == "__main__":

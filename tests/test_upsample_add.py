@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import TRITON_DEVICE
 from layouts import LAYOUTS, in_layout
+from op_testing import OpSpec, OpTests, layout_inputs
 
 from upernet_fast import backend as _backend
 from upernet_fast import reference
@@ -222,44 +223,39 @@ def test_reference_gradcheck_float64():
         assert torch.autograd.gradcheck(reference.upsample_add, (low, lateral))
 
 
-def test_opcheck():
-    low = _random((1, 3, 4, 3), torch.float32, 20).requires_grad_()
-    lateral = _random((1, 3, 7, 5), torch.float32, 21).requires_grad_()
-    torch.library.opcheck(torch.ops.upernet_fast.upsample_add.default, (low, lateral))
-    grad = _random((1, 3, 7, 5), torch.float32, 22)
-    torch.library.opcheck(torch.ops.upernet_fast.upsample_add_backward.default, (grad, [1, 3, 4, 3], False))
-    torch.library.opcheck(torch.ops.upernet_fast.upsample_add_backward.default, (grad, [1, 3, 4, 3], True))
+def _bad_calls():
+    low, lateral = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 8, 8)
+    return [
+        (lambda: upsample_add(torch.randn(1, 3, 4, 4), lateral), ValueError, "same batch and channel"),
+        (lambda: upsample_add(torch.randn(2, 4, 4, 4), lateral), ValueError, "same batch and channel"),
+        (lambda: upsample_add(torch.randn(3, 4, 4), lateral), ValueError, "low must be a 4D"),
+        (lambda: upsample_add(low, torch.randn(2, 3, 8)), ValueError, "lateral must be a 4D"),
+        (lambda: upsample_add(low.long(), lateral), TypeError, "low must be a floating-point tensor"),
+        (lambda: upsample_add(low.double(), lateral.double(), backend="triton"), RuntimeError, "float64"),
+    ]
 
 
-def test_compile_fullgraph():
-    low = _random((2, 3, 4, 4), torch.float32, 23).requires_grad_()
-    lateral = _random((2, 3, 8, 8), torch.float32, 24).requires_grad_()
-    compiled = torch.compile(
-        lambda a, b: upsample_add(a, b, backend="triton"), fullgraph=True, backend="aot_eager"
+def _kernel_calls(device):
+    low, lateral, grad = (_random(shape, torch.float32, seed).to(device) for shape, seed in
+                          (((1, 3, 4, 3), 20), ((1, 3, 7, 5), 21), ((1, 3, 7, 5), 22)))
+    return [
+        ("upsample_add", (low.requires_grad_(), lateral.requires_grad_())),
+        ("upsample_add_backward", (grad, [1, 3, 4, 3], False)),
+        ("upsample_add_backward", (grad, [1, 3, 4, 3], True)),
+    ]
+
+
+class TestShared(OpTests):
+    # fp32 tolerance: a few ulp, see the module docstring.
+    spec = OpSpec(
+        name="upsample_add",
+        make_inputs=lambda device, layout, seed: tuple(layout_inputs([(2, 3, 5, 4), (2, 3, 13, 11)], device, layout, seed)),
+        run=lambda inputs, backend: (upsample_add(*inputs, backend=backend),),
+        kernel_calls=_kernel_calls,
+        bad_calls=_bad_calls(),
+        rtol=1e-5,
+        atol=2e-6,
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # dynamo's note on an lru_cache in the backend checks
-        out = compiled(low, lateral)
-        out.sum().backward()
-    assert torch.equal(out, upsample_add(low, lateral, backend="triton"))
-    assert torch.equal(low.grad, _run(low, lateral, torch.ones_like(out))[1])
-
-
-def test_bad_inputs_raise_naming_the_argument():
-    low = torch.randn(2, 3, 4, 4)
-    lateral = torch.randn(2, 3, 8, 8)
-    with pytest.raises(ValueError, match="same batch and channel"):
-        upsample_add(torch.randn(1, 3, 4, 4), lateral)
-    with pytest.raises(ValueError, match="same batch and channel"):
-        upsample_add(torch.randn(2, 4, 4, 4), lateral)
-    with pytest.raises(ValueError, match="low must be a 4D"):
-        upsample_add(torch.randn(3, 4, 4), lateral)
-    with pytest.raises(ValueError, match="lateral must be a 4D"):
-        upsample_add(low, torch.randn(2, 3, 8))
-    with pytest.raises(TypeError, match="low must be a floating-point tensor"):
-        upsample_add(low.long(), lateral)
-    with pytest.raises(RuntimeError, match="float64"):
-        upsample_add(low.double(), lateral.double(), backend="triton")
 
 
 def test_auto_on_cpu_picks_eager():

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import TRITON_DEVICE
 from layouts import LAYOUTS, in_layout
+from op_testing import OpSpec, OpTests, layout_inputs
 
 from upernet_fast import backend as _backend
 from upernet_fast import reference
@@ -161,49 +162,47 @@ def test_reference_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda *ts: reference.upsample_concat(ts, (3, 3)), tuple(tensors))
 
 
-def test_opcheck():
+def _kernel_calls(device):
     # One input at size, one resized (a 2x4 -> 4x4 ratio on one axis only): small, the interpreter is slow.
     gen = torch.Generator().manual_seed(4)
-    tensors = [torch.randn(s, generator=gen).to(TRITON_DEVICE).requires_grad_() for s in [(1, 2, 4, 4), (1, 3, 2, 4)]]
-    torch.library.opcheck(torch.ops.upernet_fast.upsample_concat.default, (tensors, [4, 4]))
-    grad = torch.randn((1, 5, 4, 4), generator=gen).to(TRITON_DEVICE)
-    torch.library.opcheck(
-        torch.ops.upernet_fast.upsample_concat_backward.default, (grad, [3, 2, 4, 2, 1, 1], [0, 3], [False, True])
-    )
+    tensors = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in [(1, 2, 4, 4), (1, 3, 2, 4)]]
+    grad = torch.randn((1, 5, 4, 4), generator=gen).to(device)
+    return [
+        ("upsample_concat", (tensors, [4, 4])),
+        ("upsample_concat_backward", (grad, [3, 2, 4, 2, 1, 1], [0, 3], [False, True])),
+    ]
 
 
-def test_compile_fullgraph():
-    tensors, size, grad = _inputs("fpn_8x8", torch.float32, "contiguous")
-    tensors = [t.requires_grad_() for t in tensors]
-    compiled = torch.compile(
-        lambda ts: upsample_concat(ts, size, backend="triton"), fullgraph=True, backend="aot_eager"
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # dynamo's note on an lru_cache in the backend checks
-        out = compiled(tensors)
-        grads = torch.autograd.grad(out, tensors, grad)
-    want_out, want_grads = _run(tensors, size, grad)
-    assert torch.equal(out, want_out) and all(torch.equal(a, b) for a, b in zip(grads, want_grads))
-
-
-def test_bad_inputs_raise_naming_the_argument():
+def _bad_calls():
     x = torch.randn(2, 3, 4, 4)
-    with pytest.raises(ValueError, match=r"tensors\[1\] has batch size 1"):
-        upsample_concat([x, torch.randn(1, 3, 2, 2)], (4, 4))
-    with pytest.raises(ValueError, match=r"tensors\[1\] must be a 4D"):
-        upsample_concat([x, torch.randn(3, 2, 2)], (4, 4))
-    with pytest.raises(TypeError, match="non-empty list"):
-        upsample_concat([], (4, 4))
-    with pytest.raises(TypeError, match="non-empty list"):
-        upsample_concat(x, (4, 4))
-    with pytest.raises(ValueError, match="size must be two positive ints"):
-        upsample_concat([x], (4, 0))
-    with pytest.raises(ValueError, match="size must be two positive ints"):
-        upsample_concat([x], (4, 4, 4))
-    with pytest.raises(TypeError, match=r"tensors\[1\] must be a floating-point tensor"):
-        upsample_concat([x, x.long()], (4, 4))
-    with pytest.raises(RuntimeError, match="float64"):
-        upsample_concat([x.double()], (4, 4), backend="triton")
+    return [
+        (lambda: upsample_concat([x, torch.randn(1, 3, 2, 2)], (4, 4)), ValueError, r"tensors\[1\] has batch size 1"),
+        (lambda: upsample_concat([x, torch.randn(3, 2, 2)], (4, 4)), ValueError, r"tensors\[1\] must be a 4D"),
+        (lambda: upsample_concat([], (4, 4)), TypeError, "non-empty list"),
+        (lambda: upsample_concat(x, (4, 4)), TypeError, "non-empty list"),
+        (lambda: upsample_concat([x], (4, 0)), ValueError, "size must be two positive ints"),
+        (lambda: upsample_concat([x], (4, 4, 4)), ValueError, "size must be two positive ints"),
+        (lambda: upsample_concat([x, x.long()], (4, 4)), TypeError, r"tensors\[1\] must be a floating-point tensor"),
+        (lambda: upsample_concat([x.double()], (4, 4), backend="triton"), RuntimeError, "float64"),
+    ]
+
+
+class TestShared(OpTests):
+    # The FPN pattern at odd sizes: one map at size (a copy), three resized (up, and down on one axis).
+    spec = OpSpec(
+        name="upsample_concat",
+        make_inputs=lambda device, layout, seed: (
+            layout_inputs([(2, 3, 9, 7), (2, 2, 5, 4), (2, 1, 3, 2), (2, 2, 11, 3)], device, layout, seed),
+        ),
+        run=lambda inputs, backend: (upsample_concat(inputs[0], (9, 7), backend=backend),),
+        kernel_calls=_kernel_calls,
+        bad_calls=_bad_calls(),
+        rtol=1e-5,
+        atol=2e-6,  # a few ulp, see the module docstring
+        # The output takes the first input's layout (test_mixed_layouts_and_output_layout_follows_first_input);
+        # torch.cat makes it NCHW when one input's layout is ambiguous, as the 1-channel map here.
+        layout_like_reference=False,
+    )
 
 
 def test_auto_on_cpu_picks_eager():

@@ -25,7 +25,7 @@ from torch import nn
 from upernet_fast import backend as _backend
 from upernet_fast import reference
 from upernet_fast._checks import check_tensor
-from upernet_fast.kernels._utils import is_channels_last
+from upernet_fast.kernels._utils import is_channels_last, memory_format
 from upernet_fast.ops._kernel_op import KernelOp
 
 OP = "bn_relu"
@@ -82,9 +82,11 @@ def _all_gather_stats(mean: torch.Tensor, var: torch.Tensor, count: int, group):
 
 
 def _dense(x: torch.Tensor) -> torch.Tensor:
+    """x itself when dense; else a dense copy in its own layout (a sliced channels-last view stays channels-last,
+    so the output has the layout PyTorch's batch_norm gives it)."""
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         return x
-    return x.contiguous()
+    return x.contiguous(memory_format=memory_format(is_channels_last(x)))
 
 
 def _forward(kernels, x, weight, bias, eps, group_name):
@@ -172,7 +174,7 @@ def composite_kernel_op(name: str) -> KernelOp:
 
 
 def _kernels():
-    from upernet_fast.kernels import conv_bn_relu as kernels  # imports triton: only when running
+    from upernet_fast.kernels import bn_relu as kernels  # imports triton: only when running
 
     return kernels
 

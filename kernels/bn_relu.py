@@ -1,4 +1,5 @@
-"""Triton kernels of the training-mode BatchNorm + ReLU that follows a convolution (``ConvBNReLU``).
+"""Triton kernels of the training-mode BatchNorm + ReLU that follows a convolution: the ``bn_relu`` op, and so
+the ``ConvBNReLU`` block in training.
 
 Every kernel reads the conv output ``x`` of shape (N, C, H, W) stored densely either as NCHW
 (``x.is_contiguous()``) or as NHWC (``channels_last``); ``P = N * H * W`` values per channel.
