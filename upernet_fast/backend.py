@@ -42,6 +42,7 @@ NAMES = ("eager", "triton", "cpp")
 BACKENDS = NAMES  # kept name: the public tuple of backend names
 AUTO = "auto"
 ENV_VAR = "UPERNET_FAST_BACKEND"
+CPP_NAMESPACE = "upernet_fast_cpp"  # the ops of the compiled core (csrc/), see upernet_fast/ops/_kernel_op.py
 
 # Preference of "auto" by the device type of the inputs.
 _AUTO_ORDER = {"cuda": ("triton", "cpp", "eager"), "cpu": ("cpp", "eager")}
@@ -100,10 +101,23 @@ def _triton_unavailable() -> str | None:
     return triton_unavailable()
 
 
-def _cpp_unavailable() -> str | None:
-    from upernet_fast import cpp_extension
+_cpp_attached: list[bool] = []
 
-    return cpp_extension.why_unavailable()
+
+def _cpp_unavailable() -> str | None:
+    """Loads (building once, announced) the C++ extension; None once its ops are loaded and attached."""
+    try:
+        from upernet_fast import cpp_extension
+    except ImportError:
+        return "the C++ extension is not part of this installation"
+    reason = cpp_extension.why_unavailable()
+    if reason is None and not _cpp_attached:
+        from upernet_fast.ops._kernel_op import attach_extension_ops
+
+        _load_ops()
+        attach_extension_ops(CPP_NAMESPACE)
+        _cpp_attached.append(True)
+    return reason
 
 
 @dataclass(frozen=True)
@@ -357,12 +371,25 @@ def describe() -> list[dict[str, str]]:
             if impl is None:
                 status, why, takes = "absent", "not implemented in this version", ""
             else:
-                why = impl.why_unavailable()
-                status = "available" if why is None else "unavailable"
-                why = why or ""
+                status, why = _availability(impl)
                 takes = impl.capabilities.summary()
             rows.append({"op": op, "backend": name, "status": status, "why": why, "takes": takes})
     return rows
+
+
+def _availability(impl: Implementation) -> tuple[str, str]:
+    """("available" | "unavailable", why) without building anything: info must not start a C++ build."""
+    if impl.backend == "cpp":
+        try:
+            from upernet_fast import cpp_extension
+        except ImportError:
+            return "unavailable", "the C++ extension is not part of this installation"
+        state = cpp_extension.status()
+        if state["status"].startswith("built"):
+            return "available", ""
+        return "unavailable", state.get("reason") or state["status"]
+    why = impl.why_unavailable()
+    return ("available", "") if why is None else ("unavailable", why)
 
 
 def _load_ops() -> None:

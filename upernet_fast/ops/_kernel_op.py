@@ -30,6 +30,8 @@ from upernet_fast.ops._triton_support import on_input_device
 
 # One Library object per namespace, kept alive for the process (dropping it would unregister the ops).
 _LIBRARIES: dict[str, torch.library.Library] = {}
+# namespace -> KernelOps whose ops a compiled extension defines there, attached when it is loaded.
+_EXTENSION_OPS: dict[str, list["KernelOp"]] = {}
 
 
 def _library(namespace: str) -> torch.library.Library:
@@ -88,6 +90,20 @@ class KernelOp:
         self._register_fake_and_autograd(namespace, display)
         return getattr(getattr(torch.ops, namespace), self.name)
 
+    def in_extension(self, namespace: str) -> Callable:
+        """The forward op that a compiled extension defines in ``namespace``, as a callable.
+
+        The extension is loaded lazily (``upernet_fast.cpp_extension``), and the backend layer calls
+        :func:`attach_extension_ops` once it is, before any of these ops can be selected.
+        """
+        _EXTENSION_OPS.setdefault(namespace, []).append(self)
+        forward = f"{namespace}::{self.name}"
+
+        def call(*args):
+            return _resolved(forward)(*args)
+
+        return call
+
     def attach(self, namespace: str, *, display: str = "C++", fakes: bool = True) -> None:
         """Give ops already defined in ``namespace`` (by the C++ extension) this fake kernel and autograd formula.
 
@@ -116,6 +132,23 @@ class KernelOp:
                 torch.library.register_autocast(forward, device_type, self.autocast_to, lib=lib)
         refuse_double_backward(backward, self.op_name, display, lib)
         self._attached.add(namespace)
+
+
+_RESOLVED: dict[str, Callable] = {}
+
+
+def _resolved(qualified: str) -> Callable:
+    op = _RESOLVED.get(qualified)
+    if op is None:
+        namespace, name = qualified.split("::")
+        op = _RESOLVED[qualified] = getattr(getattr(torch.ops, namespace), name)
+    return op
+
+
+def attach_extension_ops(namespace: str) -> None:
+    """Attach every KernelOp declared for ``namespace`` (fakes, autograd); call once its extension is loaded."""
+    for kernel_op in _EXTENSION_OPS.get(namespace, ()):
+        kernel_op.attach(namespace)
 
 
 def refuse_double_backward(backward_op: str, op_name: str, display: str, lib=None) -> None:

@@ -57,9 +57,9 @@ def _backward(backward_op, ctx, grads):
 
 
 KERNEL_OP = KernelOp(
-    "adaptive_avg_pool_multi(Tensor x, int[] scales) -> Tensor[]",
+    "adaptive_avg_pool_multi(Tensor x, SymInt[] scales) -> Tensor[]",
     _fake,
-    backward_schema="adaptive_avg_pool_multi_backward(Tensor[] grads, int[] input_shape, bool channels_last) -> Tensor",
+    backward_schema="adaptive_avg_pool_multi_backward(Tensor[] grads, SymInt[] input_shape, bool channels_last) -> Tensor",
     backward_fake=_backward_fake,
     setup_context=_setup_context,
     backward=_backward,
@@ -86,3 +86,4 @@ def _run(kernel_op, x: torch.Tensor, scales: Sequence[int]) -> tuple[torch.Tenso
 
 _backend.register(OP, "eager", reference.adaptive_avg_pool_multi)
 _backend.register(OP, "triton", functools.partial(_run, KERNEL_OP.define("upernet_fast", _triton_forward, _triton_backward)))
+_backend.register(OP, "cpp", functools.partial(_run, KERNEL_OP.in_extension(_backend.CPP_NAMESPACE)))

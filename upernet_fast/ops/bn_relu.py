@@ -12,12 +12,15 @@ per-process, as in torch's SyncBatchNorm (DDP averages them). The process group 
 (``ProcessGroup.group_name``, "" for none) and is resolved inside it, so the op schema carries only a string.
 
 The ops compose kernel-level functions (statistics, apply, backward reduce, backward apply) around the
-collectives; :func:`composite_kernel_op` builds them for one set of kernels.
+collectives; :func:`composite_kernel_op` declares them once, instantiated over the Triton launchers
+(``bn_relu_train``) and over the C++ extension's kernel ops (``bn_relu_train_cpp``). In eval mode the C++
+backend also runs BN+ReLU with the running statistics in one pass (``bn_relu_eval``).
 """
 
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -188,6 +191,65 @@ bn_relu_train = KERNEL_OP.define(
 bn_relu_train_backward = torch.ops.upernet_fast.bn_relu_train_backward
 
 
+def _cpp_kernels():
+    """The C++ extension's kernel-level ops under the Triton launchers' names (same arguments)."""
+    ops = getattr(torch.ops, _backend.CPP_NAMESPACE)
+    return SimpleNamespace(
+        channel_stats=ops.bn_relu_channel_stats,
+        bn_relu_apply=ops.bn_relu_apply,
+        bn_relu_backward_reduce=ops.bn_relu_backward_reduce,
+        bn_relu_backward_input=ops.bn_relu_backward_input,
+    )
+
+
+# The same composite over the C++ kernels, defined here (it calls the extension's kernel ops, loaded lazily).
+bn_relu_train_cpp = composite_kernel_op("bn_relu_train_cpp").define(
+    "upernet_fast",
+    functools.partial(_forward, _cpp_kernels),
+    functools.partial(_backward_kernel, _cpp_kernels),
+    display="C++",
+)
+
+
+# ---- eval mode (running statistics) on the C++ kernels: relu(y * scale + shift), one pass -----------------
+
+
+def _eval_setup_context(ctx, inputs, output):
+    x, scale, _shift = inputs
+    ctx.save_for_backward(output, x, scale)
+
+
+def _eval_backward(backward_op, ctx, grad):
+    y, x, scale = ctx.saved_tensors
+    grad_x, grad_scale, grad_shift = backward_op(grad.contiguous(memory_format=memory_format(is_channels_last(x))),
+                                                 y, x, scale)
+    return grad_x, grad_scale, grad_shift
+
+
+EVAL_KERNEL_OP = KernelOp(
+    "bn_relu_eval(Tensor x, Tensor scale, Tensor shift) -> Tensor",
+    lambda x, scale, shift: torch.empty_like(x, memory_format=memory_format(is_channels_last(x))),
+    backward_schema="bn_relu_eval_backward(Tensor grad, Tensor y, Tensor x, Tensor scale) -> (Tensor, Tensor, Tensor)",
+    backward_fake=lambda grad, y, x, scale: (torch.empty_like(y), torch.empty_like(scale), torch.empty_like(scale)),
+    setup_context=_eval_setup_context,
+    backward=_eval_backward,
+    op_name=OP,
+)
+_bn_relu_eval_cpp = EVAL_KERNEL_OP.in_extension(_backend.CPP_NAMESPACE)
+
+
+def running_stats_path(y: torch.Tensor, batch_norm: nn.Module) -> torch.Tensor:
+    """relu(batch_norm(y)) with the running statistics (eval mode), one C++ pass over y. The per-channel scale
+    and shift are computed in fp32 (at least) from BN's parameters, differentiably."""
+    acc = torch.promote_types(y.dtype, torch.float32)
+    scale = torch.rsqrt(batch_norm.running_var.to(acc) + batch_norm.eps)
+    shift = -batch_norm.running_mean.to(acc) * scale
+    if batch_norm.weight is not None:
+        scale = scale * batch_norm.weight.to(acc)
+        shift = shift * batch_norm.weight.to(acc) + batch_norm.bias.to(acc)
+    return _bn_relu_eval_cpp(y, scale, shift)
+
+
 def batch_stats_path(train_op, y: torch.Tensor, batch_norm: nn.Module) -> torch.Tensor:
     """relu(batch_norm(y)) normalising with y's batch statistics through ``train_op``; updates running stats."""
     group = reference.sync_group(batch_norm)
@@ -223,7 +285,14 @@ def bn_parameters(y: torch.Tensor, batch_norm: nn.Module) -> list[torch.Tensor]:
     return [y] + [t for t in (batch_norm.weight, batch_norm.running_var) if t is not None]
 
 
+def _cpp_bn_relu(y: torch.Tensor, batch_norm: nn.Module) -> torch.Tensor:
+    if reference.uses_batch_stats(batch_norm):
+        return batch_stats_path(bn_relu_train_cpp, y, batch_norm)
+    return running_stats_path(y, batch_norm)
+
+
 _backend.register(OP, "eager", reference.bn_relu)
 _backend.register(
     OP, "triton", functools.partial(batch_stats_path, bn_relu_train), why_not=_train_why_not, tensors=bn_parameters
 )
+_backend.register(OP, "cpp", _cpp_bn_relu, why_not=batch_norm_why_not, tensors=bn_parameters)

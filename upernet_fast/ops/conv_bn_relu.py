@@ -14,6 +14,7 @@ Triton backend:
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -23,7 +24,13 @@ from torch import nn
 from upernet_fast import backend as _backend
 from upernet_fast import reference
 from upernet_fast._checks import check_tensor
-from upernet_fast.ops.bn_relu import batch_norm_why_not, batch_stats_path, bn_parameters, bn_relu_train
+from upernet_fast.ops.bn_relu import (
+    batch_norm_why_not,
+    batch_stats_path,
+    bn_parameters,
+    bn_relu_train,
+    bn_relu_train_cpp,
+)
 
 OP = "conv_bn_relu"
 
@@ -159,10 +166,11 @@ def _cudnn_conv_bias_relu(x, conv: nn.Conv2d, weight, bias) -> torch.Tensor | No
 # ------------------------------------------------------------------------------------------------ backends
 
 
-def _triton_conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, batch_norm: nn.Module) -> torch.Tensor:
+def _kernels_conv_bn_relu(train_op, x: torch.Tensor, conv: nn.Conv2d, batch_norm: nn.Module) -> torch.Tensor:
+    """Eval: BN folded into the conv (then one fused cuDNN call on CUDA). Training: conv, then ``train_op``."""
     if not reference.uses_batch_stats(batch_norm):
         return conv_bn_relu_folded(x, conv, batch_norm)
-    return batch_stats_path(bn_relu_train, conv(x), batch_norm)
+    return batch_stats_path(train_op, conv(x), batch_norm)
 
 
 def _kernels_why_not(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> str | None:
@@ -180,4 +188,7 @@ def _judged_tensors(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> 
 
 
 _backend.register(OP, "eager", reference.conv_bn_relu)
-_backend.register(OP, "triton", _triton_conv_bn_relu, why_not=_kernels_why_not, tensors=_judged_tensors)
+for _name, _train_op in (("triton", bn_relu_train), ("cpp", bn_relu_train_cpp)):
+    _backend.register(
+        OP, _name, functools.partial(_kernels_conv_bn_relu, _train_op), why_not=_kernels_why_not, tensors=_judged_tensors
+    )

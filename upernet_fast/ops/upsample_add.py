@@ -67,7 +67,7 @@ def _backward(backward_op, ctx, grad):
 KERNEL_OP = KernelOp(
     "upsample_add(Tensor low, Tensor lateral) -> Tensor",
     _fake,
-    backward_schema="upsample_add_backward(Tensor grad, int[] low_size, bool low_channels_last) -> Tensor",
+    backward_schema="upsample_add_backward(Tensor grad, SymInt[] low_size, bool low_channels_last) -> Tensor",
     backward_fake=_backward_fake,
     setup_context=_setup_context,
     backward=_backward,
@@ -89,3 +89,4 @@ def _triton_backward(grad: torch.Tensor, low_size: list[int], low_channels_last:
 
 _backend.register(OP, "eager", reference.upsample_add)
 _backend.register(OP, "triton", KERNEL_OP.define("upernet_fast", _triton_forward, _triton_backward))
+_backend.register(OP, "cpp", KERNEL_OP.in_extension(_backend.CPP_NAMESPACE))

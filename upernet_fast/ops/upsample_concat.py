@@ -88,10 +88,10 @@ def _backward(backward_op, ctx, grad):
 
 
 KERNEL_OP = KernelOp(
-    "upsample_concat(Tensor[] tensors, int[] size) -> Tensor",
+    "upsample_concat(Tensor[] tensors, SymInt[] size) -> Tensor",
     lambda tensors, size: _new_output(tensors, size),
     backward_schema=(
-        "upsample_concat_backward(Tensor grad, int[] shapes, int[] channel_offsets, bool[] channels_last) -> Tensor[]"
+        "upsample_concat_backward(Tensor grad, SymInt[] shapes, SymInt[] channel_offsets, bool[] channels_last) -> Tensor[]"
     ),
     backward_fake=lambda grad, shapes, channel_offsets, channels_last: _new_grads(grad, shapes, channels_last),
     setup_context=_setup_context,
@@ -120,3 +120,4 @@ def _run(kernel_op, tensors: Sequence[torch.Tensor], size: Sequence[int]) -> tor
 
 _backend.register(OP, "eager", reference.upsample_concat)
 _backend.register(OP, "triton", functools.partial(_run, KERNEL_OP.define("upernet_fast", _triton_forward, _triton_backward)))
+_backend.register(OP, "cpp", functools.partial(_run, KERNEL_OP.in_extension(_backend.CPP_NAMESPACE)))

@@ -130,12 +130,12 @@ def _backward(backward_op, ctx, grad_loss, grad_lse, grad_denominator):
 
 
 KERNEL_OP = KernelOp(
-    "upsample_cross_entropy(Tensor logits, Tensor labels, Tensor? weight, int ignore_index, str reduction, "
+    "upsample_cross_entropy(Tensor logits, Tensor labels, Tensor? weight, SymInt ignore_index, str reduction, "
     "bool align_corners) -> (Tensor, Tensor, Tensor)",
     _fake,
     backward_schema=(
         "upsample_cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor? weight, "
-        "Tensor lse, Tensor denominator, int ignore_index, bool align_corners) -> Tensor"
+        "Tensor lse, Tensor denominator, SymInt ignore_index, bool align_corners) -> Tensor"
     ),
     backward_fake=_backward_fake,
     setup_context=_setup_context,
@@ -178,4 +178,7 @@ _backend.register(
     "triton",
     functools.partial(_run, KERNEL_OP.define("upernet_fast", _triton_forward, _triton_backward)),
     why_not=_kernels_why_not,
+)
+_backend.register(
+    OP, "cpp", functools.partial(_run, KERNEL_OP.in_extension(_backend.CPP_NAMESPACE)), why_not=_kernels_why_not
 )
