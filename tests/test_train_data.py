@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.train_utils import write_png
+from tests.train_utils import one_thread, write_png
 from upernet_fast.train.data import (IGNORE_INDEX, Augment, ResumableDistributedSampler, SyntheticShapes,
                                      TrainDataset, open_source)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/train_utils.py
 
 
 def test_synthetic_images_are_a_function_of_seed_split_and_index():

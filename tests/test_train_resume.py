@@ -14,11 +14,13 @@ import shutil
 import pytest
 import torch
 
-from tests.train_utils import assert_same_checkpoint, cli_args, metrics, run_cli, tiny_config
+from tests.train_utils import assert_same_checkpoint, cli_args, metrics, one_thread, run_cli, tiny_config
 from upernet_fast.train import checkpoint as ckpt
 from upernet_fast.train.loop import train
 
 STEPS, EVERY = 4, 2
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/train_utils.py
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +31,7 @@ def _restore_deterministic_mode():
 
 
 @pytest.fixture(scope="module")
-def full_runs(tmp_path_factory):
+def full_runs(tmp_path_factory, one_thread):
     """``full_runs(deterministic)``: the folder of the uninterrupted run, trained on first use."""
     folders = {}
 

@@ -9,10 +9,27 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 # Small enough for a few seconds per run on 2 shared cores: the 180k-parameter ConvNeXt test backbone, 32-pixel
 # crops, 2 images a step, 2 validation images.
 TINY = dict(backbone="convnext-test", crop=32, batch_size=2, workers=0, eval_images=2, log_every=1)
+
+
+# 2 cores shared by several jobs: with 2 intra-op threads each, OpenMP's spinning barriers make a tiny
+# forward pass 50-100x slower (1.2 s instead of 15 ms measured here). The training tests run single-threaded,
+# their subprocesses too (ONE_THREAD_ENV); results do not depend on it (the resume tests compare runs made alike).
+ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_config(out, **overrides):
@@ -35,7 +52,7 @@ def cli_args(**options) -> list[str]:
 
 def run_cli(*args, launcher=(sys.executable, "-m", "upernet_fast.cli"), timeout=240, env=None) -> subprocess.CompletedProcess:
     result = subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **ONE_THREAD_ENV, **(env or {})})
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     return result
 

@@ -47,7 +47,7 @@ class SyntheticShapes:
         self.num_images, self.size, self.num_labels, self.seed = num_images, size, num_classes, seed
         self.split_id = 0 if split == "train" else 1
         hues = np.arange(num_classes - 1) / max(num_classes - 1, 1)
-        self.palette = np.array([colorsys.hsv_to_rgb(h, 0.85, 0.9) for h in hues]) * 255.0
+        self.palette = np.array([colorsys.hsv_to_rgb(h, 0.9, 0.9) for h in hues]) * 255.0
 
     def __len__(self) -> int:
         return self.num_images
@@ -59,25 +59,26 @@ class SyntheticShapes:
         rng = np.random.default_rng([self.seed, self.split_id, index])
         s = self.size
         yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
-        image = 110.0 + 25.0 * rng.standard_normal((1, 1, 3)) + 12.0 * rng.standard_normal((s, s, 1))
+        # Background: a grey (the same in every channel, so it never looks like a class colour) with noise.
+        image = rng.uniform(80, 160) + 10.0 * rng.standard_normal((s, s, 1)) + np.zeros((1, 1, 3))
         mask = np.zeros((s, s), dtype=np.int64)
-        for _ in range(rng.integers(2, 6)):
+        for _ in range(rng.integers(2, 5)):
             cls = int(rng.integers(1, self.num_labels))
             cy, cx = rng.uniform(0, s, size=2)
-            radius = rng.uniform(0.12, 0.3) * s
+            radius = rng.uniform(0.15, 0.35) * s
             kind = rng.integers(0, 3)
             if kind == 0:
                 inside = (yy - cy) ** 2 + (xx - cx) ** 2 < radius**2
             elif kind == 1:
-                ry, rx = radius * rng.uniform(0.5, 1.0, size=2)
+                ry, rx = radius * rng.uniform(0.6, 1.0, size=2)
                 inside = (np.abs(yy - cy) < ry) & (np.abs(xx - cx) < rx)
             else:  # a triangle pointing up: below two lines and above a base
                 inside = (yy < cy + radius * 0.6) & (np.abs(xx - cx) < (yy - cy + radius) * 0.7)
             angle = np.pi * (cls - 1) / (self.num_labels - 1)  # class-specific stripe direction
             period = 3.0 + 2.0 * ((cls - 1) % 3)
             stripes = np.sin(2 * np.pi * (np.cos(angle) * xx + np.sin(angle) * yy) / period)
-            colour = self.palette[cls - 1] + rng.uniform(-20, 20, size=3)
-            shaded = colour[None, None, :] + 30.0 * stripes[..., None]
+            colour = self.palette[cls - 1] + rng.uniform(-15, 15, size=3)
+            shaded = colour[None, None, :] + 20.0 * stripes[..., None]
             image = np.where(inside[..., None], shaded, image)
             mask[inside] = cls
         image = image + 6.0 * rng.standard_normal(image.shape)
@@ -146,10 +147,20 @@ def pair_by_stem(images_dir: Path, masks_dir: Path, what: str) -> list[tuple[Pat
     return [(p, masks[p.stem]) for p in images]
 
 
+DATA_SPEC_HELP = "--data must be 'synthetic', 'ade20k:DIR' or 'folder:IMAGES_DIR,MASKS_DIR'"
+
+
+def data_kind(spec: str) -> str:
+    """``synthetic``, ``ade20k`` or ``folder``: the kind of a --data spec, checked for its form."""
+    kind, _, rest = spec.partition(":")
+    if (kind == "synthetic" and not rest) or (kind == "ade20k" and rest) or (kind == "folder" and rest.count(",") == 1):
+        return kind
+    raise ValueError(f"{DATA_SPEC_HELP}; got {spec!r}")
+
+
 def default_num_labels(spec: str) -> int | None:
     """Classes implied by a --data spec: synthetic's and ADE20K's are known; a folder's must be given."""
-    kind = spec.split(":", 1)[0]
-    return {"synthetic": SYNTHETIC_CLASSES, "ade20k": ADE20K_CLASSES}.get(kind)
+    return {"synthetic": SYNTHETIC_CLASSES, "ade20k": ADE20K_CLASSES}.get(data_kind(spec))
 
 
 def open_source(spec: str, split: str, num_labels: int, size: int, seed: int = 0):
@@ -158,27 +169,25 @@ def open_source(spec: str, split: str, num_labels: int, size: int, seed: int = 0
     ``split`` is ``train`` or ``val``. Synthetic images are ``size`` pixels square. A folder source has no
     splits: validation reads the same pairs (give eval a separate folder for a held-out score).
     """
-    kind, _, rest = spec.partition(":")
-    if kind == "synthetic" and not rest:
+    kind, rest = data_kind(spec), spec.partition(":")[2]
+    if kind == "synthetic":
         count = SYNTHETIC_TRAIN_IMAGES if split == "train" else SYNTHETIC_VAL_IMAGES
         return SyntheticShapes(count, size, num_labels, seed=seed, split=split)
-    if kind == "ade20k" and rest:
+    if kind == "ade20k":
         root = Path(rest)
         if not root.is_dir():
             raise FileNotFoundError(f"--data ade20k: folder {root} does not exist")
         sub = _SPLIT_DIRS[split]
         pairs = pair_by_stem(root / "images" / sub, root / "annotations" / sub, f"--data ade20k ({split})")
         return ImageMaskFiles(pairs, num_labels, reduce_zero_label=True)
-    if kind == "folder" and rest.count(",") == 1:
-        images_dir, masks_dir = (Path(p) for p in rest.split(","))
-        return ImageMaskFiles(pair_by_stem(images_dir, masks_dir, "--data folder"), num_labels)
-    raise ValueError(f"--data must be 'synthetic', 'ade20k:DIR' or 'folder:IMAGES_DIR,MASKS_DIR'; got {spec!r}")
+    images_dir, masks_dir = (Path(p) for p in rest.split(","))
+    return ImageMaskFiles(pair_by_stem(images_dir, masks_dir, "--data folder"), num_labels)
 
 
 # ------------------------------------------------------------------------------------------- transforms
 def to_tensors(image: np.ndarray, mask: np.ndarray | None = None):
     """uint8 HxWx3 -> float CxHxW in [0, 255]; int mask HxW -> int64 tensor."""
-    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    pixels = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)  # a copy: PIL arrays are read-only
     return pixels, (None if mask is None else torch.from_numpy(np.ascontiguousarray(mask)).long())
 
 

@@ -36,20 +36,25 @@ def _window_starts(length: int, window: int, stride: int) -> list[int]:
 
 @torch.no_grad()
 def sliding_window_logits(model, pixels: torch.Tensor, window: int, stride: int, amp: str = "none") -> torch.Tensor:
-    """Class logits (B, C, H, W) in fp32: one pass when the image fits in ``window``, else the mean of the
-    overlapping windows' logits at each pixel (windows ``stride`` apart, the last one flush with the border)."""
+    """Class logits (B, C, H, W) in fp32: one pass when the image fits in ``window`` (padded to it), else the
+    mean of the overlapping windows' logits at each pixel (windows ``stride`` apart, the last one flush with
+    the border)."""
     _, _, height, width = pixels.shape
     out = None
     count = torch.zeros(1, 1, height, width, device=pixels.device)
     for top in _window_starts(height, window, stride):
         for left in _window_starts(width, window, stride):
             crop = pixels[:, :, top : top + window, left : left + window]
+            h, w = crop.shape[2:]
+            # A window larger than the image is padded (with 0, the mean colour after normalising, as in
+            # training): backbones that downsample by 32 cannot run on images much smaller than that.
+            padded = F.pad(crop, (0, window - w, 0, window - h)) if (h, w) != (window, window) else crop
             with autocast_for(pixels.device, amp):
-                logits = model(pixel_values=crop).logits.float()
+                logits = model(pixel_values=padded).logits.float()[:, :, :h, :w]
             if out is None:
                 out = torch.zeros(pixels.shape[0], logits.shape[1], height, width, device=pixels.device)
-            out[:, :, top : top + crop.shape[2], left : left + crop.shape[3]] += logits
-            count[:, :, top : top + crop.shape[2], left : left + crop.shape[3]] += 1
+            out[:, :, top : top + h, left : left + w] += logits
+            count[:, :, top : top + h, left : left + w] += 1
     return out / count
 
 
@@ -172,12 +177,12 @@ def predict(model, device, images: list[Path], out_dir: Path, window: int, strid
 
 
 def run_eval(args) -> int:
-    from upernet_fast.train.data import open_source
+    from upernet_fast.train.data import data_kind, open_source
     from upernet_fast.train.loop import DEFAULT_CROP, SYNTHETIC_CROP
     from upernet_fast.train.metrics import format_scores
 
     if args.crop is None:
-        args.crop = SYNTHETIC_CROP if args.data.split(":", 1)[0] == "synthetic" else DEFAULT_CROP
+        args.crop = SYNTHETIC_CROP if data_kind(args.data) == "synthetic" else DEFAULT_CROP
     if args.crop < 1:
         raise ValueError(f"--crop must be >= 1, got {args.crop}")
     args.window = args.window or args.crop

@@ -26,7 +26,8 @@ from torch import nn
 
 from upernet_fast.train import checkpoint as ckpt
 from upernet_fast.train.backbones import build_model
-from upernet_fast.train.data import (Augment, ResumableDistributedSampler, TrainDataset, default_num_labels,
+from upernet_fast.train.distributed import DataParallel, init_distributed
+from upernet_fast.train.data import (Augment, ResumableDistributedSampler, TrainDataset, data_kind, default_num_labels,
                                      open_source, train_loader)
 from upernet_fast.train.evaluate import autocast_for, evaluate
 
@@ -69,7 +70,7 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """Fill the data-dependent defaults and check every value; errors name the command-line option."""
-        synthetic = self.data.split(":", 1)[0] == "synthetic"
+        synthetic = data_kind(self.data) == "synthetic"
         if self.num_labels is None:
             self.num_labels = default_num_labels(self.data)
             if self.num_labels is None:
@@ -106,31 +107,6 @@ def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
     if schedule == "poly":
         return (1.0 - progress) ** 0.9
     return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> Distributed:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), or run as one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Distributed()
-    info = Distributed(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend, rank=info.rank, world_size=world)
-    return info
 
 
 def _seed_everything(seed: int) -> None:
@@ -251,7 +227,7 @@ def train(cfg: TrainConfig) -> dict:
 
     net = model
     if dist_info.world_size > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = DataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
 
