@@ -62,7 +62,8 @@ def add_subcommands(sub) -> None:
     t.add_argument("--backbone", choices=backbone_names(), default="convnext-tiny")
     t.add_argument("--pretrained", default=None, help="start from a local save_pretrained folder")
     t.add_argument("--num-labels", type=int, default=None, help="classes (default: 6 synthetic, 150 ADE20K)")
-    t.add_argument("--backend", choices=BACKENDS, default="auto", help="upernet_fast backend (eager = PyTorch ops)")
+    t.add_argument("--backend", choices=BACKENDS + ("transformers",), default="auto",
+                   help="upernet_fast backend (eager: PyTorch ops); transformers: do not convert (for comparisons)")
     t.add_argument("--data", default="synthetic", help="synthetic | ade20k:DIR | folder:IMAGES_DIR,MASKS_DIR")
     t.add_argument("--crop", type=int, default=None, help="training crop side (default: 64 synthetic, 512 otherwise)")
     t.add_argument("--scale-range", type=_scale_range, default=(0.5, 2.0), help="random rescale MIN,MAX (0.5,2.0)")

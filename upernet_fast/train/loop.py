@@ -33,6 +33,8 @@ from upernet_fast.train.evaluate import autocast_for, evaluate
 
 AMP_MODES = ("none", "bf16", "fp16")
 SCHEDULES = ("poly", "cosine")
+UNCONVERTED = "transformers"  # --backend transformers: transformers' own model, not converted (for comparisons)
+BACKENDS = ("auto", "eager", "triton", "cpp", UNCONVERTED)
 SYNTHETIC_CROP, DEFAULT_CROP = 64, 512
 SYNTHETIC_LR, DEFAULT_LR = 1e-3, 1e-4
 # Arguments that decide which samples each step sees: a resumed run must use the same ones.
@@ -93,6 +95,8 @@ class TrainConfig:
             raise ValueError(f"--scale-range must be MIN,MAX with 0 < MIN <= MAX, got {lo},{hi}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"--amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         return self
@@ -136,6 +140,16 @@ def _has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA, the caching allocator's peak of allocated tensors; CPU, the process's peak
+    resident set (tensors plus everything else the process holds: the only peak the CPU allocator offers)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
 class _Reporter:
     """Progress bar (tqdm) when stderr is a terminal, a plain line per ``log_every`` steps otherwise; metrics
     appended to ``OUT/metrics.jsonl``. Only rank 0 reports."""
@@ -160,12 +174,12 @@ class _Reporter:
             else:
                 self.bar.write(text)
 
-    def step(self, step: int, loss: float, lr: float, images_per_s: float) -> None:
+    def step(self, step: int, loss: float, lr: float, images_per_s: float, device: torch.device) -> None:
         self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.1f}", lr=f"{lr:.2e}", refresh=False)
         self.bar.update(1)
         if step % self.cfg.log_every == 0 or step == self.cfg.steps:
             self.record({"step": step, "split": "train", "loss": loss, "lr": lr, "images_per_s": images_per_s,
-                         "time": time.time()})
+                         "peak_memory_mb": peak_memory_mb(device), "time": time.time()})
             if self.bar.disable:
                 eta = (self.cfg.steps - step) * self.cfg.batch_size * self.cfg.grad_accum / max(images_per_s, 1e-9)
                 self.say(f"step {step}/{self.cfg.steps} loss {loss:.4f} lr {lr:.2e} {images_per_s:.1f} img/s "
@@ -188,8 +202,11 @@ def train(cfg: TrainConfig) -> dict:
     import upernet_fast
 
     model = build_model(cfg.backbone, cfg.num_labels, cfg.pretrained)
-    # Data-parallel: the heads' BatchNorms become SyncBatchNorm (through upernet_fast's fused BN, CPU included).
-    upernet_fast.convert(model, backend=cfg.backend, sync_bn=dist_info.world_size > 1)
+    if cfg.backend != UNCONVERTED:
+        # Data-parallel: the heads' BatchNorms become SyncBatchNorm (through upernet_fast's fused BN, CPU too).
+        upernet_fast.convert(model, backend=cfg.backend, sync_bn=dist_info.world_size > 1)
+    elif dist_info.world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else model
     if dist_info.world_size > 1 and _has_batchnorm(model.backbone):
         if device.type == "cuda":
             model.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)
@@ -271,7 +288,7 @@ def train(cfg: TrainConfig) -> dict:
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss became {loss_value} at step {step}: lower --lr or use --amp bf16")
             images_per_s = images_per_step / (time.perf_counter() - tic)
-            reporter.step(step, loss_value, scheduler.get_last_lr()[0], images_per_s)
+            reporter.step(step, loss_value, scheduler.get_last_lr()[0], images_per_s, device)
             summary["loss"] = loss_value
             last = step == cfg.steps
             if (cfg.eval_every and step % cfg.eval_every == 0) or last:
