@@ -130,3 +130,51 @@ def test_eval_refuses_a_corrupt_checkpoint_and_bad_options(trained, tmp_path):
             cli.main(["train", "--out", str(tmp_path / "o"), "--workers", "0", *options])
     with pytest.raises(SystemExit):  # argparse: an unknown backbone name lists the choices
         cli.main(["train", "--out", str(tmp_path / "o"), "--backbone", "vit-huge"])
+
+
+@pytest.mark.parametrize("backbone", ["swin-test", "resnet-test"])
+def test_other_tiny_backbones_train(tmp_path, backbone):
+    summary = train(tiny_config(tmp_path, backbone=backbone, steps=2, eval_images=1))
+    assert np.isfinite(summary["loss"]) and (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_speed_options_run_together(tmp_path):
+    # bf16 autocast, channels_last, 2 micro-batches per step, cosine schedule, DataLoader workers: one short run.
+    summary = train(tiny_config(tmp_path, steps=2, amp="bf16", channels_last=True, grad_accum=2, schedule="cosine",
+                                workers=1, eval_images=1))
+    assert np.isfinite(summary["loss"])
+    assert [e["step"] for e in metrics(tmp_path)] == [1, 2]
+
+
+def test_fp16_uses_loss_scaling_and_its_state_is_checkpointed(tmp_path):
+    train(tiny_config(tmp_path, steps=1, amp="fp16", eval_images=1))
+    scaler = torch.load(tmp_path / "checkpoint-1" / ckpt.TRAINING_STATE, weights_only=True)["scaler"]
+    assert scaler["scale"] > 1  # GradScaler was enabled (its state is empty when disabled)
+
+
+def test_trains_on_an_ade20k_folder(tmp_path):
+    # Two 40x48 images per split with classes 1..3 in ADE's numbering (0 = "other", ignored).
+    rng = np.random.default_rng(0)
+    for split in ("training", "validation"):
+        for i in range(2):
+            write_png(tmp_path / "ade" / "images" / split / f"ADE_{i}.jpg", rng.integers(0, 255, (40, 48, 3)))
+            write_png(tmp_path / "ade" / "annotations" / split / f"ADE_{i}.png", rng.integers(0, 4, (40, 48)))
+    summary = train(tiny_config(tmp_path / "out", data=f"ade20k:{tmp_path / 'ade'}", num_labels=3, steps=2))
+    assert np.isfinite(summary["loss"]) and summary["val"]["images"] == 2
+    assert len(summary["val"]["per_class_iou"]) == 3
+
+
+def test_pretrained_folder_starts_training_and_new_num_labels_replace_the_classifier(trained, tmp_path):
+    out, _ = trained
+    final = out / "final"
+    summary = train(tiny_config(tmp_path, pretrained=str(final), num_labels=4, steps=1, eval_images=1))
+    assert len(summary["val"]["per_class_iou"]) == 4
+    from safetensors.torch import load_file
+
+    before, after = load_file(str(final / "model.safetensors")), load_file(str(tmp_path / "final" / "model.safetensors"))
+    assert after["decode_head.classifier.weight"].shape[0] == 4
+    # backbone weights came from the folder: one AdamW step at lr 1e-3 moves each by about 1e-3 at most
+    name = "backbone.embeddings.patch_embeddings.weight"
+    assert (after[name] - before[name]).abs().max() < 2e-3
+    with pytest.raises(FileNotFoundError, match="--pretrained must be a local folder"):
+        train(tiny_config(tmp_path / "x", pretrained=str(tmp_path / "nothing"), steps=1))

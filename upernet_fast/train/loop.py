@@ -204,7 +204,11 @@ def train(cfg: TrainConfig) -> dict:
     model = build_model(cfg.backbone, cfg.num_labels, cfg.pretrained)
     if cfg.backend != UNCONVERTED:
         # Data-parallel: the heads' BatchNorms become SyncBatchNorm (through upernet_fast's fused BN, CPU too).
-        upernet_fast.convert(model, backend=cfg.backend, sync_bn=dist_info.world_size > 1)
+        # The training loop only uses the loss, so the model need not return full-resolution logits: that saves
+        # the (B, classes, H, W) tensor and keeps PyTorch's bilinear backward (not deterministic on CUDA) out of
+        # the step. Evaluation (eval mode) still returns full-resolution logits.
+        upernet_fast.convert(model, backend=cfg.backend, sync_bn=dist_info.world_size > 1,
+                             full_resolution_logits=False)
     elif dist_info.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else model
     if dist_info.world_size > 1 and _has_batchnorm(model.backbone):
