@@ -9,12 +9,17 @@ its folder and resumes, so the whole file costs about 20 training steps of the t
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
-from tests.train_utils import assert_same_checkpoint, cli_args, metrics, one_thread, run_cli, tiny_config
+from tests.train_utils import ONE_THREAD_ENV, assert_same_checkpoint, cli_args, metrics, one_thread, run_cli, tiny_config
 from upernet_fast.train import checkpoint as ckpt
 from upernet_fast.train.loop import train
 
@@ -120,14 +125,23 @@ def test_resume_refuses_a_different_data_order(full_runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_resume_with_workers_is_bitwise_equal(tmp_path):
-    # Through the command line, loading in 2 DataLoader worker processes (their seeding must not matter).
-    options = dict(backbone="convnext-test", crop=32, batch_size=2, workers=2, eval_images=2, log_every=1,
-                   steps=3, save_every=1)
-    run_cli("train", "--out", tmp_path / "full", *cli_args(**options))
-    shutil.copytree(tmp_path / "full", tmp_path / "part")
-    for name in ("checkpoint-2", "checkpoint-3", "final"):
-        shutil.rmtree(tmp_path / "part" / name)
-    result = run_cli("train", "--out", tmp_path / "part", *cli_args(**options), "--resume")
-    assert "resuming from" in result.stderr and "at step 1" in result.stderr
-    assert_same_checkpoint(tmp_path / "part" / "checkpoint-3", tmp_path / "full" / "checkpoint-3")
+def test_cli_run_killed_mid_training_resumes_bitwise_equal(tmp_path):
+    # Through the command line, with 2 DataLoader worker processes (their seeding must not matter): the process
+    # is SIGKILLed as soon as checkpoint-2 exists, wherever it then is (training step 3 or writing checkpoint-3),
+    # and the same command plus --resume must end where the uninterrupted run ends.
+    steps = 5
+    options = cli_args(backbone="convnext-test", crop=32, batch_size=2, workers=2, eval_images=1, log_every=1,
+                       steps=steps, save_every=1)
+    run_cli("train", "--out", tmp_path / "full", *options)
+    command = [sys.executable, "-m", "upernet_fast.cli", "train", "--out", str(tmp_path / "part"), *options]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, **ONE_THREAD_ENV}, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not (tmp_path / "part" / "checkpoint-2").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)  # the trainer and its DataLoader workers, as a crash would
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "part" / "final").exists()
+    result = run_cli("train", "--out", tmp_path / "part", *options, "--resume")
+    assert "resuming from" in result.stderr
+    assert_same_checkpoint(tmp_path / "part" / f"checkpoint-{steps}", tmp_path / "full" / f"checkpoint-{steps}")
