@@ -178,3 +178,15 @@ def test_pretrained_folder_starts_training_and_new_num_labels_replace_the_classi
     assert (after[name] - before[name]).abs().max() < 2e-3
     with pytest.raises(FileNotFoundError, match="--pretrained must be a local folder"):
         train(tiny_config(tmp_path / "x", pretrained=str(tmp_path / "nothing"), steps=1))
+
+
+def test_learning_rate_schedules():
+    from upernet_fast.train.loop import lr_factor
+
+    for schedule in ("poly", "cosine"):
+        factors = [lr_factor(step, 100, 10, schedule) for step in range(101)]
+        assert factors[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])  # linear warmup to 1
+        assert factors[10] == 1.0 and factors[100] == 0.0
+        assert all(a >= b for a, b in zip(factors[10:], factors[11:]))  # then decays monotonically
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)  # half-way through the decay
+    assert lr_factor(55, 100, 10, "poly") == pytest.approx(0.5**0.9)

@@ -1,10 +1,11 @@
 """Checkpoints and exact resume: a run of N steps interrupted after checkpoint K and resumed ends bitwise equal
 to the uninterrupted run (weights and BN statistics, optimizer, scheduler, scaler, RNG: the whole checkpoint,
-compared file by file: the manifests' sha256, and training_state.pt by content); corrupt, truncated and half-written checkpoints are
-refused or passed over with an error naming the file.
+compared file by file: the manifests' sha256, and training_state.pt by content); corrupt, truncated and
+half-written checkpoints are refused or passed over with an error naming the file.
 
-The uninterrupted 4-step runs (default and deterministic) are shared by the module; each interruption copies or re-creates
-its folder and resumes, so the whole file costs about 20 training steps of the tiny model.
+Three kinds of interruption: the later checkpoints removed, a save that dies before its manifest (in process),
+and a command-line run SIGKILLed mid-training. The uninterrupted 4-step runs (default and --deterministic)
+are shared by the module's in-process tests.
 """
 
 from __future__ import annotations
