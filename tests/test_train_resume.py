@@ -91,6 +91,7 @@ def test_a_save_interrupted_mid_write_is_never_picked_and_resume_is_exact(full_r
     summary = train(tiny_config(out, steps=STEPS, save_every=EVERY, deterministic=deterministic, resume="auto"))
     assert summary["start_step"] == EVERY
     _assert_same_as_full(out, full)
+    assert not list(out.glob(".tmp-*"))  # the half-written folder was cleaned up
 
 
 def test_corrupt_truncated_or_incomplete_checkpoints_are_refused_by_name(full_runs, tmp_path):

@@ -114,6 +114,15 @@ def find_resumable(out_dir: Path, warn: Callable[[str], None] = print) -> Path |
     return None
 
 
+def remove_partial_saves(out_dir: Path) -> list[Path]:
+    """Delete the temporary folders of saves that never completed (a run killed while saving); returns them."""
+    out_dir = Path(out_dir)
+    stale = sorted(p for p in out_dir.glob(".tmp-*") if p.is_dir()) if out_dir.is_dir() else []
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
+
+
 def _barrier() -> None:
     import torch.distributed as dist
 

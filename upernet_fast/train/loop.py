@@ -229,6 +229,9 @@ def train(cfg: TrainConfig) -> dict:
     data_order["scale_range"] = list(cfg.scale_range)
     data_order["world_size"] = dist_info.world_size
     start = 0
+    if dist_info.main:
+        for folder in ckpt.remove_partial_saves(out_dir):
+            print(f"removed {folder}: a save that never completed", file=sys.stderr)
     resume_from = ckpt.resolve_resume(cfg.resume, out_dir, warn=lambda m: print(m, file=sys.stderr)) if cfg.resume else None
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, model, dist_info.rank)
