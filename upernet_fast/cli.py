@@ -1,5 +1,5 @@
 """``upernet-fast``: ``info`` (backends here and why), ``demo`` (the main job), ``bench`` (benchmarks/),
-``selfcheck`` (a backend against eager on this machine)."""
+``selfcheck`` (a backend against eager on this machine), ``train`` / ``eval`` / ``predict`` (upernet_fast.train)."""
 
 from __future__ import annotations
 
@@ -78,7 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 10 CUDA, 2 CPU)")
     sub.add_parser("bench", help="benchmarks (see `upernet-fast bench --help`)")
     sub.add_parser("selfcheck", help="every op of a backend against eager, forward and backward (see --help)")
+    from upernet_fast.train.commands import add_subcommands
+
+    add_subcommands(sub)  # train, eval, predict: each sets args.run
     args = parser.parse_args(argv)
+    if hasattr(args, "run"):
+        return args.run(args)
     return {"info": _info, "demo": _demo}[args.command](args)
 
 
