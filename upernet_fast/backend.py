@@ -266,15 +266,20 @@ def get_backend() -> str:
     return _check_name(env, f"environment variable {ENV_VAR}") if env else AUTO
 
 
+def _device_kind(t: torch.Tensor) -> str:
+    # Tensor.is_cuda / is_cpu are plain flags; Tensor.device builds a torch.device object on every call.
+    return "cuda" if t.is_cuda else "cpu" if t.is_cpu else t.device.type
+
+
 def _device_type(args, kwargs) -> str:
-    for value in (*args, *kwargs.values()):
+    for value in args:
         if isinstance(value, torch.Tensor):
-            return value.device.type
+            return _device_kind(value)
         if isinstance(value, (list, tuple)):
             for item in value:
                 if isinstance(item, torch.Tensor):
-                    return item.device.type
-    return "cpu"
+                    return _device_kind(item)
+    return _device_type(tuple(kwargs.values()), {}) if kwargs else "cpu"
 
 
 def _placement(op: str, args, kwargs) -> tuple[str, tuple[torch.dtype, ...]]:
@@ -284,8 +289,9 @@ def _placement(op: str, args, kwargs) -> tuple[str, tuple[torch.dtype, ...]]:
     tensors = pick(*args, **kwargs) if pick is not None else tensors_in(args + tuple(kwargs.values()) if kwargs else args)
     dtypes: tuple[torch.dtype, ...] = ()
     for t in tensors:
-        if t.dtype not in dtypes and t.is_floating_point():
-            dtypes += (t.dtype,)
+        dtype = t.dtype
+        if dtype.is_floating_point and dtype not in dtypes:
+            dtypes += (dtype,)
     if len(dtypes) > 1:
         dtypes = tuple(sorted(dtypes, key=str))
     return _device_type(args, kwargs), dtypes
