@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from benchmarks import measure
 from benchmarks.results import FAILED_PREFIX, SKIPPED_PREFIX, make_row
-from benchmarks.shapes import STRIDES, E2EPlan, e2e_plan
+from benchmarks.shapes import STRIDES, E2EPlan, e2e_plan, gpu_dry_run, toy_sizes
 from upernet_fast.measure import saved_activation_mb
 
 OUT_FEATURES = ["stage1", "stage2", "stage3", "stage4"]
@@ -57,6 +57,7 @@ class Options:
     cpu_compile: bool = False
     deadline: float = float("inf")
     log: Callable[[str], None] = print
+    emit: Callable[[list[dict]], None] | None = None  # gets each row as soon as it exists (run.py saves them)
 
 
 class ConvertUnavailable(Exception):
@@ -96,8 +97,8 @@ class Target:
     def __init__(self, kind: str, module, channels, plan: E2EPlan, device: str, converted: bool, compiled: bool):
         self.compiled = compiled
         self.kind, self.module, self.plan, self.device = kind, module, plan, device
-        self.channels_last = device == "cuda"
-        self.amp = torch.bfloat16 if device == "cuda" else None
+        self.channels_last = plan.amp_channels_last
+        self.amp = torch.bfloat16 if plan.amp_channels_last else None
         if self.channels_last:
             module.to(memory_format=torch.channels_last)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -112,17 +113,17 @@ class Target:
             def head_loss(feats, labels):
                 return loss_fn(head(feats), labels)
 
-            self._loss = torch.compile(head_loss) if compiled else head_loss
-            self._infer = torch.compile(head) if compiled else head
+            self._loss = torch.compile(head_loss, backend=measure.compile_backend()) if compiled else head_loss
+            self._infer = torch.compile(head, backend=measure.compile_backend()) if compiled else head
         else:
             self.inputs = [torch.randn(plan.batch, 3, plan.crop, plan.crop, device=device).contiguous(memory_format=fmt)]
-            runner = torch.compile(module) if compiled else module
+            runner = torch.compile(module, backend=measure.compile_backend()) if compiled else module
             self._loss = lambda x, labels: runner(pixel_values=x, labels=labels).loss
             self._infer = lambda x: runner(pixel_values=x).logits
         self.optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
 
     def _autocast(self):
-        return torch.autocast("cuda", dtype=self.amp) if self.amp is not None else contextlib.nullcontext()
+        return torch.autocast(self.device, dtype=self.amp) if self.amp is not None else contextlib.nullcontext()
 
     def inference(self):
         with torch.no_grad(), self._autocast():
@@ -149,7 +150,7 @@ class Target:
 
 
 def _skip_compile_reason(opts: Options) -> str | None:
-    if opts.device == "cpu" and not opts.cpu_compile:
+    if opts.device == "cpu" and not opts.cpu_compile and not gpu_dry_run():
         return ("torch.compile not run on CPU by default: Inductor's C++ build takes minutes for a whole model on a "
                 "2-core machine (--cpu-compile includes it)")
     if opts.shape_set == "quick":
@@ -169,9 +170,10 @@ def _measure(target: Target, mode: str, opts: Options):
     if opts.device == "cuda":
         timing = measure.time_cuda_events(fn, setup=setup, warmup=1 if quick else 2, repeats=5 if quick else 10)
     else:
-        timing = measure.time_cpu(fn, setup=setup, warmup=0 if opts.shape_set == "tiny" else 1,
-                                  min_repeats=3 if opts.shape_set == "tiny" else 5,
-                                  max_repeats=20, budget_s={"tiny": 0.0, "quick": 0.2}.get(opts.shape_set, 1.0))
+        toy = toy_sizes(opts.shape_set)
+        timing = measure.time_cpu(fn, setup=setup, warmup=0 if toy else 1,
+                                  min_repeats=(1 if gpu_dry_run() else 3) if toy else 5,
+                                  max_repeats=20, budget_s=0.0 if toy else {"quick": 0.2}.get(opts.shape_set, 1.0))
     peak, base_mb = measure.peak_memory_mb(fn, opts.device, setup=setup)
     saved_mb = None
     if mode == "train_step" and not target.compiled:  # hooks do not see inside a compiled graph
@@ -181,11 +183,17 @@ def _measure(target: Target, mode: str, opts: Options):
 
 def run_e2e(opts: Options, stamp: dict) -> list[dict]:
     plan = e2e_plan(opts.shape_set, opts.device)
-    dtype = "bf16-amp" if opts.device == "cuda" else "fp32"
-    layout = "channels_last" if opts.device == "cuda" else "nchw"
+    dtype = "bf16-amp" if plan.amp_channels_last else "fp32"
+    layout = "channels_last" if plan.amp_channels_last else "nchw"
+    emit = opts.emit or (lambda rows: None)
     targets = [("head", plan.backbones[0])] + [("model", b) for b in plan.backbones]
     compile_reason = _skip_compile_reason(opts)
     rows = []
+
+    def add(row):
+        rows.append(row)
+        emit([row])
+
     # Uncompiled providers of every target first, then the compiled ones: the budget guard drops the costliest.
     order = [(t, p, False) for t in targets for p in BASE_PROVIDERS]
     order += [(t, p, True) for t in targets for p in BASE_PROVIDERS]
@@ -200,7 +208,7 @@ def run_e2e(opts: Options, stamp: dict) -> list[dict]:
             if reason is None and time.monotonic() > opts.deadline:
                 reason = "time budget used up before this case (see --budget-s)"
             if reason is not None:
-                rows.append(make_row(stamp, **base, mode=mode, note=SKIPPED_PREFIX + reason))
+                add(make_row(stamp, **base, mode=mode, note=SKIPPED_PREFIX + reason))
                 continue
             opts.log(f"[e2e] {name} {label} {mode}")
             try:
@@ -214,11 +222,11 @@ def run_e2e(opts: Options, stamp: dict) -> list[dict]:
                                 converted=provider == "converted", compiled=compiled)
                 timing, peak, base_mb, first_s, saved_mb = _measure(target, mode, opts)
             except ConvertUnavailable as exc:
-                rows.append(make_row(stamp, **base, mode=mode, note=SKIPPED_PREFIX + str(exc)))
+                add(make_row(stamp, **base, mode=mode, note=SKIPPED_PREFIX + str(exc)))
                 continue
             except Exception as exc:
-                rows.append(make_row(stamp, **base, mode=mode,
-                                     note=FAILED_PREFIX + f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]))
+                add(make_row(stamp, **base, mode=mode,
+                             note=FAILED_PREFIX + f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]))
                 continue
             finally:
                 model = module = target = None
@@ -230,6 +238,6 @@ def run_e2e(opts: Options, stamp: dict) -> list[dict]:
             if saved_mb is not None:
                 note.append(f"saved for backward {saved_mb:.1f} MB")
             note.append(timing.method + (f" n={timing.samples}" if timing.samples else ""))
-            rows.append(make_row(stamp, **base, mode=mode, p20_ms=timing.p20, p50_ms=timing.p50, p80_ms=timing.p80,
-                                 peak_mb=peak, note="; ".join(note)))
+            add(make_row(stamp, **base, mode=mode, p20_ms=timing.p20, p50_ms=timing.p50, p80_ms=timing.p80,
+                         peak_mb=peak, note="; ".join(note)))
     return rows

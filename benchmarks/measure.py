@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from benchmarks.shapes import DRY_RUN_COMPILE_BACKEND, gpu_dry_run
 from upernet_fast.measure import QUANTILES, quantiles, synchronize
 from upernet_fast.kernels._utils import interpreting  # noqa: F401 (re-exported for run.py)
 
@@ -212,6 +213,12 @@ def run_stamp(device: str) -> dict[str, str]:
         "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def compile_backend() -> str:
+    """``torch.compile``'s backend for the ``compile`` providers: Inductor, except in the GPU session's dry run
+    (``shapes.gpu_dry_run``), where ``aot_eager`` traces the same graphs without Inductor's C++ build."""
+    return DRY_RUN_COMPILE_BACKEND if gpu_dry_run() else "inductor"
 
 
 def fresh_compile_cache() -> None:

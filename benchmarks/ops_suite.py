@@ -20,7 +20,7 @@ import torch
 from benchmarks import measure
 from benchmarks.bytes_model import op_bytes, op_flops
 from benchmarks.results import FAILED_PREFIX, SKIPPED_PREFIX, make_row
-from benchmarks.shapes import OpCase, ops_plan
+from benchmarks.shapes import OpCase, gpu_dry_run, ops_plan, toy_sizes
 
 PROVIDERS = ("eager", "compile", "triton", "cpp")
 OPS = ("adaptive_avg_pool_multi", "upsample_add", "upsample_concat", "upsample_cross_entropy", "conv_bn_relu",
@@ -109,7 +109,7 @@ def provider_skip_reason(op: str, provider: str, device: str, built: Built) -> s
         return f"no {provider} implementation of {op} is registered"
     if status["status"] != "available":
         return f"{provider} backend unavailable: {status['why']}"
-    if provider == "triton" and device != "cuda":
+    if provider == "triton" and device != "cuda" and not gpu_dry_run():
         return ("Triton on CPU tensors runs only in the interpreter (TRITON_INTERPRET=1), a correctness tool whose "
                 "timings say nothing about kernel speed: not benchmarked")
     try:
@@ -128,10 +128,11 @@ class Options:
     providers: tuple[str, ...] = PROVIDERS
     ops: tuple[str, ...] | None = None
     log: Callable[[str], None] = print
+    emit: Callable[[list[dict]], None] | None = None  # gets each case's rows as soon as they exist (run.py saves them)
 
 
 def compile_skip_reason(case: OpCase, opts: Options) -> str | None:
-    if opts.device == "cpu" and not opts.cpu_compile:
+    if opts.device == "cpu" and not opts.cpu_compile and not gpu_dry_run():
         return ("torch.compile not run on CPU by default: Inductor's C++ build takes tens of seconds per graph on a "
                 "2-core machine (--cpu-compile includes it)")
     if opts.shape_set == "quick":
@@ -148,8 +149,9 @@ def _timer(device: str, shape_set: str):
         if device == "cuda":
             return measure.time_do_bench(fn, grad_to_none=leaves, warmup_ms=10 if quick else 25,
                                          rep_ms=40 if quick else 100)
-        if shape_set == "tiny":  # the harness's own tests: enough samples for quantiles, no more
-            return measure.time_cpu(fn, setup=setup, warmup=1, budget_s=0.01, min_repeats=3)
+        if toy_sizes(shape_set):  # the harness's own tests, the GPU dry run: the fewest samples that still time
+            return measure.time_cpu(fn, setup=setup, warmup=0 if gpu_dry_run() else 1, budget_s=0.01,
+                                    min_repeats=1 if gpu_dry_run() else 3)
         return measure.time_cpu(fn, setup=setup, budget_s=0.05 if quick else 0.3, min_repeats=5)
     return run
 
@@ -199,7 +201,7 @@ def _make_call(built: Built, provider: str) -> Callable:
     if provider != "compile":
         return lambda: built.public(*built.args, backend=provider)
     measure.fresh_compile_cache()
-    compiled = torch.compile(built.reference, dynamic=False)
+    compiled = torch.compile(built.reference, dynamic=False, backend=measure.compile_backend())
     return lambda: compiled(*built.args)
 
 
@@ -282,7 +284,9 @@ def run_ops(opts: Options, stamp: dict) -> list[dict]:
     """Ceilings, then every case with the uncompiled providers, then torch.compile (the slow part) case by case,
     so that a run cut short by its budget loses compile rows, not the cheap ones. Rows come back in case order."""
     opts.log("[ops] measuring ceilings (copy bandwidth, matmul)")
-    ceilings = measure.measure_ceilings(opts.device, "small" if opts.shape_set == "tiny" else "normal")
+    ceilings = measure.measure_ceilings(opts.device, "small" if toy_sizes(opts.shape_set) else "normal")
+    emit = opts.emit or (lambda rows: None)
+    emit(ceiling_rows(ceilings, stamp))
     entries = [e for e in ops_plan(opts.shape_set, opts.device).entries if opts.ops is None or e[0].op in opts.ops]
     passes = [tuple(p for p in opts.providers if p != "compile")]
     if "compile" in opts.providers:
@@ -290,7 +294,9 @@ def run_ops(opts: Options, stamp: dict) -> list[dict]:
     per_entry: list[list[dict]] = [[] for _ in entries]
     for providers in passes:
         for i, (case, dtype_name, layout, modes) in enumerate(entries):
-            per_entry[i] += run_case(case, dtype_name, layout, modes, providers, opts, ceilings, stamp)
+            case_rows = run_case(case, dtype_name, layout, modes, providers, opts, ceilings, stamp)
+            emit(case_rows)
+            per_entry[i] += case_rows
             if opts.device == "cuda":
                 torch.cuda.empty_cache()
     order = {p: i for i, p in enumerate(PROVIDERS)}

@@ -143,10 +143,27 @@ def _not_measured(rows: list[dict]) -> list[str]:
     return lines
 
 
+PROVIDER_RANK = {"torch": 0, "eager": 1, "compile": 2, "triton": 3, "cpp": 4,
+                 "reference": 1, "converted": 2, "reference+compile": 3, "converted+compile": 4}
+
+
+def case_order(rows: list[dict]) -> list[dict]:
+    """Rows grouped by case and mode in the order the cases first ran, providers in a fixed order within each
+    (rows are saved as they are measured, so a run's compiled providers sit after all uncompiled ones)."""
+    def case(r):
+        return tuple(r[k] for k in ("suite", "op", "shape", "dtype", "layout", "mode"))
+
+    first: dict[tuple, int] = {}
+    for i, r in enumerate(rows):
+        first.setdefault(case(r), i)
+    return sorted(rows, key=lambda r: (first[case(r)], PROVIDER_RANK.get(r["provider"], 99)))
+
+
 def format_markdown(rows: list[dict]) -> str:
     """The latest run of one results file as a markdown table (for the README and the GPU evidence)."""
     if not rows:
         return "_no rows_\n"
+    rows = case_order(rows)
     stamp = rows[0]
     head = (f"Device: **{stamp['device_name']}**; date {stamp['date']}; torch {stamp['torch_version']}, "
             f"triton {stamp['triton_version']}, commit {stamp['git_commit']}.\n\n")

@@ -8,6 +8,7 @@ the stored rows the PNG plots and a markdown table of each file's latest run. ``
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="default: cuda when available, else cpu")
     parser.add_argument("--quick", action="store_true", help="the short case list (about one minute)")
     parser.add_argument("--shapes", choices=SHAPE_SETS, default=None,
-                        help="case list: full, quick (the --quick default) or tiny (toy shapes, for tests)")
+                        help="case list: full, quick (the --quick default), headline (the GPU session's: the "
+                             "headline workload only) or tiny (toy shapes, for tests)")
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
     parser.add_argument("--budget-s", type=float, default=None,
                         help=f"wall-clock budget; cases after it are recorded as skipped "
@@ -75,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
 
     failures = 0
     for suite in suites:
+        path = csv_path(args.results_dir, suite, device)
+        save = functools.partial(append_rows, path)  # rows reach the file as each case ends: a killed run keeps them
+
         if suite == "ops":
             from benchmarks.ops_suite import Options, run_ops
 
@@ -82,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             opts = Options(device=device, shape_set=shape_set, cpu_compile=args.cpu_compile,
                            deadline=start + share * budget, log=_log,
                            providers=tuple(args.providers.split(",")) if args.providers else PROVIDERS,
-                           ops=tuple(args.ops.split(",")) if args.ops else None)
+                           ops=tuple(args.ops.split(",")) if args.ops else None, emit=save)
             rows = run_ops(opts, stamp)
         else:
             from benchmarks.e2e_suite import Options as E2EOptions
@@ -92,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             deadline = max(start + budget, time.monotonic() + (1 - OPS_SHARE) * budget) if len(suites) > 1 \
                 else start + budget
             rows = run_e2e(E2EOptions(device=device, shape_set=shape_set, cpu_compile=args.cpu_compile,
-                                      deadline=deadline, log=_log), stamp)
-        path = csv_path(args.results_dir, suite, device)
-        append_rows(path, rows)
+                                      deadline=deadline, log=_log, emit=save), stamp)
         print(f"\n== {suite} on {stamp['device_name']} ({stamp['date']}) -> {path}")
         print(format_table(rows))
         failures += sum(r["note"].startswith(FAILED_PREFIX) for r in rows)

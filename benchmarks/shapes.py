@@ -8,6 +8,7 @@ so the numbers are the ones a real model hits, not arbitrary sizes.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 BACKBONE_CHANNELS: dict[str, tuple[int, int, int, int]] = {
@@ -24,7 +25,27 @@ HIDDEN = 512
 NUM_CLASSES = 150
 POOL_SCALES = (1, 2, 3, 6)
 
-SHAPE_SETS = ("full", "quick", "tiny")
+SHAPE_SETS = ("full", "quick", "headline", "tiny")
+HEADLINE_BLOCK = "fpn_convs.0"  # the conv block of the headline set
+
+DRY_RUN_ENV = "UPERNET_FAST_GPU_DRY_RUN"
+DRY_RUN_COMPILE_BACKEND = "aot_eager"
+
+
+def gpu_dry_run() -> bool:
+    """True in the GPU session's CPU rehearsal (``UPERNET_FAST_GPU_DRY_RUN=1 bash .ci/gpu-session``).
+
+    The one switch of the rehearsal, read here only: the ``headline`` set keeps its selection (ops, instances,
+    modes, dtype, layout, providers, targets) at toy sizes; Triton is timed under its interpreter (numbers
+    without meaning, the code path is what is proven); ``torch.compile`` uses the ``aot_eager`` backend (dynamo
+    and AOT autograd run, Inductor's C++ build is left out) and is not skipped on the CPU; timers take the
+    fewest samples. Nothing else differs from the run on the GPU."""
+    return os.environ.get(DRY_RUN_ENV, "") not in ("", "0")
+
+
+def toy_sizes(shape_set: str) -> bool:
+    """Whether this run measures toy shapes (the tests' ``tiny`` set, or the headline set in a dry run)."""
+    return shape_set == "tiny" or (shape_set == "headline" and gpu_dry_run())
 
 
 @dataclass(frozen=True)
@@ -61,6 +82,8 @@ def workload(backbone: str, crop: int, batch: int) -> Workload:
 
 # A tiny workload for the tests and the CPU smoke run: same structure, toy sizes.
 TINY = Workload("tiny", (8, 16, 32, 64), crop=64, batch=2, hidden=16, num_classes=5)
+# Smaller still for the GPU session's dry run, where every Triton call runs in the interpreter at Python speed.
+DRY_RUN = Workload("dry run", (8, 16, 32, 64), crop=32, batch=2, hidden=16, num_classes=5)
 
 
 @dataclass(frozen=True)
@@ -172,6 +195,15 @@ def ops_plan(shape_set: str, device: str) -> OpsPlan:
 
     if shape_set == "tiny":
         add(head_op_cases(TINY, primary=True, all_instances=True, conv="all"), ["fp32"], ["nchw", "channels_last"])
+    elif shape_set == "headline":
+        # The GPU session's list (3 minutes with e2e, torch.compile included): the headline workload, bf16
+        # channels_last (what a converted model runs), forward and backward, one case per op: the largest
+        # instance of each resize op, and the conv block and BN+ReLU of fpn_convs.0 (3x3 512->512 at 1/4
+        # resolution: issue 4's target); the conv block also in inference (BN folded).
+        w = DRY_RUN if gpu_dry_run() else workload("convnext_t", 512, 16)
+        cases = [c for c in head_op_cases(w, primary=True, all_instances=False, conv="all")
+                 if c.op not in ("conv_bn_relu", "bn_relu") or c.name == HEADLINE_BLOCK]
+        add(cases, ["bf16"], ["channels_last"], modes=("inference", "forward", "backward"))
     elif device == "cuda":
         real = workload("convnext_t", 512, 16)  # the headline workload of issues 3-5
         if shape_set == "quick":
@@ -214,13 +246,21 @@ class E2EPlan:
     num_classes: int
     aux_channels: int
     backbones: tuple[str, ...]  # which models get a whole-model benchmark (the head is always benchmarked)
+    amp_channels_last: bool = False  # AMP bf16 with channels_last weights and inputs (else fp32, NCHW)
 
 
 def e2e_plan(shape_set: str, device: str) -> E2EPlan:
+    if shape_set == "headline":  # the GPU session: ConvNeXt-T at batch 16, 512x512, AMP bf16 (toy in a dry run)
+        if gpu_dry_run():
+            return E2EPlan(E2E_TINY_MODELS, crop=DRY_RUN.crop, batch=DRY_RUN.batch, hidden=DRY_RUN.hidden,
+                           num_classes=DRY_RUN.num_classes, aux_channels=8, backbones=("convnext_t",),
+                           amp_channels_last=False)
+        return E2EPlan(E2E_MODELS, crop=512, batch=16, hidden=HIDDEN, num_classes=NUM_CLASSES, aux_channels=256,
+                       backbones=("convnext_t",), amp_channels_last=True)
     if device == "cuda" and shape_set != "tiny":
         backbones = ("convnext_t",) if shape_set == "quick" else ("convnext_t", "swin_t")
         return E2EPlan(E2E_MODELS, crop=512, batch=16, hidden=HIDDEN, num_classes=NUM_CLASSES, aux_channels=256,
-                       backbones=backbones)
+                       backbones=backbones, amp_channels_last=True)
     # CPU (any set) and the tiny set: toy configs, so that --quick finishes in about a minute on 2 cores.
     crop = 64 if shape_set in ("tiny", "quick") else 128
     return E2EPlan(E2E_TINY_MODELS, crop=crop, batch=2, hidden=16, num_classes=5, aux_channels=8,
