@@ -14,7 +14,8 @@ kernel file; an extension gets the generic (scalar-array) implementation unless 
 ISA torch detects on this machine (``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2, else
 default) selects the macros and ``-m`` flags; never ``-march=native``, whose code may not run on another
 machine sharing the cache. The build directory is keyed by torch version, compiler version and a hash of
-the flags (ISA included), so machines or environments with different ISAs never share a binary.
+the flags (ISA included; and the ninja version, whose build logs are not portable), so machines or
+environments with different ISAs never share a binary.
 """
 
 from __future__ import annotations
@@ -89,6 +90,14 @@ def _compiler_version() -> str | None:
     return out.splitlines()[0].strip() if out else exe
 
 
+def _ninja_version() -> str | None:
+    # In the key: ninja versions do not share a build log (another version rebuilds everything).
+    try:
+        return subprocess.run(["ninja", "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+    except Exception:
+        return None
+
+
 def cache_root() -> Path:
     base = os.environ.get("UPERNET_FAST_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "upernet_fast"
@@ -100,7 +109,8 @@ def build_directory() -> Path:
     """<cache>/cpp/torch-<version>-<hash of compiler version and flags>."""
     import torch
 
-    key = json.dumps({"compiler": _compiler_version(), "flags": cflags(), "python": sys.version_info[:2]})
+    key = json.dumps({"compiler": _compiler_version(), "flags": cflags(), "python": sys.version_info[:2],
+                      "ninja": _ninja_version()})
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return cache_root() / f"torch-{torch.__version__}-{digest}"
 
