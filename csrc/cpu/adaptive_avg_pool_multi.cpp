@@ -32,6 +32,8 @@ std::vector<Tensor> pool(const Tensor& x, c10::IntArrayRef scales) {
     using Vec = at::vec::Vectorized<opmath_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const int64_t sb = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+    std::vector<scalar_t*> out_ptrs;
+    for (Tensor& o : outs) out_ptrs.push_back(o.data_ptr<scalar_t>());
     if (!cl) {
       // One (b, c) plane per work item, every scale.
       at::parallel_for(0, B * C, kGrain, [&](int64_t begin, int64_t end) {
@@ -40,7 +42,7 @@ std::vector<Tensor> pool(const Tensor& x, c10::IntArrayRef scales) {
           const scalar_t* p = xp + b * sb + c * sc;
           for (size_t k = 0; k < scales.size(); ++k) {
             const int64_t s = scales[k];
-            scalar_t* o = outs[k].data_ptr<scalar_t>() + plane * s * s;
+            scalar_t* o = out_ptrs[k] + plane * s * s;
             for (int64_t oh = 0; oh < s; ++oh) {
               const int64_t h0 = bin_start(oh, H, s), h1 = bin_end(oh, H, s);
               for (int64_t ow = 0; ow < s; ++ow) {
@@ -81,7 +83,7 @@ std::vector<Tensor> pool(const Tensor& x, c10::IntArrayRef scales) {
           }
         }
         const Vec kh(static_cast<opmath_t>(h1 - h0)), kw(static_cast<opmath_t>(w1 - w0));
-        scalar_t* o = outs[k].data_ptr<scalar_t>() + ((b * s + oh) * s + ow) * C;
+        scalar_t* o = out_ptrs[k] + ((b * s + oh) * s + ow) * C;
         opmath_t* r = row_buffer<scalar_t, opmath_t>(o, 1, res.data());
         vec_for<opmath_t>(C, [&](int64_t i, int64_t n) { vstore(r + i, n, vload(acc.data() + i, n) / kh / kw); });
         row_out(o, 1, C, r);
@@ -122,12 +124,21 @@ Tensor pool_backward(at::TensorList grads, c10::IntArrayRef input_shape, bool ch
     ax_h.emplace_back(H, s);
     ax_w.emplace_back(W, s);
   }
-  Tensor gi = at::empty({B, C, H, W}, grads[0].options().memory_format(memory_format(channels_last)));
+  Tensor gi = huge_pages(at::empty({B, C, H, W}, grads[0].options().memory_format(memory_format(channels_last))));
   UPERNET_FAST_DISPATCH(gi.scalar_type(), "adaptive_avg_pool_multi_backward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     using Vec = at::vec::Vectorized<opmath_t>;
     scalar_t* out = gi.data_ptr<scalar_t>();
     const size_t K = scales.size();
+    // Pointers and strides of the gradients, read once (not per element in the loops below).
+    struct Strided {
+      const scalar_t* p;
+      int64_t sb, sc, sh, sw;
+    };
+    std::vector<Strided> gs;
+    for (const Tensor& g : grads) {
+      gs.push_back({g.const_data_ptr<scalar_t>(), g.stride(0), g.stride(1), g.stride(2), g.stride(3)});
+    }
     if (!channels_last) {
       at::parallel_for(0, B * C, kGrain, [&](int64_t begin, int64_t end) {
         for (int64_t plane = begin; plane < end; ++plane) {
@@ -137,12 +148,12 @@ Tensor pool_backward(at::TensorList grads, c10::IntArrayRef input_shape, bool ch
             for (int64_t w = 0; w < W; ++w) {
               opmath_t acc(0);
               for (size_t k = 0; k < K; ++k) {
-                const Tensor& g = grads[k];
-                const scalar_t* gp = g.const_data_ptr<scalar_t>() + b * g.stride(0) + c * g.stride(1);
+                const Strided& g = gs[k];
+                const scalar_t* gp = g.p + b * g.sb + c * g.sc;
                 for (int64_t oh = ax_h[k].lo[h]; oh <= ax_h[k].hi[h]; ++oh) {
                   const opmath_t kh = static_cast<opmath_t>(ax_h[k].size[oh]);
                   for (int64_t ow = ax_w[k].lo[w]; ow <= ax_w[k].hi[w]; ++ow) {
-                    const opmath_t v = static_cast<opmath_t>(gp[oh * g.stride(2) + ow * g.stride(3)]);
+                    const opmath_t v = static_cast<opmath_t>(gp[oh * g.sh + ow * g.sw]);
                     acc += v / kh / static_cast<opmath_t>(ax_w[k].size[ow]);
                   }
                 }
@@ -161,13 +172,13 @@ Tensor pool_backward(at::TensorList grads, c10::IntArrayRef input_shape, bool ch
         for (int64_t w = 0; w < W; ++w) {
           std::fill(acc.begin(), acc.end(), opmath_t(0));
           for (size_t k = 0; k < K; ++k) {
-            const Tensor& g = grads[k];
-            const scalar_t* gp = g.const_data_ptr<scalar_t>() + b * g.stride(0);
+            const Strided& g = gs[k];
+            const scalar_t* gp = g.p + b * g.sb;
             for (int64_t oh = ax_h[k].lo[h]; oh <= ax_h[k].hi[h]; ++oh) {
               const Vec kh(static_cast<opmath_t>(ax_h[k].size[oh]));
               for (int64_t ow = ax_w[k].lo[w]; ow <= ax_w[k].hi[w]; ++ow) {
                 const Vec kw(static_cast<opmath_t>(ax_w[k].size[ow]));
-                const opmath_t* v = row_in(gp + oh * g.stride(2) + ow * g.stride(3), g.stride(1), C, tmp.data());
+                const opmath_t* v = row_in(gp + oh * g.sh + ow * g.sw, g.sc, C, tmp.data());
                 vec_for<opmath_t>(C, [&](int64_t i, int64_t n) {
                   vstore(acc.data() + i, n, vload(acc.data() + i, n) + vload(v + i, n) / kh / kw);
                 });

@@ -113,7 +113,7 @@ Tensor apply(const Tensor& x_in, const Tensor& mean, const Tensor& invstd, const
   check_params({mean, invstd, weight, bias}, x_in.size(1));
   DenseMap m;
   const Tensor x = dense_map(x_in, m);
-  Tensor y = at::empty(x.sizes(), x.options().memory_format(memory_format(m.cl)));
+  Tensor y = huge_pages(at::empty(x.sizes(), x.options().memory_format(memory_format(m.cl))));
   UPERNET_FAST_DISPATCH(x.scalar_type(), "bn_relu_apply", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const auto mu = per_channel<opmath_t>(mean), is = per_channel<opmath_t>(invstd);
@@ -145,36 +145,19 @@ std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_in, const Tensor& 
     using opmath_t = at::opmath_type<scalar_t>;
     const auto mu = per_channel<opmath_t>(mean), is = per_channel<opmath_t>(invstd);
     const auto w = per_channel<opmath_t>(weight), b = per_channel<opmath_t>(bias);
-    const int64_t chunks = m.chunks(), C = m.C;
-    std::vector<opmath_t> parts(chunks * 2 * C);  // [chunk][k][c]: k = 0 sum(g_relu), 1 sum(g_relu * (x - mean))
+    // k = 0: sum(g_relu), k = 1: sum(g_relu * (x - mean)) (times invstd below: sum(g_relu * xhat)).
     auto f = [&](const Lanes<opmath_t>& l, Vec<opmath_t> v, Vec<opmath_t> g, Vec<opmath_t>) {
       const auto mean_v = l.get(mu.data());
       const auto g_relu = where_positive(bn_affine(v, mean_v, l.get(is.data()), l.get(w.data()), l.get(b.data())), g);
       return std::array<Vec<opmath_t>, 2>{g_relu, g_relu * (v - mean_v)};
     };
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
-    for_each_chunk<opmath_t>(m, [&](int64_t chunk, int64_t c, int64_t p0, int64_t p1, Scratch<opmath_t>& tmp) {
-      opmath_t* out = parts.data() + chunk * 2 * C;
-      if (m.cl) {
-        chunk_sums<2>(m, xp, gp, static_cast<const scalar_t*>(nullptr), p0, p1, c, f, out, tmp);
-      } else {
-        opmath_t pair[2];
-        chunk_sums<2>(m, xp, gp, static_cast<const scalar_t*>(nullptr), p0, p1, c, f, pair, tmp);
-        out[c] = pair[0];
-        out[C + c] = pair[1];
-      }
-    });
+    const auto sums = channel_sums2<scalar_t, opmath_t>(m, x.const_data_ptr<scalar_t>(),
+                                                        grad.const_data_ptr<scalar_t>(), nullptr, f);
     opmath_t* sg = sum_g.data_ptr<opmath_t>();
     opmath_t* sgx = sum_gxhat.data_ptr<opmath_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      opmath_t a(0), q(0);
-      for (int64_t i = 0; i < chunks; ++i) {
-        a += parts[i * 2 * C + c];
-        q += parts[i * 2 * C + C + c];
-      }
-      sg[c] = a;
-      sgx[c] = q * is[c];
+    for (int64_t c = 0; c < m.C; ++c) {
+      sg[c] = sums[0][c];
+      sgx[c] = sums[1][c] * is[c];
     }
   });
   return {sum_g, sum_gxhat};
@@ -195,7 +178,7 @@ Tensor backward_input(const Tensor& grad_in, const Tensor& x_in, const Tensor& m
   DenseMap m;
   const Tensor x = dense_map(x_in, m);
   const Tensor grad = like_map(grad_in, m);
-  Tensor dx = at::empty(x.sizes(), x.options().memory_format(memory_format(m.cl)));
+  Tensor dx = huge_pages(at::empty(x.sizes(), x.options().memory_format(memory_format(m.cl))));
   UPERNET_FAST_DISPATCH(x.scalar_type(), "bn_relu_backward_input", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const auto mu = per_channel<opmath_t>(mean), is = per_channel<opmath_t>(invstd);
@@ -225,7 +208,7 @@ Tensor eval_forward(const Tensor& x_in, const Tensor& scale, const Tensor& shift
   check_per_channel(shift, "shift", x_in.size(1));
   DenseMap m;
   const Tensor x = dense_map(x_in, m);
-  Tensor y = at::empty(x.sizes(), x.options().memory_format(memory_format(m.cl)));
+  Tensor y = huge_pages(at::empty(x.sizes(), x.options().memory_format(memory_format(m.cl))));
   UPERNET_FAST_DISPATCH(x.scalar_type(), "bn_relu_eval", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const auto s = per_channel<opmath_t>(scale), t = per_channel<opmath_t>(shift);
@@ -252,7 +235,7 @@ std::tuple<Tensor, Tensor, Tensor> eval_backward(const Tensor& grad_in, const Te
   DenseMap m;
   const Tensor x = dense_map(x_in, m);
   const Tensor grad = like_map(grad_in, m), y = like_map(y_in, m);
-  Tensor dx = at::empty(x.sizes(), x.options().memory_format(memory_format(m.cl)));
+  Tensor dx = huge_pages(at::empty(x.sizes(), x.options().memory_format(memory_format(m.cl))));
   Tensor grad_scale, grad_shift;
   UPERNET_FAST_DISPATCH(x.scalar_type(), "bn_relu_eval_backward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -264,36 +247,17 @@ std::tuple<Tensor, Tensor, Tensor> eval_backward(const Tensor& grad_in, const Te
                               [&](const Lanes<opmath_t>& l, Vec<opmath_t> g, Vec<opmath_t> yv, Vec<opmath_t>) {
                                 return where_positive(yv, g) * l.get(s.data());
                               });
-    const int64_t chunks = m.chunks(), C = m.C;
-    std::vector<opmath_t> parts(chunks * 2 * C);  // [chunk][k][c]: k = 0 sum(g_m * x), 1 sum(g_m)
+    // k = 0: sum(g_m * x) (grad of scale), k = 1: sum(g_m) (grad of shift), g_m = (y > 0) * grad.
     auto f = [](const Lanes<opmath_t>&, Vec<opmath_t> v, Vec<opmath_t> g, Vec<opmath_t> yv) {
       const auto gm = where_positive(yv, g);
       return std::array<Vec<opmath_t>, 2>{gm * v, gm};
     };
-    for_each_chunk<opmath_t>(m, [&](int64_t chunk, int64_t c, int64_t p0, int64_t p1, Scratch<opmath_t>& tmp) {
-      opmath_t* out = parts.data() + chunk * 2 * C;
-      if (m.cl) {
-        chunk_sums<2>(m, xp, gp, yp, p0, p1, c, f, out, tmp);
-      } else {
-        opmath_t pair[2];
-        chunk_sums<2>(m, xp, gp, yp, p0, p1, c, f, pair, tmp);
-        out[c] = pair[0];
-        out[C + c] = pair[1];
-      }
-    });
-    Tensor gs = at::empty({C}, x.options().dtype(c10::CppTypeToScalarType<opmath_t>::value));
-    Tensor gt = at::empty({C}, gs.options());
-    opmath_t* gsp = gs.data_ptr<opmath_t>();
-    opmath_t* gtp = gt.data_ptr<opmath_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      opmath_t a(0), q(0);
-      for (int64_t i = 0; i < chunks; ++i) {
-        a += parts[i * 2 * C + c];
-        q += parts[i * 2 * C + C + c];
-      }
-      gsp[c] = a;
-      gtp[c] = q;
-    }
+    const auto sums = channel_sums2<scalar_t, opmath_t>(m, xp, gp, yp, f);
+    const auto dtype = c10::CppTypeToScalarType<opmath_t>::value;
+    Tensor gs = at::empty({m.C}, x.options().dtype(dtype));
+    Tensor gt = at::empty({m.C}, gs.options());
+    std::copy(sums[0].begin(), sums[0].end(), gs.data_ptr<opmath_t>());
+    std::copy(sums[1].begin(), sums[1].end(), gt.data_ptr<opmath_t>());
     grad_scale = gs.to(scale.scalar_type());
     grad_shift = gt.to(scale.scalar_type());
   });

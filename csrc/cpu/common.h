@@ -18,6 +18,10 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/util/irange.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -55,6 +59,25 @@ inline bool suggests_channels_last(const Tensor& x) {
     floor = strides[d] * std::max<int64_t>(sizes[d], 1);
   }
   return true;
+}
+
+// Asks the kernel for transparent huge pages behind a freshly allocated (not yet touched) output; returns it.
+// Why: these kernels are memory-bound and write each output once, so the first-touch page faults of a new
+// output are a large share of their time: on the development machine (THP in "madvise" mode) a 32 MB
+// output costs ~48 ms of 4 KB page faults against ~16 ms to write it. PyTorch's own allocator does the
+// same under THP_MEM_ALLOC_ENABLE=1. Only a hint: no effect on values, ignored where unsupported.
+inline Tensor huge_pages(Tensor t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t bytes = t.storage().nbytes();
+  if (bytes >= 2 * kHuge) {
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(t.storage().data());
+    const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t last = (begin + bytes) & ~(kHuge - 1);
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
+  return t;
 }
 
 inline at::MemoryFormat memory_format(bool channels_last) {

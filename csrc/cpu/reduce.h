@@ -145,4 +145,35 @@ void for_each_chunk(const DenseMap& m, Task task) {
   });
 }
 
+// Two per-channel sums of f(lanes, x, g, y) (std::array<Vec, 2>) over every pixel: fixed-chunk partials,
+// combined per channel in chunk order.
+template <typename scalar_t, typename opmath_t, typename F>
+std::array<std::vector<opmath_t>, 2> channel_sums2(const DenseMap& m, const scalar_t* x, const scalar_t* g,
+                                                   const scalar_t* y, F f) {
+  const int64_t chunks = m.chunks(), C = m.C;
+  std::vector<opmath_t> parts(chunks * 2 * C);  // [chunk][k][c]
+  for_each_chunk<opmath_t>(m, [&](int64_t chunk, int64_t c, int64_t p0, int64_t p1, Scratch<opmath_t>& tmp) {
+    opmath_t* out = parts.data() + chunk * 2 * C;
+    if (m.cl) {
+      chunk_sums<2>(m, x, g, y, p0, p1, c, f, out, tmp);
+    } else {
+      opmath_t pair[2];
+      chunk_sums<2>(m, x, g, y, p0, p1, c, f, pair, tmp);
+      out[c] = pair[0];
+      out[C + c] = pair[1];
+    }
+  });
+  std::array<std::vector<opmath_t>, 2> sums{std::vector<opmath_t>(C), std::vector<opmath_t>(C)};
+  for (int64_t c = 0; c < C; ++c) {
+    opmath_t a(0), q(0);
+    for (int64_t i = 0; i < chunks; ++i) {
+      a += parts[i * 2 * C + c];
+      q += parts[i * 2 * C + C + c];
+    }
+    sums[0][c] = a;
+    sums[1][c] = q;
+  }
+  return sums;
+}
+
 }  // namespace upernet_fast_cpp

@@ -18,7 +18,7 @@ Tensor upsample_add(const Tensor& low, const Tensor& lateral) {
               low.scalar_type(), " and ", lateral.scalar_type());
   TORCH_CHECK(low.numel() > 0 && lateral.numel() > 0, "low and lateral must have no empty dimension, got ",
               low.sizes(), " and ", lateral.sizes());
-  Tensor out = at::empty_like(lateral);  // lateral's layout, as the Triton launcher allocates it
+  Tensor out = huge_pages(at::empty_like(lateral));  // lateral's layout, as the Triton launcher allocates it
   UPERNET_FAST_DISPATCH(lateral.scalar_type(), "upsample_add", [&] { resize_forward<scalar_t>(low, out, &lateral); });
   return out;
 }
@@ -28,7 +28,7 @@ Tensor upsample_add_backward(const Tensor& grad, c10::IntArrayRef low_size, bool
   TORCH_CHECK(low_size.size() == 4 && low_size[0] == grad.size(0) && low_size[1] == grad.size(1) &&
                   low_size[2] > 0 && low_size[3] > 0,
               "low_size must be (B, C, h, w) with grad's B and C ", grad.sizes().slice(0, 2), ", got ", low_size);
-  Tensor grad_low = at::empty(low_size, grad.options().memory_format(memory_format(low_channels_last)));
+  Tensor grad_low = huge_pages(at::empty(low_size, grad.options().memory_format(memory_format(low_channels_last))));
   UPERNET_FAST_DISPATCH(grad.scalar_type(), "upsample_add_backward",
                         [&] { resize_backward<scalar_t>(grad, 0, grad_low); });
   return grad_low;

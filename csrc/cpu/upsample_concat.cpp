@@ -24,8 +24,8 @@ Tensor upsample_concat(at::TensorList tensors, c10::IntArrayRef size) {
     channels += tensors[k].size(1);
   }
   // The first input's layout, as the Triton op allocates it (channels_last in, channels_last out).
-  Tensor out = at::empty({first.size(0), channels, size[0], size[1]},
-                         first.options().memory_format(memory_format(is_channels_last_layout(first))));
+  Tensor out = huge_pages(at::empty({first.size(0), channels, size[0], size[1]},
+                                    first.options().memory_format(memory_format(is_channels_last_layout(first)))));
   int64_t offset = 0;
   for (const Tensor& t : tensors) {
     const Tensor slice = out.narrow(1, offset, t.size(1));
@@ -49,7 +49,8 @@ std::vector<Tensor> upsample_concat_backward(const Tensor& grad, c10::IntArrayRe
                 ", ", w, ")");
     TORCH_CHECK(channel_offsets[k] >= 0 && channel_offsets[k] + C <= grad.size(1), "channel_offsets[", k, "] = ",
                 channel_offsets[k], " with ", C, " channels runs past grad's ", grad.size(1), " channels");
-    Tensor g = at::empty({grad.size(0), C, h, w}, grad.options().memory_format(memory_format(channels_last.get(k))));
+    Tensor g = huge_pages(
+        at::empty({grad.size(0), C, h, w}, grad.options().memory_format(memory_format(channels_last.get(k)))));
     UPERNET_FAST_DISPATCH(grad.scalar_type(), "upsample_concat_backward",
                           [&] { resize_backward<scalar_t>(grad, channel_offsets[k], g); });
     grads.push_back(std::move(g));

@@ -182,7 +182,7 @@ Tensor backward(const Tensor& grad_loss, const Tensor& logits, const Tensor& lab
               grad_loss.sizes());
   TORCH_CHECK(lse.sizes() == labels.sizes(), "lse must have labels' shape ", labels.sizes(), ", got ", lse.sizes());
   TORCH_CHECK(denominator.numel() == 1, "denominator must be a 0-dim tensor, got shape ", denominator.sizes());
-  Tensor grad_logits = at::empty({B, C, h, w}, logits.options());  // contiguous, like the Triton kernel
+  Tensor grad_logits = huge_pages(at::empty({B, C, h, w}, logits.options()));  // contiguous, like the Triton kernel
   UPERNET_FAST_DISPATCH(logits.scalar_type(), "upsample_cross_entropy_backward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const auto opmath_dtype = c10::CppTypeToScalarType<opmath_t>::value;
