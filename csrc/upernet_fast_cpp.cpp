@@ -9,6 +9,10 @@
 // kernel and this one. Identical schemas let the Python layer register one fake kernel and one autograd
 // formula for both namespaces. The CUDA key of these ops stays free for csrc/cuda kernels.
 //
+// The schemas are the ones torch.library.custom_op infers for the Python ops (list[int] -> SymInt[], int ->
+// SymInt; tests/test_cpp_extension.py compares them); the C++ kernels take plain int64_t / IntArrayRef, which
+// the dispatcher converts (concrete sizes only, as any CPU kernel).
+//
 // Fake (Meta) kernels and autograd are registered from Python (upernet_fast/ops), shared with the Triton ops.
 //
 // This is the only file that includes torch/extension.h (pybind11): the kernel files include narrow ATen
@@ -24,21 +28,21 @@
 
 TORCH_LIBRARY(upernet_fast_cpp, m) {
   // adaptive_avg_pool_multi: one (B, C, s, s) map per scale, in x's memory format (suggest_memory_format).
-  m.def("adaptive_avg_pool_multi(Tensor x, int[] scales) -> Tensor[]");
-  m.def("adaptive_avg_pool_multi_backward(Tensor[] grads, int[] input_shape, bool channels_last) -> Tensor");
+  m.def("adaptive_avg_pool_multi(Tensor x, SymInt[] scales) -> Tensor[]");
+  m.def("adaptive_avg_pool_multi_backward(Tensor[] grads, SymInt[] input_shape, bool channels_last) -> Tensor");
   // upsample_add: lateral + interpolate(low, lateral's size); backward: low's gradient.
   m.def("upsample_add(Tensor low, Tensor lateral) -> Tensor");
-  m.def("upsample_add_backward(Tensor grad, int[] low_size, bool low_channels_last) -> Tensor");
+  m.def("upsample_add_backward(Tensor grad, SymInt[] low_size, bool low_channels_last) -> Tensor");
   // upsample_concat: the concat of every input resized to size; backward: the resized inputs' gradients.
-  m.def("upsample_concat(Tensor[] tensors, int[] size) -> Tensor");
-  m.def("upsample_concat_backward(Tensor grad, int[] shapes, int[] channel_offsets, bool[] channels_last) -> Tensor[]");
+  m.def("upsample_concat(Tensor[] tensors, SymInt[] size) -> Tensor");
+  m.def("upsample_concat_backward(Tensor grad, SymInt[] shapes, SymInt[] channel_offsets, bool[] channels_last) -> Tensor[]");
   // upsample_cross_entropy: (loss, per-pixel log-sum-exp, denominator); backward: the logits' gradient.
   m.def(
-      "upsample_cross_entropy(Tensor logits, Tensor labels, Tensor? weight, int ignore_index, str reduction, "
+      "upsample_cross_entropy(Tensor logits, Tensor labels, Tensor? weight, SymInt ignore_index, str reduction, "
       "bool align_corners) -> (Tensor, Tensor, Tensor)");
   m.def(
       "upsample_cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor? weight, Tensor lse, "
-      "Tensor denominator, int ignore_index, bool align_corners) -> Tensor");
+      "Tensor denominator, SymInt ignore_index, bool align_corners) -> Tensor");
   // BatchNorm + ReLU, training (batch statistics), as the kernel-level functions of kernels/conv_bn_relu.py.
   m.def("bn_relu_channel_stats(Tensor x) -> (Tensor, Tensor)");
   m.def("bn_relu_apply(Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias) -> Tensor");
