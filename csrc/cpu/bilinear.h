@@ -261,29 +261,41 @@ void resize_backward(const Tensor& grad, int64_t c_offset, const Tensor& grad_in
     return;
   }
 
-  // channels_last: one input row of pixels (b, i) per work item, vectorised along C.
+  // channels_last: one input row of pixels (b, i) per work item, vectorised along C, channels in blocks of
+  // kVecs vectors held in registers through the whole gather (the same operations per element as above).
+  constexpr int kVecs = 8;
+  const int64_t block = kVecs * Vec::size();
   at::parallel_for(0, B * h, kGrain, [&](int64_t begin, int64_t end) {
-    std::vector<opmath_t> acc(C), row(C), tmp_g(C);
+    std::vector<opmath_t> tmp_g(block), tmp_out(block);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / h, i = r % h;
       for (int64_t j = 0; j < w; ++j) {
-        std::fill(acc.begin(), acc.end(), opmath_t(0));
-        for (int64_t t = 0, nd = ah.readers(i); t < nd; ++t) {
-          const int64_t d = ah.lo[i] + t;
-          std::fill(row.begin(), row.end(), opmath_t(0));
-          for (int64_t e = 0, ne = aw.readers(j); e < ne; ++e) {
-            const Vec we(aw.gw[aw.start[j] + e]);
-            const opmath_t* gp = row_in(g.at(b, c_offset, d, aw.lo[j] + e), g.sc, C, tmp_g.data());
-            vec_for<opmath_t>(C, [&](int64_t k, int64_t n) {
-              vstore(row.data() + k, n, vload(row.data() + k, n) + we * vload(gp + k, n));
-            });
+        for (int64_t c0 = 0; c0 < C; c0 += block) {
+          const int64_t n = std::min(block, C - c0);
+          const int64_t nvec = (n + Vec::size() - 1) / Vec::size();
+          Vec acc[kVecs];
+          for (int v = 0; v < kVecs; ++v) acc[v] = Vec(0);
+          for (int64_t t = 0, nd = ah.readers(i); t < nd; ++t) {
+            const int64_t d = ah.lo[i] + t;
+            Vec row[kVecs];
+            for (int v = 0; v < kVecs; ++v) row[v] = Vec(0);
+            for (int64_t e = 0, ne = aw.readers(j); e < ne; ++e) {
+              const Vec we(aw.gw[aw.start[j] + e]);
+              const opmath_t* gp = row_in(g.at(b, c_offset + c0, d, aw.lo[j] + e), g.sc, n, tmp_g.data());
+              for (int64_t v = 0; v < nvec; ++v) {
+                row[v] = row[v] + we * vload(gp + v * Vec::size(), std::min<int64_t>(Vec::size(), n - v * Vec::size()));
+              }
+            }
+            const Vec wd(ah.gw[ah.start[i] + t]);
+            for (int64_t v = 0; v < nvec; ++v) acc[v] = acc[v] + wd * row[v];
           }
-          const Vec wd(ah.gw[ah.start[i] + t]);
-          vec_for<opmath_t>(C, [&](int64_t k, int64_t n) {
-            vstore(acc.data() + k, n, vload(acc.data() + k, n) + wd * vload(row.data() + k, n));
-          });
+          scalar_t* op = o.at(b, c0, i, j);
+          opmath_t* out = row_buffer<scalar_t, opmath_t>(op, o.sc, tmp_out.data());
+          for (int64_t v = 0; v < nvec; ++v) {
+            vstore(out + v * Vec::size(), std::min<int64_t>(Vec::size(), n - v * Vec::size()), acc[v]);
+          }
+          row_out(op, o.sc, n, out);
         }
-        row_out(o.at(b, 0, i, j), o.sc, C, acc.data());
       }
     }
   });
