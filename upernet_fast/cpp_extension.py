@@ -208,6 +208,8 @@ def load(*, announce: bool = True):
     if first:
         with contextlib.suppress(OSError):
             _timing_file().write_text(json.dumps({"seconds": round(seconds)}))
+        if announce:
+            print(f"upernet_fast: C++ extension built in {seconds:.0f} s ({directory})", file=sys.stderr, flush=True)
     _state.update(module=module, status="built", reason=None, log=str(log), path=str(directory), seconds=seconds)
     return module
 
