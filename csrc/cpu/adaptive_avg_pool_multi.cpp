@@ -35,24 +35,36 @@ std::vector<Tensor> pool(const Tensor& x, c10::IntArrayRef scales) {
     std::vector<scalar_t*> out_ptrs;
     for (Tensor& o : outs) out_ptrs.push_back(o.data_ptr<scalar_t>());
     if (!cl) {
-      // One (b, c) plane per work item, every scale.
-      at::parallel_for(0, B * C, kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t plane = begin; plane < end; ++plane) {
-          const int64_t b = plane / C, c = plane % C;
-          const scalar_t* p = xp + b * sb + c * sc;
+      // NCHW: one (b, block of L = Vec::size() channels) per work item. The block's planes are transposed
+      // once into a pixel-major buffer (lane = channel), then every bin of every scale is a run of vector
+      // adds: the same additions per channel, in the same order, as a scalar loop, L channels at a time.
+      const int64_t L = Vec::size(), cblocks = (C + L - 1) / L;
+      at::parallel_for(0, B * cblocks, kGrain, [&](int64_t begin, int64_t end) {
+        std::vector<opmath_t> buf(H * W * L), lanes(L);
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t b = item / cblocks, c0 = (item % cblocks) * L, n = std::min(L, C - c0);
+          for (int64_t lane = 0; lane < L; ++lane) {
+            const scalar_t* p = xp + b * sb + (c0 + std::min(lane, n - 1)) * sc;
+            for (int64_t ih = 0; ih < H; ++ih) {
+              for (int64_t iw = 0; iw < W; ++iw) {
+                buf[(ih * W + iw) * L + lane] = lane < n ? static_cast<opmath_t>(p[ih * sh + iw * sw]) : opmath_t(0);
+              }
+            }
+          }
           for (size_t k = 0; k < scales.size(); ++k) {
             const int64_t s = scales[k];
-            scalar_t* o = out_ptrs[k] + plane * s * s;
             for (int64_t oh = 0; oh < s; ++oh) {
               const int64_t h0 = bin_start(oh, H, s), h1 = bin_end(oh, H, s);
               for (int64_t ow = 0; ow < s; ++ow) {
                 const int64_t w0 = bin_start(ow, W, s), w1 = bin_end(ow, W, s);
-                opmath_t sum(0);
+                Vec sum(0);
                 for (int64_t ih = h0; ih < h1; ++ih) {
-                  for (int64_t iw = w0; iw < w1; ++iw) sum += static_cast<opmath_t>(p[ih * sh + iw * sw]);
+                  for (int64_t iw = w0; iw < w1; ++iw) sum = sum + Vec::loadu(buf.data() + (ih * W + iw) * L);
                 }
-                o[oh * s + ow] = static_cast<scalar_t>(sum / static_cast<opmath_t>(h1 - h0) /
-                                                       static_cast<opmath_t>(w1 - w0));
+                const Vec kh(static_cast<opmath_t>(h1 - h0)), kw(static_cast<opmath_t>(w1 - w0));
+                (sum / kh / kw).store(lanes.data());
+                scalar_t* o = out_ptrs[k] + ((b * C + c0) * s + oh) * s + ow;
+                for (int64_t lane = 0; lane < n; ++lane) o[lane * s * s] = static_cast<scalar_t>(lanes[lane]);
               }
             }
           }
@@ -140,26 +152,51 @@ Tensor pool_backward(at::TensorList grads, c10::IntArrayRef input_shape, bool ch
       gs.push_back({g.const_data_ptr<scalar_t>(), g.stride(0), g.stride(1), g.stride(2), g.stride(3)});
     }
     if (!channels_last) {
-      at::parallel_for(0, B * C, kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t plane = begin; plane < end; ++plane) {
-          const int64_t b = plane / C, c = plane % C;
-          scalar_t* o = out + plane * H * W;
+      // NCHW: one (b, block of L channels) per work item, as the forward. Each bin's g / kh / kw is computed
+      // once (the same value the sum would compute at each use), lanes = channels; every input pixel then
+      // sums its bins with vector adds (scale, bin row, bin column order) and the block is written back
+      // plane by plane.
+      const int64_t L = Vec::size(), cblocks = (C + L - 1) / L;
+      std::vector<int64_t> first_bin{0};
+      for (const int64_t s : scales) first_bin.push_back(first_bin.back() + s * s);
+      at::parallel_for(0, B * cblocks, kGrain, [&](int64_t begin, int64_t end) {
+        std::vector<opmath_t> scaled(first_bin.back() * L), res(H * W * L);
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t b = item / cblocks, c0 = (item % cblocks) * L, n = std::min(L, C - c0);
+          for (size_t k = 0; k < K; ++k) {
+            const Strided& g = gs[k];
+            const int64_t s = scales[k];
+            for (int64_t oh = 0; oh < s; ++oh) {
+              const opmath_t kh = static_cast<opmath_t>(ax_h[k].size[oh]);
+              for (int64_t ow = 0; ow < s; ++ow) {
+                const opmath_t kw = static_cast<opmath_t>(ax_w[k].size[ow]);
+                opmath_t* dst = scaled.data() + (first_bin[k] + oh * s + ow) * L;
+                for (int64_t lane = 0; lane < L; ++lane) {
+                  const opmath_t v = lane < n ? static_cast<opmath_t>(
+                                                    g.p[b * g.sb + (c0 + lane) * g.sc + oh * g.sh + ow * g.sw])
+                                              : opmath_t(0);
+                  dst[lane] = v / kh / kw;
+                }
+              }
+            }
+          }
           for (int64_t h = 0; h < H; ++h) {
             for (int64_t w = 0; w < W; ++w) {
-              opmath_t acc(0);
+              Vec acc(0);
               for (size_t k = 0; k < K; ++k) {
-                const Strided& g = gs[k];
-                const scalar_t* gp = g.p + b * g.sb + c * g.sc;
+                const int64_t s = scales[k];
                 for (int64_t oh = ax_h[k].lo[h]; oh <= ax_h[k].hi[h]; ++oh) {
-                  const opmath_t kh = static_cast<opmath_t>(ax_h[k].size[oh]);
                   for (int64_t ow = ax_w[k].lo[w]; ow <= ax_w[k].hi[w]; ++ow) {
-                    const opmath_t v = static_cast<opmath_t>(gp[oh * g.sh + ow * g.sw]);
-                    acc += v / kh / static_cast<opmath_t>(ax_w[k].size[ow]);
+                    acc = acc + Vec::loadu(scaled.data() + (first_bin[k] + oh * s + ow) * L);
                   }
                 }
               }
-              o[h * W + w] = static_cast<scalar_t>(acc);
+              acc.store(res.data() + (h * W + w) * L);
             }
+          }
+          for (int64_t lane = 0; lane < n; ++lane) {
+            scalar_t* o = out + (b * C + c0 + lane) * H * W;
+            for (int64_t i = 0; i < H * W; ++i) o[i] = static_cast<scalar_t>(res[i * L + lane]);
           }
         }
       });
