@@ -115,8 +115,14 @@ struct RowPair {
 // Vectorised along W when dst is NCHW-like (one output row per work item, the two source rows
 // interpolated along W once and cached), along C when dst is channels_last (one output row of pixels per
 // work item). Equal sizes are a copy, as PyTorch's interpolate (no 0-weight reads of a neighbour).
+// Work items of resize_forward: output rows (b, c, oh) when dst is NCHW-like, rows of pixels (b, oh) else.
+inline int64_t resize_items(const Tensor& dst) {
+  return is_channels_last_layout(dst) ? dst.size(0) * dst.size(2) : dst.size(0) * dst.size(1) * dst.size(2);
+}
+
+// Items [begin, end) of resize_forward (the index tables are rebuilt per call: O(H + W), small).
 template <typename scalar_t>
-void resize_forward(const Tensor& src, const Tensor& dst, const Tensor* lateral) {
+void resize_forward_items(const Tensor& src, const Tensor& dst, const Tensor* lateral, int64_t begin, int64_t end) {
   using opmath_t = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<opmath_t>;
   const int64_t B = dst.size(0), C = dst.size(1), H = dst.size(2), W = dst.size(3);
@@ -129,7 +135,7 @@ void resize_forward(const Tensor& src, const Tensor& dst, const Tensor* lateral)
   const View4<const scalar_t> l(lat_base, lateral ? *lateral : dst);
 
   if (!is_channels_last_layout(dst)) {
-    at::parallel_for(0, B * C * H, kGrain, [&](int64_t begin, int64_t end) {
+    {
       RowPair<opmath_t> rows(W);
       std::vector<opmath_t> tmp_lat(W), tmp_out(W), tmp_src(W);
       for (int64_t r = begin; r < end; ++r) {
@@ -168,11 +174,11 @@ void resize_forward(const Tensor& src, const Tensor& dst, const Tensor* lateral)
         }
         row_out(out_row, o.sw, W, out);
       }
-    });
+    }
     return;
   }
 
-  at::parallel_for(0, B * H, kGrain, [&](int64_t begin, int64_t end) {
+  {
     std::vector<opmath_t> t00(C), t01(C), t10(C), t11(C), tlat(C), tout(C);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / H, oh = r % H;
@@ -207,6 +213,13 @@ void resize_forward(const Tensor& src, const Tensor& dst, const Tensor* lateral)
         row_out(out_px, o.sc, C, out);
       }
     }
+  }
+}
+
+template <typename scalar_t>
+void resize_forward(const Tensor& src, const Tensor& dst, const Tensor* lateral) {
+  at::parallel_for(0, resize_items(dst), kGrain, [&](int64_t begin, int64_t end) {
+    resize_forward_items<scalar_t>(src, dst, lateral, begin, end);
   });
 }
 

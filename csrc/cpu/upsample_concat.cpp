@@ -26,12 +26,24 @@ Tensor upsample_concat(at::TensorList tensors, c10::IntArrayRef size) {
   // The first input's layout, as the Triton op allocates it (channels_last in, channels_last out).
   Tensor out = huge_pages(at::empty({first.size(0), channels, size[0], size[1]},
                                     first.options().memory_format(memory_format(is_channels_last_layout(first)))));
+  // One parallel region for every input (small maps such as the PPM's would pay one fork/join each):
+  // the work items of all inputs in one index space, each range split at the inputs' boundaries.
+  std::vector<Tensor> slices;
+  std::vector<int64_t> item0{0};
   int64_t offset = 0;
   for (const Tensor& t : tensors) {
-    const Tensor slice = out.narrow(1, offset, t.size(1));
-    UPERNET_FAST_DISPATCH(t.scalar_type(), "upsample_concat", [&] { resize_forward<scalar_t>(t, slice, nullptr); });
+    slices.push_back(out.narrow(1, offset, t.size(1)));
+    item0.push_back(item0.back() + resize_items(slices.back()));
     offset += t.size(1);
   }
+  UPERNET_FAST_DISPATCH(tensors[0].scalar_type(), "upsample_concat", [&] {
+    at::parallel_for(0, item0.back(), kGrain, [&](int64_t begin, int64_t end) {
+      for (size_t k = 0; k < tensors.size(); ++k) {
+        const int64_t lo = std::max(begin, item0[k]), hi = std::min(end, item0[k + 1]);
+        if (lo < hi) resize_forward_items<scalar_t>(tensors[k], slices[k], nullptr, lo - item0[k], hi - item0[k]);
+      }
+    });
+  });
   return out;
 }
 
