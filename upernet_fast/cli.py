@@ -1,5 +1,6 @@
 """``upernet-fast``: ``info`` (backends here and why), ``demo`` (the main job), ``bench`` (benchmarks/),
-``selfcheck`` (a backend against eager on this machine), ``train`` / ``eval`` / ``predict`` (upernet_fast.train)."""
+``selfcheck`` (a backend against eager on this machine), ``build`` (the C++ extension, csrc/), ``train`` /
+``eval`` / ``predict`` (upernet_fast.train)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ def _info(args) -> int:
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"CUDA device: {cuda} | TRITON_INTERPRET: {'on' if interpreting() else 'off'}")
     print(f"process-wide backend: {backend.get_backend()} (set_backend() or ${backend.ENV_VAR})")
+    from upernet_fast import cpp_extension
+
+    print(cpp_extension.status_line())
     print("auto picks, per call: CUDA tensors -> triton, cpp, eager; CPU tensors -> cpp, eager (first that can run)")
     print()
     rows = backend.describe()
@@ -33,6 +37,27 @@ def _info(args) -> int:
     print(f"{'op':<{width}}  {'backend':<7}  {'status':<11}  why not")
     for r in rows:
         print(f"{r['op']:<{width}}  {r['backend']:<7}  {r['status']:<11}  {r['why']}")
+    return 0
+
+
+def _build(args) -> int:
+    """Builds (or loads, when current) the C++ extension; prints where, how long and what it was built for."""
+    import time
+
+    from upernet_fast import cpp_extension
+
+    start = time.perf_counter()
+    try:
+        cpp_extension.load()
+    except RuntimeError as exc:
+        print(f"upernet-fast build: failed: {exc}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - start
+    info = cpp_extension.build_info()
+    print(f"C++ extension built: {cpp_extension.status()['path']} ({seconds:.1f} s)")
+    print(f"  {info['compiler']} | torch {info['torch_version']} | at::vec {info['vec_isa']} "
+          f"({info['vec_float_lanes']} float lanes) | {info['num_threads']} threads")
+    print(f"  flags: {info['flags']}")
     return 0
 
 
@@ -78,13 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 10 CUDA, 2 CPU)")
     sub.add_parser("bench", help="benchmarks (see `upernet-fast bench --help`)")
     sub.add_parser("selfcheck", help="every op of a backend against eager, forward and backward (see --help)")
+    sub.add_parser("build", help="build the C++ extension (csrc/) now, print where it is and how long it took")
     from upernet_fast.train.commands import add_subcommands
 
     add_subcommands(sub)  # train, eval, predict: each sets args.run
     args = parser.parse_args(argv)
     if hasattr(args, "run"):
         return args.run(args)
-    return {"info": _info, "demo": _demo}[args.command](args)
+    return {"info": _info, "demo": _demo, "build": _build}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,278 @@
+// BatchNorm + ReLU on the CPU: the kernel-level functions of kernels/conv_bn_relu.py (training, batch
+// statistics; the Python op composes them with the SyncBatchNorm all-gather and the running-statistics
+// update) and the eval-mode pair relu(x * scale + shift).
+//
+// x is a dense (N, C, H, W) map, NCHW or channels_last (reduce.h); outputs are in x's layout and dtype.
+// Statistics and per-channel sums are in the opmath dtype: float32 for float32/bfloat16 inputs (as the
+// Triton kernels), float64 for float64 inputs (so that float64 gradcheck sees float64 arithmetic).
+// Every per-channel sum is over reduce.h's fixed chunk partition, chunks combined in order: the same bits
+// for any number of threads.
+#include "reduce.h"
+
+#include <torch/library.h>
+
+#include <tuple>
+
+namespace upernet_fast_cpp {
+namespace {
+
+template <typename opmath_t>
+using Vec = at::vec::Vectorized<opmath_t>;
+
+at::ScalarType opmath_dtype(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The pre-ReLU value, one expression shared by forward and backward so the ReLU mask is identical
+// (kernels/conv_bn_relu.py's _bn_affine): ((x - mean) * invstd) * weight + bias.
+template <typename opmath_t>
+inline Vec<opmath_t> bn_affine(const Vec<opmath_t>& x, const Vec<opmath_t>& mean, const Vec<opmath_t>& invstd,
+                               const Vec<opmath_t>& weight, const Vec<opmath_t>& bias) {
+  return (x - mean) * invstd * weight + bias;
+}
+
+template <typename opmath_t>
+inline Vec<opmath_t> where_positive(const Vec<opmath_t>& z, const Vec<opmath_t>& v) {
+  return Vec<opmath_t>::blendv(Vec<opmath_t>(0), v, z > Vec<opmath_t>(0));
+}
+
+std::tuple<Tensor, Tensor> channel_stats(const Tensor& x_in) {
+  check_float_map(x_in, "x");
+  DenseMap m;
+  const Tensor x = dense_map(x_in, m);
+  TORCH_CHECK(m.P() > 0, "x must have at least one value per channel, got shape ", x_in.sizes());
+  Tensor mean = at::empty({m.C}, x.options().dtype(opmath_dtype(x)));
+  Tensor var = at::empty({m.C}, mean.options());
+  UPERNET_FAST_DISPATCH(x.scalar_type(), "bn_relu_channel_stats", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const int64_t chunks = m.chunks(), C = m.C;
+    // Per chunk and channel: the chunk's exact two-pass mean and M2 (sum of squared deviations from it).
+    std::vector<opmath_t> part_mean(chunks * C), part_m2(chunks * C);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    for_each_chunk<opmath_t>(m, [&](int64_t chunk, int64_t c, int64_t p0, int64_t p1, Scratch<opmath_t>& tmp) {
+      opmath_t* pm = part_mean.data() + chunk * C;
+      opmath_t* pq = part_m2.data() + chunk * C;
+      const opmath_t count = static_cast<opmath_t>(p1 - p0);
+      auto sum_x = [](const Lanes<opmath_t>&, Vec<opmath_t> v, Vec<opmath_t>, Vec<opmath_t>) {
+        return std::array<Vec<opmath_t>, 1>{v};
+      };
+      auto sum_sq = [pm](const Lanes<opmath_t>& lanes, Vec<opmath_t> v, Vec<opmath_t>, Vec<opmath_t>) {
+        const Vec<opmath_t> d = v - lanes.get(pm);
+        return std::array<Vec<opmath_t>, 1>{d * d};
+      };
+      opmath_t* mean_out = m.cl ? pm : pm + c;
+      chunk_sums<1>(m, xp, static_cast<const scalar_t*>(nullptr), static_cast<const scalar_t*>(nullptr), p0, p1, c,
+                    sum_x, mean_out, tmp);
+      for (int64_t k = 0, n = m.cl ? C : 1; k < n; ++k) mean_out[k] = mean_out[k] / count;
+      chunk_sums<1>(m, xp, static_cast<const scalar_t*>(nullptr), static_cast<const scalar_t*>(nullptr), p0, p1, c,
+                    sum_sq, m.cl ? pq : pq + c, tmp);
+    });
+    // Combine the chunks in order, two-pass (kernels/conv_bn_relu.py's _stats_finalize_kernel): the global
+    // mean from the count-weighted chunk means, then M2 = sum(M2_i + n_i * (mean_i - mean)^2).
+    opmath_t* mean_p = mean.data_ptr<opmath_t>();
+    opmath_t* var_p = var.data_ptr<opmath_t>();
+    const opmath_t P = static_cast<opmath_t>(m.P());
+    at::parallel_for(0, C, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        opmath_t acc(0);
+        for (int64_t i = 0; i < chunks; ++i) {
+          const opmath_t n = static_cast<opmath_t>(std::min(kChunkPixels, m.P() - i * kChunkPixels));
+          acc += n * part_mean[i * C + c];
+        }
+        const opmath_t mu = acc / P;
+        opmath_t m2(0);
+        for (int64_t i = 0; i < chunks; ++i) {
+          const opmath_t n = static_cast<opmath_t>(std::min(kChunkPixels, m.P() - i * kChunkPixels));
+          const opmath_t d = part_mean[i * C + c] - mu;
+          m2 += part_m2[i * C + c] + n * d * d;
+        }
+        mean_p[c] = mu;
+        var_p[c] = m2 / P;
+      }
+    });
+  });
+  return {mean, var};
+}
+
+struct Params {
+  const Tensor& mean;
+  const Tensor& invstd;
+  const Tensor& weight;
+  const Tensor& bias;
+};
+
+void check_params(const Params& p, int64_t C) {
+  check_per_channel(p.mean, "mean", C);
+  check_per_channel(p.invstd, "invstd", C);
+  check_per_channel(p.weight, "weight", C);
+  check_per_channel(p.bias, "bias", C);
+}
+
+Tensor apply(const Tensor& x_in, const Tensor& mean, const Tensor& invstd, const Tensor& weight, const Tensor& bias) {
+  check_float_map(x_in, "x");
+  check_params({mean, invstd, weight, bias}, x_in.size(1));
+  DenseMap m;
+  const Tensor x = dense_map(x_in, m);
+  Tensor y = huge_pages(at::empty(x.sizes(), x.options().memory_format(memory_format(m.cl))));
+  UPERNET_FAST_DISPATCH(x.scalar_type(), "bn_relu_apply", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const auto mu = per_channel<opmath_t>(mean), is = per_channel<opmath_t>(invstd);
+    const auto w = per_channel<opmath_t>(weight), b = per_channel<opmath_t>(bias);
+    map_elementwise<scalar_t>(m, x.const_data_ptr<scalar_t>(), nullptr, nullptr, y.data_ptr<scalar_t>(),
+                              [&](const Lanes<opmath_t>& l, Vec<opmath_t> v, Vec<opmath_t>, Vec<opmath_t>) {
+                                const auto z = bn_affine(v, l.get(mu.data()), l.get(is.data()), l.get(w.data()),
+                                                         l.get(b.data()));
+                                return at::vec::maximum(z, Vec<opmath_t>(0));
+                              });
+  });
+  return y;
+}
+
+std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_in, const Tensor& x_in, const Tensor& mean,
+                                           const Tensor& invstd, const Tensor& weight, const Tensor& bias) {
+  check_float_map(x_in, "x");
+  check_float_map(grad_in, "grad");
+  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "grad must have x's shape ", x_in.sizes(), ", got ", grad_in.sizes());
+  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), "grad must have x's dtype ", x_in.scalar_type(), ", got ",
+              grad_in.scalar_type());
+  check_params({mean, invstd, weight, bias}, x_in.size(1));
+  DenseMap m;
+  const Tensor x = dense_map(x_in, m);
+  const Tensor grad = like_map(grad_in, m);
+  Tensor sum_g = at::empty({m.C}, x.options().dtype(opmath_dtype(x)));
+  Tensor sum_gxhat = at::empty({m.C}, sum_g.options());
+  UPERNET_FAST_DISPATCH(x.scalar_type(), "bn_relu_backward_reduce", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const auto mu = per_channel<opmath_t>(mean), is = per_channel<opmath_t>(invstd);
+    const auto w = per_channel<opmath_t>(weight), b = per_channel<opmath_t>(bias);
+    // k = 0: sum(g_relu), k = 1: sum(g_relu * (x - mean)) (times invstd below: sum(g_relu * xhat)).
+    auto f = [&](const Lanes<opmath_t>& l, Vec<opmath_t> v, Vec<opmath_t> g, Vec<opmath_t>) {
+      const auto mean_v = l.get(mu.data());
+      const auto g_relu = where_positive(bn_affine(v, mean_v, l.get(is.data()), l.get(w.data()), l.get(b.data())), g);
+      return std::array<Vec<opmath_t>, 2>{g_relu, g_relu * (v - mean_v)};
+    };
+    const auto sums = channel_sums2<scalar_t, opmath_t>(m, x.const_data_ptr<scalar_t>(),
+                                                        grad.const_data_ptr<scalar_t>(), nullptr, f);
+    opmath_t* sg = sum_g.data_ptr<opmath_t>();
+    opmath_t* sgx = sum_gxhat.data_ptr<opmath_t>();
+    for (int64_t c = 0; c < m.C; ++c) {
+      sg[c] = sums[0][c];
+      sgx[c] = sums[1][c] * is[c];
+    }
+  });
+  return {sum_g, sum_gxhat};
+}
+
+Tensor backward_input(const Tensor& grad_in, const Tensor& x_in, const Tensor& mean, const Tensor& invstd,
+                      const Tensor& weight, const Tensor& bias, const Tensor& sum_g, const Tensor& sum_gxhat,
+                      double count) {
+  check_float_map(x_in, "x");
+  check_float_map(grad_in, "grad");
+  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "grad must have x's shape ", x_in.sizes(), ", got ", grad_in.sizes());
+  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), "grad must have x's dtype ", x_in.scalar_type(), ", got ",
+              grad_in.scalar_type());
+  check_params({mean, invstd, weight, bias}, x_in.size(1));
+  check_per_channel(sum_g, "sum_g", x_in.size(1));
+  check_per_channel(sum_gxhat, "sum_gxhat", x_in.size(1));
+  TORCH_CHECK(count > 0, "count must be positive (values per channel over every process), got ", count);
+  DenseMap m;
+  const Tensor x = dense_map(x_in, m);
+  const Tensor grad = like_map(grad_in, m);
+  Tensor dx = huge_pages(at::empty(x.sizes(), x.options().memory_format(memory_format(m.cl))));
+  UPERNET_FAST_DISPATCH(x.scalar_type(), "bn_relu_backward_input", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const auto mu = per_channel<opmath_t>(mean), is = per_channel<opmath_t>(invstd);
+    const auto w = per_channel<opmath_t>(weight), b = per_channel<opmath_t>(bias);
+    auto mean_g = per_channel<opmath_t>(sum_g), mean_gx = per_channel<opmath_t>(sum_gxhat);
+    const opmath_t inv_count = static_cast<opmath_t>(1.0 / count);  // the Triton launcher's 1.0 / count
+    for (int64_t c = 0; c < m.C; ++c) {
+      mean_g[c] = mean_g[c] * inv_count;
+      mean_gx[c] = mean_gx[c] * inv_count;
+    }
+    map_elementwise<scalar_t>(
+        m, x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), nullptr, dx.data_ptr<scalar_t>(),
+        [&](const Lanes<opmath_t>& l, Vec<opmath_t> v, Vec<opmath_t> g, Vec<opmath_t>) {
+          const auto mean_v = l.get(mu.data()), is_v = l.get(is.data()), w_v = l.get(w.data());
+          const auto g_relu = where_positive(bn_affine(v, mean_v, is_v, w_v, l.get(b.data())), g);
+          const auto xhat = (v - mean_v) * is_v;
+          return w_v * is_v * (g_relu - l.get(mean_g.data()) - xhat * l.get(mean_gx.data()));
+        });
+  });
+  return dx;
+}
+
+// Eval mode, BatchNorm folded into a per-channel affine: y = relu(x * scale + shift).
+Tensor eval_forward(const Tensor& x_in, const Tensor& scale, const Tensor& shift) {
+  check_float_map(x_in, "x");
+  check_per_channel(scale, "scale", x_in.size(1));
+  check_per_channel(shift, "shift", x_in.size(1));
+  DenseMap m;
+  const Tensor x = dense_map(x_in, m);
+  Tensor y = huge_pages(at::empty(x.sizes(), x.options().memory_format(memory_format(m.cl))));
+  UPERNET_FAST_DISPATCH(x.scalar_type(), "bn_relu_eval", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const auto s = per_channel<opmath_t>(scale), t = per_channel<opmath_t>(shift);
+    map_elementwise<scalar_t>(m, x.const_data_ptr<scalar_t>(), nullptr, nullptr, y.data_ptr<scalar_t>(),
+                              [&](const Lanes<opmath_t>& l, Vec<opmath_t> v, Vec<opmath_t>, Vec<opmath_t>) {
+                                return at::vec::maximum(v * l.get(s.data()) + l.get(t.data()), Vec<opmath_t>(0));
+                              });
+  });
+  return y;
+}
+
+// grad_x = (y > 0) * grad * scale; grad_scale = sum((y > 0) * grad * x), grad_shift = sum((y > 0) * grad)
+// per channel (fixed chunk partition), in scale's dtype.
+std::tuple<Tensor, Tensor, Tensor> eval_backward(const Tensor& grad_in, const Tensor& y_in, const Tensor& x_in,
+                                                 const Tensor& scale) {
+  check_float_map(x_in, "x");
+  check_float_map(grad_in, "grad");
+  check_float_map(y_in, "y");
+  TORCH_CHECK(grad_in.sizes() == x_in.sizes() && y_in.sizes() == x_in.sizes(),
+              "grad and y must have x's shape ", x_in.sizes(), ", got ", grad_in.sizes(), " and ", y_in.sizes());
+  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type() && y_in.scalar_type() == x_in.scalar_type(),
+              "grad and y must have x's dtype ", x_in.scalar_type());
+  check_per_channel(scale, "scale", x_in.size(1));
+  DenseMap m;
+  const Tensor x = dense_map(x_in, m);
+  const Tensor grad = like_map(grad_in, m), y = like_map(y_in, m);
+  Tensor dx = huge_pages(at::empty(x.sizes(), x.options().memory_format(memory_format(m.cl))));
+  Tensor grad_scale, grad_shift;
+  UPERNET_FAST_DISPATCH(x.scalar_type(), "bn_relu_eval_backward", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const auto s = per_channel<opmath_t>(scale);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    map_elementwise<scalar_t>(m, gp, yp, nullptr, dx.data_ptr<scalar_t>(),
+                              [&](const Lanes<opmath_t>& l, Vec<opmath_t> g, Vec<opmath_t> yv, Vec<opmath_t>) {
+                                return where_positive(yv, g) * l.get(s.data());
+                              });
+    // k = 0: sum(g_m * x) (grad of scale), k = 1: sum(g_m) (grad of shift), g_m = (y > 0) * grad.
+    auto f = [](const Lanes<opmath_t>&, Vec<opmath_t> v, Vec<opmath_t> g, Vec<opmath_t> yv) {
+      const auto gm = where_positive(yv, g);
+      return std::array<Vec<opmath_t>, 2>{gm * v, gm};
+    };
+    const auto sums = channel_sums2<scalar_t, opmath_t>(m, xp, gp, yp, f);
+    const auto dtype = c10::CppTypeToScalarType<opmath_t>::value;
+    Tensor gs = at::empty({m.C}, x.options().dtype(dtype));
+    Tensor gt = at::empty({m.C}, gs.options());
+    std::copy(sums[0].begin(), sums[0].end(), gs.data_ptr<opmath_t>());
+    std::copy(sums[1].begin(), sums[1].end(), gt.data_ptr<opmath_t>());
+    grad_scale = gs.to(scale.scalar_type());
+    grad_shift = gt.to(scale.scalar_type());
+  });
+  return {dx, grad_scale, grad_shift};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(upernet_fast_cpp, CPU, m) {
+  m.impl("bn_relu_channel_stats", &channel_stats);
+  m.impl("bn_relu_apply", &apply);
+  m.impl("bn_relu_backward_reduce", &backward_reduce);
+  m.impl("bn_relu_backward_input", &backward_input);
+  m.impl("bn_relu_eval", &eval_forward);
+  m.impl("bn_relu_eval_backward", &eval_backward);
+}
+
+}  // namespace upernet_fast_cpp

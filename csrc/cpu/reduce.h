@@ -1,0 +1,179 @@
+// Per-channel passes over a dense (N, C, H, W) map, NCHW or channels_last: elementwise maps and
+// deterministic per-channel sums (the BatchNorm+ReLU kernels).
+//
+// Determinism: a sum over the P = N*H*W pixels of a channel is split over a FIXED partition of the pixels
+// (chunks of kChunkPixels, a constant), each chunk summed in one fixed order (vector lanes by position,
+// lanes then combined in lane order), and the chunk results combined sequentially in chunk order by the
+// caller. Nothing depends on the number of threads: parallel_for only decides which thread computes
+// which chunk.
+#pragma once
+
+#include "common.h"
+
+#include <array>
+
+namespace upernet_fast_cpp {
+
+// Pixels per chunk of a per-channel sum; fixed, so the summation order is a function of the shape only.
+constexpr int64_t kChunkPixels = 2048;
+
+struct DenseMap {
+  int64_t N, C, HW;
+  bool cl;  // channels_last: element (p, c) at p * C + c; else (n, c, hw) at (n * C + c) * HW + hw
+  int64_t P() const { return N * HW; }
+  int64_t chunks() const { return (P() + kChunkPixels - 1) / kChunkPixels; }
+};
+
+// x as a dense map: NCHW-contiguous or channels_last; any other strides are copied once to NCHW (the
+// Python op hands dense tensors; the copy keeps odd callers correct).
+inline Tensor dense_map(const Tensor& x, DenseMap& m) {
+  Tensor d = x;
+  const bool cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (!cl && !x.is_contiguous()) d = x.contiguous();
+  m = DenseMap{x.size(0), x.size(1), x.size(2) * x.size(3), cl};
+  return d;
+}
+
+// The same layout as m for another tensor of the same shape (a gradient autograd may hand in another layout).
+inline Tensor like_map(const Tensor& t, const DenseMap& m) {
+  return t.contiguous(m.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
+// Lanes of one vector step: channel c (NCHW: one channel, values along pixels) or channels [c, c + n)
+// (channels_last). get() reads a per-channel parameter array accordingly.
+template <typename opmath_t>
+struct Lanes {
+  using Vec = at::vec::Vectorized<opmath_t>;
+  bool cl;
+  int64_t c, n;
+  Vec get(const opmath_t* arr) const { return cl ? vload(arr + c, n) : Vec(arr[c]); }
+};
+
+// out = f(lanes, x, a, b) elementwise over the map (a, b: optional same-layout inputs, null when unused),
+// out in x's layout. f uses at::vec operators only.
+template <typename scalar_t, typename F>
+void map_elementwise(const DenseMap& m, const scalar_t* x, const scalar_t* a, const scalar_t* b, scalar_t* out, F f) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t rows = m.cl ? m.P() : m.N * m.C;
+  const int64_t len = m.cl ? m.C : m.HW;
+  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> tx(len), ta(len), tb(len), to(len);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t off = r * len;
+      const opmath_t* xr = row_in(x + off, 1, len, tx.data());
+      const opmath_t* ar = a ? row_in(a + off, 1, len, ta.data()) : nullptr;
+      const opmath_t* br = b ? row_in(b + off, 1, len, tb.data()) : nullptr;
+      opmath_t* o = row_buffer<scalar_t, opmath_t>(out + off, 1, to.data());
+      const int64_t c = m.cl ? 0 : r % m.C;
+      vec_for<opmath_t>(len, [&](int64_t i, int64_t n) {
+        const Lanes<opmath_t> lanes{m.cl, m.cl ? i : c, n};
+        auto av = ar ? vload(ar + i, n) : at::vec::Vectorized<opmath_t>(0);
+        auto bv = br ? vload(br + i, n) : at::vec::Vectorized<opmath_t>(0);
+        vstore(o + i, n, f(lanes, vload(xr + i, n), av, bv));
+      });
+      row_out(out + off, 1, len, o);
+    }
+  });
+}
+
+// Scratch rows of one task (inputs converted to opmath when they are not already contiguous opmath rows).
+template <typename opmath_t>
+struct Scratch {
+  std::vector<opmath_t> x, g, y;
+  explicit Scratch(int64_t n) : x(n), g(n), y(n) {}
+};
+
+// One chunk's K per-channel sums of f(lanes, x, g, y) (f returns std::array<Vec, K>) over pixels [p0, p1).
+// NCHW: channel c only, out[k]. channels_last: every channel, out[k * C + c]. g and y may be null.
+template <int K, typename scalar_t, typename opmath_t, typename F>
+void chunk_sums(const DenseMap& m, const scalar_t* x, const scalar_t* g, const scalar_t* y, int64_t p0, int64_t p1,
+                int64_t c, F f, opmath_t* out, Scratch<opmath_t>& tmp) {
+  using Vec = at::vec::Vectorized<opmath_t>;
+  if (!m.cl) {
+    std::array<Vec, K> acc;
+    acc.fill(Vec(0));
+    for (int64_t p = p0; p < p1;) {
+      const int64_t n = p / m.HW, hw = p % m.HW, len = std::min(p1 - p, m.HW - hw);
+      const int64_t off = (n * m.C + c) * m.HW + hw;
+      const opmath_t* xr = row_in(x + off, 1, len, tmp.x.data());
+      const opmath_t* gr = g ? row_in(g + off, 1, len, tmp.g.data()) : nullptr;
+      const opmath_t* yr = y ? row_in(y + off, 1, len, tmp.y.data()) : nullptr;
+      vec_for<opmath_t>(len, [&](int64_t i, int64_t cnt) {
+        const Lanes<opmath_t> lanes{false, c, cnt};
+        const auto part = f(lanes, vload(xr + i, cnt), gr ? vload(gr + i, cnt) : Vec(0), yr ? vload(yr + i, cnt) : Vec(0));
+        for (int k = 0; k < K; ++k) acc[k] = acc[k] + Vec::set(Vec(0), part[k], cnt);  // padded lanes add 0
+      });
+      p += len;
+    }
+    for (int k = 0; k < K; ++k) {
+      alignas(64) opmath_t lanes[Vec::size()];
+      acc[k].store(lanes);
+      opmath_t s(0);
+      for (int64_t i = 0; i < Vec::size(); ++i) s += lanes[i];
+      out[k] = s;
+    }
+    return;
+  }
+  for (int k = 0; k < K; ++k) std::fill(out + k * m.C, out + (k + 1) * m.C, opmath_t(0));
+  for (int64_t p = p0; p < p1; ++p) {
+    const opmath_t* xr = row_in(x + p * m.C, 1, m.C, tmp.x.data());
+    const opmath_t* gr = g ? row_in(g + p * m.C, 1, m.C, tmp.g.data()) : nullptr;
+    const opmath_t* yr = y ? row_in(y + p * m.C, 1, m.C, tmp.y.data()) : nullptr;
+    vec_for<opmath_t>(m.C, [&](int64_t i, int64_t cnt) {
+      const Lanes<opmath_t> lanes{true, i, cnt};
+      const auto part = f(lanes, vload(xr + i, cnt), gr ? vload(gr + i, cnt) : Vec(0), yr ? vload(yr + i, cnt) : Vec(0));
+      for (int k = 0; k < K; ++k) vstore(out + k * m.C + i, cnt, vload(out + k * m.C + i, cnt) + part[k]);
+    });
+  }
+}
+
+// Runs task(chunk, c, p0, p1, scratch) for every chunk (and every channel when NCHW), in parallel. task writes
+// that chunk's partial results; the caller combines chunks in order.
+template <typename opmath_t, typename Task>
+void for_each_chunk(const DenseMap& m, Task task) {
+  const int64_t chunks = m.chunks();
+  const int64_t items = m.cl ? chunks : chunks * m.C;
+  at::parallel_for(0, items, kGrain, [&](int64_t begin, int64_t end) {
+    const int64_t len = m.cl ? m.C : std::min<int64_t>(kChunkPixels, m.HW);
+    Scratch<opmath_t> tmp(len);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t chunk = m.cl ? item : item / m.C;
+      const int64_t c = m.cl ? 0 : item % m.C;
+      const int64_t p0 = chunk * kChunkPixels, p1 = std::min(p0 + kChunkPixels, m.P());
+      task(chunk, c, p0, p1, tmp);
+    }
+  });
+}
+
+// Two per-channel sums of f(lanes, x, g, y) (std::array<Vec, 2>) over every pixel: fixed-chunk partials,
+// combined per channel in chunk order.
+template <typename scalar_t, typename opmath_t, typename F>
+std::array<std::vector<opmath_t>, 2> channel_sums2(const DenseMap& m, const scalar_t* x, const scalar_t* g,
+                                                   const scalar_t* y, F f) {
+  const int64_t chunks = m.chunks(), C = m.C;
+  std::vector<opmath_t> parts(chunks * 2 * C);  // [chunk][k][c]
+  for_each_chunk<opmath_t>(m, [&](int64_t chunk, int64_t c, int64_t p0, int64_t p1, Scratch<opmath_t>& tmp) {
+    opmath_t* out = parts.data() + chunk * 2 * C;
+    if (m.cl) {
+      chunk_sums<2>(m, x, g, y, p0, p1, c, f, out, tmp);
+    } else {
+      opmath_t pair[2];
+      chunk_sums<2>(m, x, g, y, p0, p1, c, f, pair, tmp);
+      out[c] = pair[0];
+      out[C + c] = pair[1];
+    }
+  });
+  std::array<std::vector<opmath_t>, 2> sums{std::vector<opmath_t>(C), std::vector<opmath_t>(C)};
+  for (int64_t c = 0; c < C; ++c) {
+    opmath_t a(0), q(0);
+    for (int64_t i = 0; i < chunks; ++i) {
+      a += parts[i * 2 * C + c];
+      q += parts[i * 2 * C + C + c];
+    }
+    sums[0][c] = a;
+    sums[1][c] = q;
+  }
+  return sums;
+}
+
+}  // namespace upernet_fast_cpp

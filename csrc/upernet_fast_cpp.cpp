@@ -1,0 +1,102 @@
+// The compiled core of upernet_fast: the operator schemas (TORCH_LIBRARY) and a small pybind11 module with
+// build and CPU-capability information. Kernels live in csrc/cpu/<op>.cpp (csrc/cuda/<op>.cu later), each
+// registering its implementations with TORCH_LIBRARY_IMPL(upernet_fast_cpp, <device key>, m).
+//
+// Namespace: upernet_fast_cpp, with exactly the op names, argument names and schemas of the Python Triton
+// custom ops in upernet_fast:: (upernet_fast/ops/*.py), not one op with a kernel per device. Reason: the
+// Triton ops must also run on CPU tensors under TRITON_INTERPRET=1 (that is how every Triton kernel is
+// tested here), and a dispatcher op has one CPU kernel, so one op cannot hold both the interpreted Triton
+// kernel and this one. Identical schemas let the Python layer register one fake kernel and one autograd
+// formula for both namespaces. The CUDA key of these ops stays free for csrc/cuda kernels.
+//
+// The schemas are the ones torch.library.custom_op infers for the Python ops (list[int] -> SymInt[], int ->
+// SymInt; tests/test_cpp_extension.py compares them); the C++ kernels take plain int64_t / IntArrayRef, which
+// the dispatcher converts (concrete sizes only, as any CPU kernel).
+//
+// Fake (Meta) kernels and autograd are registered from Python (upernet_fast/ops), shared with the Triton ops.
+//
+// This is the only file with Python bindings. It includes pybind11 itself rather than torch/extension.h
+// (which pulls in the whole C++ frontend, torch/all.h, and made this file take 3x longer to compile than any
+// kernel file), and the kernel files include narrow ATen headers only: the build stays short.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <string>
+
+TORCH_LIBRARY(upernet_fast_cpp, m) {
+  // adaptive_avg_pool_multi: one (B, C, s, s) map per scale, in x's memory format (suggest_memory_format).
+  m.def("adaptive_avg_pool_multi(Tensor x, SymInt[] scales) -> Tensor[]");
+  m.def("adaptive_avg_pool_multi_backward(Tensor[] grads, SymInt[] input_shape, bool channels_last) -> Tensor");
+  // upsample_add: lateral + interpolate(low, lateral's size); backward: low's gradient.
+  m.def("upsample_add(Tensor low, Tensor lateral) -> Tensor");
+  m.def("upsample_add_backward(Tensor grad, SymInt[] low_size, bool low_channels_last) -> Tensor");
+  // upsample_concat: the concat of every input resized to size; backward: the resized inputs' gradients.
+  m.def("upsample_concat(Tensor[] tensors, SymInt[] size) -> Tensor");
+  m.def("upsample_concat_backward(Tensor grad, SymInt[] shapes, SymInt[] channel_offsets, bool[] channels_last) -> Tensor[]");
+  // upsample_cross_entropy: (loss, per-pixel log-sum-exp, denominator); backward: the logits' gradient.
+  m.def(
+      "upsample_cross_entropy(Tensor logits, Tensor labels, Tensor? weight, SymInt ignore_index, str reduction, "
+      "bool align_corners) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "upsample_cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor? weight, Tensor lse, "
+      "Tensor denominator, SymInt ignore_index, bool align_corners) -> Tensor");
+  // BatchNorm + ReLU, training (batch statistics), as the kernel-level functions of kernels/conv_bn_relu.py.
+  m.def("bn_relu_channel_stats(Tensor x) -> (Tensor, Tensor)");
+  m.def("bn_relu_apply(Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias) -> Tensor");
+  m.def(
+      "bn_relu_backward_reduce(Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "bn_relu_backward_input(Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, "
+      "Tensor sum_g, Tensor sum_gxhat, float count) -> Tensor");
+  // BatchNorm + ReLU, eval (running statistics folded into a per-channel affine).
+  m.def("bn_relu_eval(Tensor x, Tensor scale, Tensor shift) -> Tensor");
+  m.def("bn_relu_eval_backward(Tensor grad, Tensor y, Tensor x, Tensor scale) -> (Tensor, Tensor, Tensor)");
+}
+
+#define UPERNET_FAST_STR2(x) #x
+#define UPERNET_FAST_STR(x) UPERNET_FAST_STR2(x)
+
+namespace {
+
+std::string vec_isa() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return "AVX512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  return "AVX2";
+#elif defined(__aarch64__)
+  return "NEON (aarch64)";
+#else
+  return "DEFAULT (no ISA-specific at::vec; compiler auto-vectorisation only)";
+#endif
+}
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  info["compiler"] = std::string("unknown");
+#endif
+  info["torch_version"] = std::string(TORCH_VERSION);
+  info["vec_isa"] = vec_isa();
+  info["vec_float_lanes"] = static_cast<int>(at::vec::Vectorized<float>::size());
+  info["num_threads"] = at::get_num_threads();
+#ifdef UPERNET_FAST_CFLAGS
+  info["flags"] = std::string(UPERNET_FAST_STR(UPERNET_FAST_CFLAGS));
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "upernet_fast's compiled core: ops under torch.ops.upernet_fast_cpp, and build information";
+  module.def("build_info", &build_info, "compiler, flags, torch version built against, at::vec ISA, threads");
+}
