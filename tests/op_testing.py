@@ -52,7 +52,9 @@ class OpSpec:
     ``requires_grad``); ``run(inputs, backend)``: the op's outputs as a tuple; ``kernel_calls(device)``: the
     (op name, arguments) pairs ``opcheck`` checks in each kernel namespace, forward and backward ops;
     ``bad_calls``: (callable, exception type, message pattern) triples for the argument checks;
-    ``layout_like_reference``: whether 4D outputs must have the reference's memory layout.
+    ``layout_like_reference``: whether 4D outputs must have the reference's memory layout;
+    ``kernel_names``: per backend, the qualified op that a ``kernel_calls`` name stands for where it is not
+    ``<namespace>::<name>`` (a Python composite over that backend's kernels).
     """
 
     name: str
@@ -63,6 +65,7 @@ class OpSpec:
     rtol: float = 1e-5
     atol: float = 1e-6
     layout_like_reference: bool = True
+    kernel_names: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def _leaves(inputs: tuple) -> list[torch.Tensor]:
@@ -102,7 +105,9 @@ class OpTests:
         calls = self.spec.kernel_calls(device)
         assert calls, "no kernel op to check"
         for name, args in calls:
-            torch.library.opcheck(getattr(getattr(torch.ops, namespace), name).default, args)
+            qualified = self.spec.kernel_names.get(backend, {}).get(name, f"{namespace}::{name}")
+            op_namespace, op_name = qualified.split("::")
+            torch.library.opcheck(getattr(getattr(torch.ops, op_namespace), op_name).default, args)
 
     def test_compile_fullgraph_equals_eager_mode(self, backend):
         require_backend(backend)
@@ -140,6 +145,24 @@ class OpTests:
                 torch.testing.assert_close(got, want, rtol=self.spec.rtol, atol=self.spec.atol)
         for got, want in zip(got_out, want_out if self.spec.layout_like_reference else ()):
             assert got.dim() != 4 or is_channels_last(got) == is_channels_last(want), "output layout differs"
+
+    def test_auto_picks_the_fastest_kernel_backend_for_the_device(self, backend, monkeypatch):
+        """Which implementation ``auto`` ran, recorded at the selection: CPU tensors go to cpp (Triton only
+        interprets there), CUDA tensors to triton. A silent fallback to eager fails here."""
+        require_backend(backend)
+        _, device = KERNEL_BACKENDS[backend]
+        expected = "cpp" if device == "cpu" else "triton"
+        require_backend(expected)
+        chosen, real_select = [], _backend.select
+
+        def recording(op, requested, *args, **kwargs):
+            impl = real_select(op, requested, *args, **kwargs)
+            chosen.append((op, impl.backend))
+            return impl
+
+        monkeypatch.setattr(_backend, "select", recording)
+        self.spec.run(self.spec.make_inputs(device, "contiguous", 4), "auto")
+        assert (self.spec.name, expected) in chosen, chosen
 
     def test_bad_arguments_name_themselves(self, backend):
         assert self.spec.bad_calls, "no bad-argument case declared"

@@ -78,7 +78,19 @@ def test_describe_lists_every_op_and_backend():
     assert all(r["status"] == "available" for r in rows if r["backend"] == "eager")
 
 
-def test_module_backend_is_used_by_the_converted_model():
+@pytest.fixture
+def cpp_unavailable(monkeypatch):
+    """The C++ backend as on a machine without a compiler: asked for by name, it must raise with the reason."""
+    import dataclasses
+
+    declared = backend.BACKENDS_DECLARED["cpp"]
+    monkeypatch.setitem(
+        backend.BACKENDS_DECLARED, "cpp", dataclasses.replace(declared, why_unavailable=lambda: "no C++ compiler")
+    )
+    backend.clear_cache()
+
+
+def test_module_backend_is_used_by_the_converted_model(cpp_unavailable):
     from models import batch, reference_model
 
     model = upernet_fast.convert(reference_model(), backend="cpp")
@@ -90,7 +102,7 @@ def test_module_backend_is_used_by_the_converted_model():
     assert model(pixels).logits.shape == (2, 3, 32, 32)
 
 
-def test_env_override_applies_to_ops(monkeypatch):
+def test_env_override_applies_to_ops(monkeypatch, cpp_unavailable):
     monkeypatch.setenv(backend.ENV_VAR, "cpp")
     with pytest.raises(RuntimeError, match="backend='cpp' was asked for"):
         ops.upsample_add(torch.randn(1, 1, 2, 2), torch.randn(1, 1, 4, 4))

@@ -139,7 +139,9 @@ def _backward_kernel(kernels, grad, x, weight, bias, mean, invstd, group_name):
 
 
 def _fake(x, weight, bias, eps, group_name):
-    stats = [x.new_empty((x.shape[1],), dtype=torch.float32) for _ in range(3)]
+    # Statistics in float32, float64 for float64 inputs (as the kernels: see upsample_cross_entropy.stats_dtype).
+    stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    stats = [x.new_empty((x.shape[1],), dtype=stats_dtype) for _ in range(3)]
     return (torch.empty_like(x), *stats)
 
 

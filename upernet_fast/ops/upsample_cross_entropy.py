@@ -98,12 +98,18 @@ def _check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int
 # loss is fp32 like the reference's, and only the low-resolution logits are cast.
 
 
+def stats_dtype(like: torch.Tensor) -> torch.dtype:
+    """The dtype of the kernels' statistics: float32, or float64 for float64 inputs (the C++ kernels compute
+    float64 in float64, so that gradcheck sees float64 arithmetic)."""
+    return torch.float64 if like.dtype == torch.float64 else torch.float32
+
+
 def _fake(logits, labels, weight, ignore_index, reduction, align_corners):
     batch, out_h, out_w = labels.shape
     loss_shape = (batch, out_h, out_w) if reduction == "none" else ()
     loss = logits.new_empty(loss_shape)
-    lse = logits.new_empty((batch, out_h, out_w), dtype=torch.float32)
-    return loss, lse, logits.new_empty((), dtype=torch.float32)
+    lse = logits.new_empty((batch, out_h, out_w), dtype=stats_dtype(logits))
+    return loss, lse, logits.new_empty((), dtype=stats_dtype(logits))
 
 
 def _backward_fake(grad_loss, logits, labels, weight, lse, denominator, ignore_index, align_corners):
