@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from benchmarks import measure
 from benchmarks.results import FAILED_PREFIX, SKIPPED_PREFIX, make_row
 from benchmarks.shapes import STRIDES, E2EPlan, e2e_plan, gpu_dry_run, toy_sizes
-from upernet_fast.measure import saved_activation_mb
+from upernet_fast.measure import peak_memory_mb, saved_activation_mb
 
 OUT_FEATURES = ["stage1", "stage2", "stage3", "stage4"]
 IGNORE_INDEX = 255
@@ -174,7 +174,7 @@ def _measure(target: Target, mode: str, opts: Options):
         timing = measure.time_cpu(fn, setup=setup, warmup=0 if toy else 1,
                                   min_repeats=(1 if gpu_dry_run() else 3) if toy else 5,
                                   max_repeats=20, budget_s=0.0 if toy else {"quick": 0.2}.get(opts.shape_set, 1.0))
-    peak, base_mb = measure.peak_memory_mb(fn, opts.device, setup=setup)
+    peak, base_mb = peak_memory_mb(fn, opts.device, setup=setup, cpu=False)
     saved_mb = None
     if mode == "train_step" and not target.compiled:  # hooks do not see inside a compiled graph
         saved_mb = saved_activation_mb(target.forward_loss)

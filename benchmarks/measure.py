@@ -103,23 +103,6 @@ def time_do_bench(fn: Callable, *, grad_to_none=None, warmup_ms: int = 25, rep_m
     raise RuntimeError("this triton's do_bench has neither quantiles nor return_mode")
 
 
-def peak_memory_mb(fn: Callable, device: str, setup: Callable | None = None) -> tuple[float | None, float | None]:
-    """(peak MB above what was allocated just before the call, that baseline in MB) for one untimed call.
-    None on CPU (no allocator statistics there)."""
-    if device != "cuda":
-        return None, None
-    if setup:
-        setup()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    del out
-    return (peak - base) / 2**20, base / 2**20
-
-
 # ----------------------------------------------------------------------------------------------- ceilings
 @dataclass
 class Ceilings:

@@ -21,6 +21,7 @@ from benchmarks import measure
 from benchmarks.bytes_model import op_bytes, op_flops
 from benchmarks.results import FAILED_PREFIX, SKIPPED_PREFIX, make_row
 from benchmarks.shapes import OpCase, gpu_dry_run, ops_plan, toy_sizes
+from upernet_fast.measure import peak_memory_mb
 
 PROVIDERS = ("eager", "compile", "triton", "cpp")
 OPS = ("adaptive_avg_pool_multi", "upsample_add", "upsample_concat", "upsample_cross_entropy", "conv_bn_relu",
@@ -249,7 +250,7 @@ def _measure_mode(built, call, mode, case, dtype, device, timer, ceilings, stamp
 
     timing = timer(fn, zero_grads, built.leaves)
     zero_grads()
-    peak, base_mb = measure.peak_memory_mb(fn, device, setup=zero_grads)
+    peak, base_mb = peak_memory_mb(fn, device, setup=zero_grads, cpu=False)
     zero_grads()
     if base_mb is not None:
         note.append(f"base {base_mb:.0f} MB")

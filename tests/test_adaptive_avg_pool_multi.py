@@ -18,7 +18,6 @@ from conftest import TRITON_DEVICE
 from layouts import LAYOUTS, in_layout
 from op_testing import OpSpec, OpTests, layout_inputs
 
-from upernet_fast import backend as _backend
 from upernet_fast import reference
 from upernet_fast.kernels import _utils as kernel_utils
 from upernet_fast.kernels import adaptive_avg_pool_multi as kernels

@@ -17,7 +17,6 @@ import importlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import HAS_CUDA, TRITON_DEVICE
 from layouts import in_layout
 from torch import nn

@@ -162,7 +162,7 @@ def _upsample_concat(shapes, size, dtype, channels_last=False, layouts=None):
     layouts = [channels_last] * len(shapes) if layouts is None else layouts
 
     def scenario(m):
-        uc, bl = m["upsample_concat"], m["_bilinear"]
+        uc = m["upsample_concat"]
         tensors = [_t(s, dtype, cl) for s, cl in zip(shapes, layouts)]
         first = tensors[0]
         out = _t((first.shape[0], sum(t.shape[1] for t in tensors), *size), dtype,

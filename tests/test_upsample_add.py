@@ -13,7 +13,6 @@ Tolerances:
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -21,7 +20,6 @@ from conftest import TRITON_DEVICE
 from layouts import LAYOUTS, in_layout
 from op_testing import OpSpec, OpTests, layout_inputs
 
-from upernet_fast import backend as _backend
 from upernet_fast import reference
 from upernet_fast.ops.upsample_add import upsample_add
 

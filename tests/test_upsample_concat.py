@@ -9,7 +9,6 @@ the ratio). Channel slices of inputs already at ``size`` are copies and must be 
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -17,7 +16,6 @@ from conftest import TRITON_DEVICE
 from layouts import LAYOUTS, in_layout
 from op_testing import OpSpec, OpTests, layout_inputs
 
-from upernet_fast import backend as _backend
 from upernet_fast import reference
 from upernet_fast.ops.upsample_concat import upsample_concat
 

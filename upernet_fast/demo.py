@@ -71,10 +71,13 @@ def run_demo(device=None, batch=None, size=None, weights=None, repeats=None) -> 
     loss_conv = converted(pixels, labels=labels).loss
     loss_ref.backward()
     loss_conv.backward()
+    pairs = [(p.grad, q.grad) for p, q in zip(converted.parameters(), reference.parameters()) if q.grad is not None]
+    # Each parameter's error relative to its largest gradient, but never to less than 1e-4 of the model's largest:
+    # some gradients are zero in exact arithmetic (a LayerNorm bias feeding only a conv + BatchNorm) and hold
+    # rounding noise (1e-10 against 4e-3 at the demo's sizes), which two correct summation orders do not share.
+    floor = 1e-4 * max(q.abs().max().item() for _, q in pairs)
     grad_error = max(
-        _max_rel(p.grad, q.grad)
-        for p, q in zip(converted.parameters(), reference.parameters())
-        if q.grad is not None and q.grad.abs().max() > 0
+        ((p.float() - q.float()).abs().max() / max(q.abs().max().item(), floor)).item() for p, q in pairs
     )
     loss_error = abs(loss_conv.item() - loss_ref.item()) / abs(loss_ref.item())
     ok = logits_error < 1e-4 and loss_error < 1e-5 and grad_error < 1e-3
@@ -109,7 +112,7 @@ def run_demo(device=None, batch=None, size=None, weights=None, repeats=None) -> 
     for mode, make in (("forward", forward), ("forward+backward", forward_backward)):
         for name, model in (("reference", reference), ("converted", converted)):
             run = make(model)
-            peak = peak_memory_mb(run, device)  # also the warm-up run of the timing below
+            peak, _ = peak_memory_mb(run, device)  # also the warm-up run of the timing below
             p20, p50, p80 = quantiles(time_ms(run, device, repeats=repeats, warmup=0))
             print(f"{mode:<18}{name:<12}{p50:>10.1f}{f'{p20:.1f}-{p80:.1f}':>18}{peak:>11.0f}")
     dev = torch.cuda.get_device_name(device) if on_cuda else "CPU"

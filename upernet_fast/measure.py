@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -44,24 +48,34 @@ def quantiles(samples: list[float], qs=QUANTILES) -> list[float]:
     return out
 
 
-def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> float:
-    """Peak bytes allocated by PyTorch while ``fn()`` runs, above what was allocated before, in MiB.
+def peak_memory_mb(
+    fn: Callable[[], object], device: torch.device | str, setup: Callable[[], object] | None = None, cpu: bool = True
+) -> tuple[float | None, float | None]:
+    """(peak MiB PyTorch allocates while ``fn()`` runs above what was allocated before, that baseline in MiB).
 
-    CUDA: the caching allocator's ``max_memory_allocated``. CPU: PyTorch has no allocator statistics there, so
-    the profiler's allocation events (each op's own allocations and frees, in time order) are summed; it counts
-    tensors PyTorch allocates, not the process's resident memory.
+    ``setup()`` runs first, outside the measurement. CUDA: the caching allocator's ``max_memory_allocated``.
+    CPU: PyTorch keeps no allocator statistics there; with ``cpu=True`` the profiler's allocation events (each
+    op's own allocations and frees, in time order) are summed, which counts tensors PyTorch allocates, not the
+    process's resident memory, and the baseline is None; with ``cpu=False`` both are None (the benchmarks
+    invent no CPU number).
     """
     device = torch.device(device)
+    if setup is not None:
+        setup()
     if device.type == "cuda":
         synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        fn()
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
         synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        peak = torch.cuda.max_memory_allocated(device)
+        del out
+        return (peak - base) / 2**20, base / 2**20
+    if not cpu:
+        return None, None
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_profiler_banners(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted(
         (e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start
@@ -70,7 +84,48 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> floa
     for event in events:
         current += event.self_cpu_memory_usage
         peak = max(peak, current)
-    return peak / 2**20
+    return peak / 2**20, None
+
+
+def peak_memory_so_far_mb(device: torch.device) -> float:
+    """Peak memory of the process so far: CUDA, the caching allocator's peak of allocated tensors; CPU, the
+    process's peak resident set (tensors plus everything else the process holds: the only peak the CPU offers)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+@contextlib.contextmanager
+def _without_profiler_banners():
+    """The CPU profiler's C++ side prints ``USDT: ... profiler_start`` / ``profiler_stop`` lines (and others, see
+    ``_profiler_banner``) straight to file descriptor 2 on every session, with no switch to turn them off:
+    capture fd 2 while it runs and pass on every other line."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (an embedding host): nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not _profiler_banner(line):
+                    sys.stderr.write(line)
+
+
+def _profiler_banner(line: str) -> bool:
+    # "USDT: ... profiler_start", "STAGE: ... Warm Up", and the allocator's note on blocks allocated before the
+    # session ("[W... CPUAllocator.cpp] Memory block of unknown size was allocated before the profiling started").
+    return line.startswith(("USDT:", "STAGE:")) or (line.startswith("[W") and "before the profiling started" in line)
+
 
 
 def saved_activation_mb(fn: Callable[[], object]) -> float:

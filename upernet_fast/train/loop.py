@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from upernet_fast.measure import peak_memory_so_far_mb
 from upernet_fast.train import checkpoint as ckpt
 from upernet_fast.train.backbones import build_model
 from upernet_fast.train.distributed import DataParallel, init_distributed
@@ -140,16 +141,6 @@ def _has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory so far: CUDA, the caching allocator's peak of allocated tensors; CPU, the process's peak
-    resident set (tensors plus everything else the process holds: the only peak the CPU allocator offers)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
-
-
 class _Reporter:
     """Progress bar (tqdm) when stderr is a terminal, a plain line per ``log_every`` steps otherwise; metrics
     appended to ``OUT/metrics.jsonl``. Only rank 0 reports."""
@@ -179,7 +170,7 @@ class _Reporter:
         self.bar.update(1)
         if step % self.cfg.log_every == 0 or step == self.cfg.steps:
             self.record({"step": step, "split": "train", "loss": loss, "lr": lr, "images_per_s": images_per_s,
-                         "peak_memory_mb": peak_memory_mb(device), "time": time.time()})
+                         "peak_memory_mb": peak_memory_so_far_mb(device), "time": time.time()})
             if self.bar.disable:
                 eta = (self.cfg.steps - step) * self.cfg.batch_size * self.cfg.grad_accum / max(images_per_s, 1e-9)
                 self.say(f"step {step}/{self.cfg.steps} loss {loss:.4f} lr {lr:.2e} {images_per_s:.1f} img/s "
