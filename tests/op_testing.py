@@ -113,6 +113,7 @@ class OpTests:
         require_backend(backend)
         _, device = KERNEL_BACKENDS[backend]
         inputs = self.spec.make_inputs(device, "contiguous", 1)
+        torch._dynamo.reset()  # every op's test compiles this same lambda: start from no cached graphs
         compiled = torch.compile(lambda ins: self.spec.run(ins, backend), fullgraph=True, backend="aot_eager")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # dynamo's notes on the backend checks

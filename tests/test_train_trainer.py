@@ -50,7 +50,11 @@ def test_converted_model_trains_under_trainer_like_the_unconverted_one(tmp_path,
 
     import upernet_fast
 
-    model = upernet_fast.convert(model)
+    # The eager backend: the weights below are compared after AdamW steps, and AdamW moves a weight by about lr
+    # whatever its gradient's size, so the rounding noise in gradients that are zero in exact arithmetic (the
+    # stage-1 LayerNorm bias here) would differ under the C++ kernels' other summation orders; the cpp backend's
+    # gradients are checked against a float64 reference in tests/test_model.py.
+    model = upernet_fast.convert(model, backend="eager")
 
     want = _train_with_trainer(reference, tmp_path / "reference")
     got = _train_with_trainer(model, tmp_path / "converted")

@@ -181,6 +181,16 @@ def _kernels_why_not(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) ->
     return batch_norm_why_not(x, batch_norm)
 
 
+def _cpp_why_not(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> str | None:
+    reason = _kernels_why_not(x, conv, batch_norm)
+    if reason is None and reference.uses_batch_stats(batch_norm) and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        taken = _backend.BACKENDS_DECLARED["cpp"].capabilities.dtypes
+        if dtype not in taken:  # the conv output, which the BN+ReLU kernels read, comes out in this dtype
+            return f"autocast runs the convolution in {dtype}; the C++ kernels take {taken}"
+    return reason
+
+
 def _judged_tensors(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> list[torch.Tensor]:
     weight = [conv.weight] if isinstance(getattr(conv, "weight", None), torch.Tensor) else []
     bn = bn_parameters(x, batch_norm)[1:] if isinstance(batch_norm, nn.Module) else []
@@ -188,7 +198,7 @@ def _judged_tensors(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> 
 
 
 _backend.register(OP, "eager", reference.conv_bn_relu)
-for _name, _train_op in (("triton", bn_relu_train), ("cpp", bn_relu_train_cpp)):
+for _name, _train_op, _why_not in (("triton", bn_relu_train, _kernels_why_not), ("cpp", bn_relu_train_cpp, _cpp_why_not)):
     _backend.register(
-        OP, _name, functools.partial(_kernels_conv_bn_relu, _train_op), why_not=_kernels_why_not, tensors=_judged_tensors
+        OP, _name, functools.partial(_kernels_conv_bn_relu, _train_op), why_not=_why_not, tensors=_judged_tensors
     )
