@@ -61,9 +61,8 @@ def test_logits_loss_and_every_gradient_match(kind, training):
     assert checked > 20  # decode head, aux head and backbone parameters all received gradients
 
 
-@pytest.mark.parametrize("kind", BACKBONES)
-def test_running_statistics_after_training_steps(kind):
-    reference, converted = converted_pair(kind)
+def _states_after_three_sgd_steps(reference, converted):
+    """Both models' state_dicts after the same three SGD (momentum) training steps on different batches."""
     opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     opt_conv = torch.optim.SGD(converted.parameters(), lr=0.1, momentum=0.9)
     reference.train(), converted.train()
@@ -73,7 +72,13 @@ def test_running_statistics_after_training_steps(kind):
             opt.zero_grad()
             model(pixels, labels=labels).loss.backward()
             opt.step()
-    ref_state, conv_state = reference.state_dict(), converted.state_dict()
+    return reference.state_dict(), converted.state_dict()
+
+
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_running_statistics_after_training_steps(kind):
+    reference, converted = converted_pair(kind)
+    ref_state, conv_state = _states_after_three_sgd_steps(reference, converted)
     assert ref_state.keys() == conv_state.keys()
     for key in ref_state:
         if key.endswith("num_batches_tracked"):
@@ -131,16 +136,7 @@ def test_cpp_backend_running_statistics_after_training_steps(kind):
     differences, judged against float64 in the test above; a parameter whose gradient is zero in exact
     arithmetic holds only noise, so a relative comparison of it says nothing.)"""
     reference, converted = converted_pair(kind, "cpp")
-    opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
-    opt_conv = torch.optim.SGD(converted.parameters(), lr=0.1, momentum=0.9)
-    reference.train(), converted.train()
-    for step in range(3):
-        pixels, labels = batch(seed=step)
-        for model, opt in ((reference, opt_ref), (converted, opt_conv)):
-            opt.zero_grad()
-            model(pixels, labels=labels).loss.backward()
-            opt.step()
-    ref_state, conv_state = reference.state_dict(), converted.state_dict()
+    ref_state, conv_state = _states_after_three_sgd_steps(reference, converted)
     checked = 0
     for key in ref_state:
         if key.endswith("num_batches_tracked"):
