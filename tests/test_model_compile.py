@@ -1,4 +1,4 @@
-"""The converted model under ``torch.compile`` with Inductor, in training, on CPU (the eager backend inside).
+"""The converted model under ``torch.compile`` with Inductor, in training, on CPU (the backend `auto` picks there).
 
 Why this test exists: with torch 2.13 on CPU, Inductor returned all-zero gradients (with the right loss) for
 the converted model's training step when the main loss resized the head's logits a second time, next to the

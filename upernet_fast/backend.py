@@ -157,6 +157,14 @@ BACKENDS_DECLARED: dict[str, BackendDeclaration] = {
 }
 
 
+@torch.compiler.assume_constant_result
+def backend_unavailable(name: str) -> str | None:
+    """Process-wide reason ``name`` cannot run, or None. Under torch.compile it is called once, outside the
+    traced code, and its answer taken as a constant: loading (or building) the C++ extension touches files,
+    which a traced graph cannot hold."""
+    return BACKENDS_DECLARED[name].why_unavailable()
+
+
 def _never(*args, **kwargs) -> str | None:
     return None
 
@@ -176,7 +184,7 @@ class Implementation:
     capabilities: Capabilities = Capabilities()
 
     def why_unavailable(self) -> str | None:
-        return BACKENDS_DECLARED[self.backend].why_unavailable()
+        return backend_unavailable(self.backend)
 
     def why_not_capable(self, device: str, dtypes: Sequence[torch.dtype]) -> str | None:
         return self.capabilities.why_not(BACKENDS_DECLARED[self.backend].display, device, dtypes)
