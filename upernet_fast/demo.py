@@ -72,17 +72,19 @@ def run_demo(device=None, batch=None, size=None, weights=None, repeats=None) -> 
     loss_ref.backward()
     loss_conv.backward()
     pairs = [(p.grad, q.grad) for p, q in zip(converted.parameters(), reference.parameters()) if q.grad is not None]
-    # Each parameter's error relative to its largest gradient, but never to less than 1e-4 of the model's largest:
-    # some gradients are zero in exact arithmetic (a LayerNorm bias feeding only a conv + BatchNorm) and hold
-    # rounding noise (1e-10 against 4e-3 at the demo's sizes), which two correct summation orders do not share.
-    floor = 1e-4 * max(q.abs().max().item() for _, q in pairs)
-    grad_error = max(
-        ((p.float() - q.float()).abs().max() / max(q.abs().max().item(), floor)).item() for p, q in pairs
-    )
+    # Errors relative to the model's largest gradient, not each parameter's own: per parameter the comparison is
+    # ill-conditioned here. Some gradients are zero in exact arithmetic (a LayerNorm bias feeding only a conv +
+    # BatchNorm) and hold rounding noise no two summation orders share, and with training-mode BatchNorm over a
+    # batch of 2 the head's conv-weight gradients cancel so much that transformers' own fp32 model is 1-2% off a
+    # float64 run on them (measured at 256x256; the cpp backend within 2.4x of that). So 1e-2 of the largest
+    # gradient: far above that rounding, far below a wrong kernel. tests/test_model.py judges every gradient of
+    # the cpp backend against float64 instead.
+    largest = max(q.abs().max().item() for _, q in pairs)
+    grad_error = max((p.float() - q.float()).abs().max().item() for p, q in pairs) / largest
     loss_error = abs(loss_conv.item() - loss_ref.item()) / abs(loss_ref.item())
-    ok = logits_error < 1e-4 and loss_error < 1e-5 and grad_error < 1e-3
+    ok = logits_error < 1e-4 and loss_error < 1e-5 and grad_error < 1e-2
     print(f"check (fp32): logits max rel err {logits_error:.2e}, loss rel err {loss_error:.2e}, "
-          f"worst parameter-gradient max rel err {grad_error:.2e} -> {'OK' if ok else 'MISMATCH'}")
+          f"worst gradient error / largest gradient {grad_error:.2e} -> {'OK' if ok else 'MISMATCH'}")
 
     if on_cuda:
         pixels = pixels.contiguous(memory_format=torch.channels_last)
