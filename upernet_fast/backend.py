@@ -38,8 +38,7 @@ import torch
 from upernet_fast._checks import tensors_in
 from upernet_fast.kernels._utils import interpreting
 
-NAMES = ("eager", "triton", "cpp")
-BACKENDS = NAMES  # kept name: the public tuple of backend names
+BACKENDS = ("eager", "triton", "cpp")
 AUTO = "auto"
 ENV_VAR = "UPERNET_FAST_BACKEND"
 CPP_NAMESPACE = "upernet_fast_cpp"  # the ops of the compiled core (csrc/), see upernet_fast/ops/_kernel_op.py
@@ -225,8 +224,8 @@ def register(
     ``tensors(*args)``: the tensors of a call whose device and dtypes are judged, for every backend of ``op``
     (default: the tensor arguments, one level into lists; an op taking modules names their parameters here).
     """
-    if backend not in NAMES:
-        raise ValueError(f"backend must be one of {NAMES}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     capabilities = dataclasses.replace(BACKENDS_DECLARED[backend].capabilities, **narrowed_capabilities)
     impl = Implementation(op, backend, fn, why_not or _never, capabilities)
     if tensors is not None:
@@ -251,10 +250,10 @@ def ops() -> list[str]:
 def _check_name(name: str, what: str) -> str:
     if name in _VALID_NAMES:
         return name
-    raise ValueError(f"{what} must be one of {(AUTO,) + NAMES}, got {name!r}")
+    raise ValueError(f"{what} must be one of {(AUTO,) + BACKENDS}, got {name!r}")
 
 
-_VALID_NAMES = frozenset((AUTO,) + NAMES)
+_VALID_NAMES = frozenset((AUTO,) + BACKENDS)
 
 
 def set_backend(name: str | None) -> None:
@@ -380,7 +379,7 @@ def describe() -> list[dict[str, str]]:
     _load_ops()
     rows = []
     for op in sorted(_REGISTRY):
-        for name in NAMES:
+        for name in BACKENDS:
             impl = _REGISTRY[op].get(name)
             if impl is None:
                 status, why, takes = "absent", "not implemented in this version", ""

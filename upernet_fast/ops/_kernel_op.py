@@ -40,6 +40,12 @@ def _library(namespace: str) -> torch.library.Library:
     return _LIBRARIES[namespace]
 
 
+def stats_dtype(like: torch.Tensor) -> torch.dtype:
+    """The dtype of the kernels' statistics (log-sum-exp, BatchNorm means and sums): float32, or float64 for
+    float64 inputs (the C++ kernels compute float64 in float64, so that gradcheck sees float64 arithmetic)."""
+    return torch.float64 if like.dtype == torch.float64 else torch.float32
+
+
 def _name(schema: str) -> str:
     return schema.split("(", 1)[0].strip()
 

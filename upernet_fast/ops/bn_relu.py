@@ -29,7 +29,7 @@ from upernet_fast import backend as _backend
 from upernet_fast import reference
 from upernet_fast._checks import check_tensor
 from upernet_fast.kernels._utils import is_channels_last, memory_format
-from upernet_fast.ops._kernel_op import KernelOp
+from upernet_fast.ops._kernel_op import KernelOp, stats_dtype
 
 OP = "bn_relu"
 
@@ -139,9 +139,7 @@ def _backward_kernel(kernels, grad, x, weight, bias, mean, invstd, group_name):
 
 
 def _fake(x, weight, bias, eps, group_name):
-    # Statistics in float32, float64 for float64 inputs (as the kernels: see upsample_cross_entropy.stats_dtype).
-    stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    stats = [x.new_empty((x.shape[1],), dtype=stats_dtype) for _ in range(3)]
+    stats = [x.new_empty((x.shape[1],), dtype=stats_dtype(x)) for _ in range(3)]
     return (torch.empty_like(x), *stats)
 
 

@@ -9,7 +9,7 @@ import torch
 from upernet_fast import backend as _backend
 from upernet_fast import reference
 from upernet_fast._checks import check_feature_map, check_tensor
-from upernet_fast.ops._kernel_op import KernelOp
+from upernet_fast.ops._kernel_op import KernelOp, stats_dtype
 
 OP = "upsample_cross_entropy"
 
@@ -96,12 +96,6 @@ def _check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int
 # was divided by. Nothing of size (B, C, H, W) is allocated or saved. Under autocast the forward op's floating
 # inputs are cast to fp32 by the dispatcher (register_autocast), as autocast runs cross-entropy in fp32: the
 # loss is fp32 like the reference's, and only the low-resolution logits are cast.
-
-
-def stats_dtype(like: torch.Tensor) -> torch.dtype:
-    """The dtype of the kernels' statistics: float32, or float64 for float64 inputs (the C++ kernels compute
-    float64 in float64, so that gradcheck sees float64 arithmetic)."""
-    return torch.float64 if like.dtype == torch.float64 else torch.float32
 
 
 def _fake(logits, labels, weight, ignore_index, reduction, align_corners):

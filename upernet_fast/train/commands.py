@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-BACKENDS = ("auto", "eager", "triton", "cpp")
+from upernet_fast.backend import AUTO
+from upernet_fast.backend import BACKENDS as ALL_BACKENDS
+
+BACKENDS = (AUTO, *ALL_BACKENDS)  # upernet_fast.backend's names, "auto" first
 AMP = ("none", "bf16", "fp16")
 
 

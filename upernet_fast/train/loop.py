@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from upernet_fast.backend import AUTO
+from upernet_fast.backend import BACKENDS as ALL_BACKENDS
 from upernet_fast.measure import peak_memory_so_far_mb
 from upernet_fast.train import checkpoint as ckpt
 from upernet_fast.train.backbones import build_model
@@ -35,7 +37,7 @@ from upernet_fast.train.evaluate import autocast_for, evaluate
 AMP_MODES = ("none", "bf16", "fp16")
 SCHEDULES = ("poly", "cosine")
 UNCONVERTED = "transformers"  # --backend transformers: transformers' own model, not converted (for comparisons)
-BACKENDS = ("auto", "eager", "triton", "cpp", UNCONVERTED)
+BACKENDS = (AUTO, *ALL_BACKENDS, UNCONVERTED)
 SYNTHETIC_CROP, DEFAULT_CROP = 64, 512
 SYNTHETIC_LR, DEFAULT_LR = 1e-3, 1e-4
 # Arguments that decide which samples each step sees: a resumed run must use the same ones.
