@@ -203,6 +203,27 @@ def _gather_range_kernel(n_in_ptr, n_out_ptr, i_ptr, scale_ptr, inverse_ptr, lo_
     tl.store(hi_ptr + offs, hi, mask=ok)
 
 
+@triton.jit
+def _source_index_kernel(i0_ptr, n_in, n_out, scale, BLOCK: tl.constexpr):
+    d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    i0, _, _, _ = source_index(d, scale, n_in)
+    tl.store(i0_ptr + d, i0, mask=d < n_out)
+
+
+def source_indices(n_in: int, n_out: int, device: torch.device | str) -> torch.Tensor:
+    """i0 of every output index of an axis resized n_in -> n_out, as the kernels compute it on ``device``.
+
+    Exposed for tests: on a GPU the compiler contracts ``(d + 0.5) * scale - 0.5`` into one fused multiply-add
+    (as nvcc does in PyTorch's own CUDA upsample kernels), which can move an output that sits exactly on an
+    input boundary (3 -> 19: output 9) to the neighbouring input; the gather ranges must follow the rule of the
+    device they run on, so tests build their brute force from this.
+    """
+    i0 = torch.empty(n_out, dtype=torch.int32, device=device)
+    block = 1024
+    _source_index_kernel[(triton.cdiv(n_out, block),)](i0, n_in, n_out, axis_scale(n_in, n_out), BLOCK=block)
+    return i0
+
+
 def gather_ranges(n_in: torch.Tensor, n_out: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernels' [lo, hi) output ranges for each (n_in, n_out, input index) triple (int32 1D tensors).
 

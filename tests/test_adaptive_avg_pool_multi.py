@@ -218,7 +218,7 @@ class TestShared(OpTests):
         kernel_calls=_kernel_calls,
         bad_calls=[
             (lambda: adaptive_avg_pool_multi(torch.randn(1, 2, 4, 4), [0], backend="triton"), ValueError, "scales"),
-            (lambda: adaptive_avg_pool_multi(torch.randn(1, 2, 4, 4, dtype=torch.float64), UPERNET_SCALES,
+            (lambda: adaptive_avg_pool_multi(torch.randn(1, 2, 4, 4, dtype=torch.float64, device=TRITON_DEVICE), UPERNET_SCALES,
                                              backend="triton"), RuntimeError, "float64"),
         ],
         rtol=1e-5,

@@ -46,10 +46,11 @@ def _kernel_calls(device):
 
 def _shared_inputs(device, layout, seed):
     generator = torch.Generator().manual_seed(seed)
-    batch_norm = nn.BatchNorm2d(5).to(device)
+    batch_norm = nn.BatchNorm2d(5)  # initialised on the CPU, where the generator lives
     with torch.no_grad():
         batch_norm.weight.uniform_(0.5, 1.5, generator=generator)
         batch_norm.bias.uniform_(-0.5, 0.5, generator=generator)
+    batch_norm = batch_norm.to(device)
     y = in_layout(torch.randn(3, 5, 7, 5, generator=generator).to(device), layout).requires_grad_()
     return y, batch_norm, batch_norm.weight, batch_norm.bias  # the parameters: their gradients are checked too
 

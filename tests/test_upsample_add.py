@@ -187,15 +187,19 @@ def test_gather_ranges_match_brute_force():
     # For each input index, the output range that reads it, from the kernels' closed form plus exact
     # correction, against a brute force over the index rule: every ratio up to 40 (up, down, equal,
     # non-integer such as 7->13 and 5->11, borders clamped) and a few large ones.
-    from upernet_fast.kernels._bilinear import gather_ranges
+    # The brute force takes i0 from the kernels' own index rule on this device (fused multiply-add on a GPU, see
+    # source_indices); on the CPU that rule is checked against PyTorch's here as well.
+    from upernet_fast.kernels._bilinear import gather_ranges, source_indices
 
     pairs = [(a, b) for a in range(1, 41) for b in range(1, 41)]
     pairs += [(7, 13), (5, 11), (64, 128), (128, 512), (300, 7), (999, 1000), (1000, 999), (1, 4096), (4096, 1)]
     n_in, n_out, index, want_lo, want_hi = [], [], [], [], []
     for a, b in pairs:
         scale = torch.tensor(a, dtype=torch.float32) / torch.tensor(b, dtype=torch.float32)
-        src = ((torch.arange(b, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_min(0.0)
-        i0 = src.long()
+        i0 = source_indices(a, b, TRITON_DEVICE).long().cpu()
+        if TRITON_DEVICE == "cpu":
+            src = ((torch.arange(b, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_min(0.0)
+            assert i0.equal(src.long().clamp_max(a - 1)), (a, b)
         i1 = (i0 + 1).clamp_max(a - 1)
         for i in range(a):
             readers = torch.nonzero((i0 == i) | (i1 == i)).flatten()
@@ -229,7 +233,8 @@ def _bad_calls():
         (lambda: upsample_add(torch.randn(3, 4, 4), lateral), ValueError, "low must be a 4D"),
         (lambda: upsample_add(low, torch.randn(2, 3, 8)), ValueError, "lateral must be a 4D"),
         (lambda: upsample_add(low.long(), lateral), TypeError, "low must be a floating-point tensor"),
-        (lambda: upsample_add(low.double(), lateral.double(), backend="triton"), RuntimeError, "float64"),
+        (lambda: upsample_add(low.double().to(TRITON_DEVICE), lateral.double().to(TRITON_DEVICE), backend="triton"),
+         RuntimeError, "float64"),
     ]
 
 

@@ -181,7 +181,7 @@ def _bad_calls():
         (lambda: upsample_concat([x], (4, 0)), ValueError, "size must be two positive ints"),
         (lambda: upsample_concat([x], (4, 4, 4)), ValueError, "size must be two positive ints"),
         (lambda: upsample_concat([x, x.long()], (4, 4)), TypeError, r"tensors\[1\] must be a floating-point tensor"),
-        (lambda: upsample_concat([x.double()], (4, 4), backend="triton"), RuntimeError, "float64"),
+        (lambda: upsample_concat([x.double().to(TRITON_DEVICE)], (4, 4), backend="triton"), RuntimeError, "float64"),
     ]
 
 
