@@ -30,3 +30,26 @@ def test_demo_checks_and_times_a_converted_model():
     assert "-> OK" in result.stdout
     for row in ("forward           reference", "forward           converted", "forward+backward  converted"):
         assert row in result.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--data", "ade20k:/nonexistent/ade", "--steps", "1"], "--data ade20k: folder /nonexistent/ade does not exist"),
+        (["train", "--steps", "0"], "--steps must be >= 1"),
+        (["train", "--scale-range", "2,1", "--steps", "1"], "--scale-range must be MIN,MAX with 0 < MIN <= MAX"),
+        (["train", "--lr", "-1", "--steps", "1"], "--lr must be > 0"),
+        (["eval", "--model", "/nonexistent/model"], "--model must be a folder with config.json"),
+        (["predict", "--model", "/nonexistent/model", "x.png", "--out", "/tmp/never"], "--model must be a folder"),
+    ],
+)
+def test_bad_command_line_input_gets_one_line_and_status_2(argv, message, capsys, tmp_path):
+    """A user's mistake is one line naming the option and what was expected, exit status 2 (as argparse's own
+    errors), never a traceback."""
+    if argv[0] == "train":
+        argv = argv + ["--out", str(tmp_path / "run")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"upernet-fast {argv[0]}: error: "), err
+    assert message in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err

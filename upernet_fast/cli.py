@@ -108,7 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     add_subcommands(sub)  # train, eval, predict: each sets args.run
     args = parser.parse_args(argv)
     if hasattr(args, "run"):
-        return args.run(args)
+        from upernet_fast.train.errors import UsageError
+
+        try:
+            return args.run(args)
+        except (UsageError, FloatingPointError) as exc:  # the user's input (or a diverged run), not a bug
+            print(f"upernet-fast {args.command}: error: {exc}", file=sys.stderr)
+            return 2
     return {"info": _info, "demo": _demo, "build": _build}[args.command](args)
 
 

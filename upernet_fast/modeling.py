@@ -20,7 +20,7 @@ from torch import nn
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.models.upernet import modeling_upernet as hf
 
-from upernet_fast import ops
+from upernet_fast import ops, recompute
 from upernet_fast._checks import check_tensor
 from upernet_fast.ops.conv_bn_relu import ConvBNReLU
 
@@ -124,6 +124,12 @@ class UperNetHead(nn.Module):
 
     def forward(self, encoder_hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
         check_features("encoder_hidden_states", encoder_hidden_states, self.in_channels)
+        # Training on the kernel backends: BN+ReLU outputs and the concats are rebuilt in the backward instead
+        # of saved (bitwise the same; see upernet_fast.recompute). The eager backend stays PyTorch's own graph.
+        with recompute.recomputing(self.training and _backend_of(self) != "eager"):
+            return self._forward(encoder_hidden_states)
+
+    def _forward(self, encoder_hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
         backend = _backend_of(self)
         laterals = [conv(encoder_hidden_states[i]) for i, conv in enumerate(self.lateral_convs)]
         laterals.append(self.psp_forward(encoder_hidden_states))
@@ -179,6 +185,10 @@ class UperNetFCNHead(nn.Module):
                 f"encoder_hidden_states[{self.in_index}] must have {self.in_channels} channels, "
                 f"got shape {tuple(hidden_states.shape)}"
             )
+        with recompute.recomputing(self.training and _backend_of(self) != "eager"):  # as in UperNetHead
+            return self._forward(hidden_states)
+
+    def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         output = self.convs(hidden_states)
         if self.concat_input:
             # Same size on both sides: the concat has no resize, exactly torch.cat.

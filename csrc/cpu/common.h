@@ -39,9 +39,10 @@ using at::Tensor;
 // element (and each partial sum) the same way whatever the split, so results never depend on it.
 constexpr int64_t kGrain = 1;
 
-// Whether channels are the innermost dimension of t (channels_last, sliced or not). The rule of
-// kernels/_bilinear.py's is_channels_last_layout: size-1 dims make both layouts contiguous at once, and
-// stride(3) > 1 keeps an NCHW (B, C, 1, 1) tensor NCHW.
+// Whether channels are the innermost dimension of t (channels_last, sliced or not), so which loop order
+// its tiles take (along C when true, else along W), from its strides: size-1 dims make
+// both layouts contiguous at once, and stride(3) > 1 keeps an NCHW (B, C, 1, 1) tensor NCHW. Where an output
+// is allocated, suggests_channels_last (PyTorch's rule) chooses its layout instead.
 inline bool is_channels_last_layout(const Tensor& t) {
   return t.size(1) > 1 && t.stride(1) == 1 && t.stride(3) > 1;
 }

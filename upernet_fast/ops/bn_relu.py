@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from upernet_fast import backend as _backend
-from upernet_fast import reference
+from upernet_fast import recompute, reference
 from upernet_fast._checks import check_tensor
 from upernet_fast.kernels._utils import is_channels_last, memory_format
 from upernet_fast.ops._kernel_op import KernelOp, stats_dtype
+from upernet_fast.ops._triton_support import on_input_device
 
 OP = "bn_relu"
 
@@ -211,6 +212,13 @@ bn_relu_train_cpp = composite_kernel_op("bn_relu_train_cpp").define(
 )
 
 
+# The normalise+affine+ReLU kernel each training op's forward ran: what rebuilds its output bitwise.
+_APPLY_KERNEL = {
+    bn_relu_train: on_input_device(lambda *args: _kernels().bn_relu_apply(*args)),  # Triton: the input's GPU
+    bn_relu_train_cpp: lambda *args: _cpp_kernels().bn_relu_apply(*args),
+}
+
+
 # ---- eval mode (running statistics) on the C++ kernels: relu(y * scale + shift), one pass -----------------
 
 
@@ -257,8 +265,11 @@ def batch_stats_path(train_op, y: torch.Tensor, batch_norm: nn.Module) -> torch.
         check_values_per_channel(y)
     weight, bias = affine_params(batch_norm, y)
     group_name = "" if group is None else group.group_name
-    out, mean, _invstd, var_unbiased = train_op(_dense(y), weight, bias, float(batch_norm.eps), group_name)
+    dense = _dense(y)
+    out, mean, invstd, var_unbiased = train_op(dense, weight, bias, float(batch_norm.eps), group_name)
     reference.update_running_stats(batch_norm, mean, var_unbiased)
+    # The backward saves dense, mean and invstd: the next conv need not save out too (upernet_fast.recompute).
+    recompute.remember(out, _APPLY_KERNEL[train_op], (dense, mean, invstd, weight, bias))
     return out
 
 

@@ -8,6 +8,7 @@ tests and smoke runs on a CPU.
 from __future__ import annotations
 
 from pathlib import Path
+from upernet_fast.train.errors import InputNotFound, UsageError
 
 # transformers is imported inside the functions: the CLI lists backbone names without loading it.
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
@@ -65,9 +66,9 @@ def backbone_names() -> list[str]:
 def upernet_config(backbone: str, num_labels: int):
     """The UperNetConfig for a backbone name (see ``BACKBONES``) and a number of classes."""
     if backbone not in BACKBONES:
-        raise ValueError(f"--backbone must be one of {', '.join(BACKBONES)}; got {backbone!r}")
+        raise UsageError(f"--backbone must be one of {', '.join(BACKBONES)}; got {backbone!r}")
     if not isinstance(num_labels, int) or num_labels < 2:
-        raise ValueError(f"--num-labels must be an integer >= 2, got {num_labels!r}")
+        raise UsageError(f"--num-labels must be an integer >= 2, got {num_labels!r}")
     from transformers import UperNetConfig
 
     make_backbone, hidden_size, auxiliary_channels = BACKBONES[backbone]
@@ -91,7 +92,7 @@ def build_model(backbone: str, num_labels: int, pretrained: str | None = None):
         return HFUperNet(upernet_config(backbone, num_labels))
     folder = Path(pretrained)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
+        raise InputNotFound(
             f"--pretrained must be a local folder written by save_pretrained (with config.json); {folder} has none"
         )
     return HFUperNet.from_pretrained(str(folder), num_labels=num_labels, ignore_mismatched_sizes=True)

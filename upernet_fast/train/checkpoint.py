@@ -25,6 +25,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from upernet_fast.train.errors import UsageError
+
 MANIFEST = "manifest.json"
 TRAINING_STATE = "training_state.pt"
 PREFIX = "checkpoint-"
@@ -32,7 +34,7 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UsageError):
     """A checkpoint that cannot be used: incomplete, corrupt, or from an incompatible run."""
 
 

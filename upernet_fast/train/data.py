@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from upernet_fast.train.errors import InputNotFound, UsageError
 
 # transformers' image processors for ConvNeXt, Swin and ResNet normalise with the ImageNet statistics.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -43,7 +44,7 @@ class SyntheticShapes:
     def __init__(self, num_images: int, size: int, num_classes: int = SYNTHETIC_CLASSES, seed: int = 0,
                  split: str = "train") -> None:
         if num_classes < 2:
-            raise ValueError(f"the synthetic data needs --num-labels >= 2, got {num_classes}")
+            raise UsageError(f"the synthetic data needs --num-labels >= 2, got {num_classes}")
         self.num_images, self.size, self.num_labels, self.seed = num_images, size, num_classes, seed
         self.split_id = 0 if split == "train" else 1
         hues = np.arange(num_classes - 1) / max(num_classes - 1, 1)
@@ -94,7 +95,7 @@ class ImageMaskFiles:
 
     def __init__(self, pairs: list[tuple[Path, Path]], num_labels: int, reduce_zero_label: bool = False) -> None:
         if not pairs:
-            raise ValueError("no image/mask pairs")
+            raise UsageError("no image/mask pairs")
         self.pairs, self.num_labels, self.reduce_zero_label = pairs, num_labels, reduce_zero_label
 
     def __len__(self) -> int:
@@ -111,10 +112,10 @@ class ImageMaskFiles:
             image = np.asarray(im.convert("RGB"))
         with Image.open(mask_path) as im:
             if im.mode not in ("L", "P", "I", "I;16"):
-                raise ValueError(f"mask {mask_path} must be a single-channel (L or P) PNG of class indices, got mode {im.mode}")
+                raise UsageError(f"mask {mask_path} must be a single-channel (L or P) PNG of class indices, got mode {im.mode}")
             mask = np.asarray(im).astype(np.int64)
         if mask.shape != image.shape[:2]:
-            raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is "
+            raise UsageError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is "
                              f"{image.shape[1]}x{image.shape[0]}")
         if self.reduce_zero_label:
             mask = np.where(mask == 0, IGNORE_INDEX + 1, mask) - 1  # 0 -> 255, k -> k - 1
@@ -122,17 +123,17 @@ class ImageMaskFiles:
         if bad.any():
             values = sorted(set(np.unique(mask[bad]).tolist()))[:8]
             shift = " after reduce-zero-label" if self.reduce_zero_label else ""
-            raise ValueError(f"mask {mask_path} has class values {values}{shift} outside [0, {self.num_labels}) "
+            raise UsageError(f"mask {mask_path} has class values {values}{shift} outside [0, {self.num_labels}) "
                              f"(and not {IGNORE_INDEX}, the ignore value): check --num-labels")
         return image, mask
 
 
 def _images_in(folder: Path, what: str) -> list[Path]:
     if not folder.is_dir():
-        raise FileNotFoundError(f"{what}: folder {folder} does not exist")
+        raise InputNotFound(f"{what}: folder {folder} does not exist")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise FileNotFoundError(f"{what}: folder {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        raise InputNotFound(f"{what}: folder {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
     return files
 
 
@@ -142,7 +143,7 @@ def pair_by_stem(images_dir: Path, masks_dir: Path, what: str) -> list[tuple[Pat
     masks = {p.stem: p for p in _images_in(masks_dir, what)}
     missing = [p for p in images if p.stem not in masks]
     if missing:
-        raise FileNotFoundError(f"{what}: {len(missing)} image(s) without a mask of the same name in {masks_dir}, "
+        raise InputNotFound(f"{what}: {len(missing)} image(s) without a mask of the same name in {masks_dir}, "
                                 f"first {missing[0]}")
     return [(p, masks[p.stem]) for p in images]
 
@@ -155,7 +156,7 @@ def data_kind(spec: str) -> str:
     kind, _, rest = spec.partition(":")
     if (kind == "synthetic" and not rest) or (kind == "ade20k" and rest) or (kind == "folder" and rest.count(",") == 1):
         return kind
-    raise ValueError(f"{DATA_SPEC_HELP}; got {spec!r}")
+    raise UsageError(f"{DATA_SPEC_HELP}; got {spec!r}")
 
 
 def default_num_labels(spec: str) -> int | None:
@@ -176,7 +177,7 @@ def open_source(spec: str, split: str, num_labels: int, size: int, seed: int = 0
     if kind == "ade20k":
         root = Path(rest)
         if not root.is_dir():
-            raise FileNotFoundError(f"--data ade20k: folder {root} does not exist")
+            raise InputNotFound(f"--data ade20k: folder {root} does not exist")
         sub = _SPLIT_DIRS[split]
         pairs = pair_by_stem(root / "images" / sub, root / "annotations" / sub, f"--data ade20k ({split})")
         return ImageMaskFiles(pairs, num_labels, reduce_zero_label=True)

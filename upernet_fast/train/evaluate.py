@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from upernet_fast.train.data import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, EvalDataset, normalize, to_tensors
 from upernet_fast.train.metrics import ConfusionMatrix
+from upernet_fast.train.errors import InputNotFound, UsageError
 
 
 def autocast_for(device: torch.device, amp: str):
@@ -61,10 +62,10 @@ def sliding_window_logits(model, pixels: torch.Tensor, window: int, stride: int,
 def check_window(window: int, stride: int | None) -> int:
     """The stride to use (default: two thirds of the window); bad values are errors naming the option."""
     if window < 1:
-        raise ValueError(f"--window must be a positive number of pixels, got {window}")
+        raise UsageError(f"--window must be a positive number of pixels, got {window}")
     stride = stride if stride is not None else max(1, window * 2 // 3)
     if not 1 <= stride <= window:
-        raise ValueError(f"--stride must be between 1 and --window ({window}), got {stride}")
+        raise UsageError(f"--stride must be between 1 and --window ({window}), got {stride}")
     return stride
 
 
@@ -108,7 +109,7 @@ def load_for_inference(folder: str, backend: str = "auto", device: str | None = 
 
     path = Path(folder)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--model must be a folder with config.json (save_pretrained output or "
+        raise InputNotFound(f"--model must be a folder with config.json (save_pretrained output or "
                                 f"OUT/final, OUT/checkpoint-STEP); {path} has none")
     if (path / MANIFEST).is_file():
         verify(path)  # a checkpoint of ours: refuse it when corrupt rather than evaluate garbage
@@ -126,12 +127,12 @@ def collect_images(inputs: list[str]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise FileNotFoundError(f"predict: folder {path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+                raise InputNotFound(f"predict: folder {path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
             files.extend(found)
         elif path.is_file():
             files.append(path)
         else:
-            raise FileNotFoundError(f"predict: input {path} is neither an image file nor a folder")
+            raise InputNotFound(f"predict: input {path} is neither an image file nor a folder")
     return files
 
 
@@ -184,7 +185,7 @@ def run_eval(args) -> int:
     if args.crop is None:
         args.crop = SYNTHETIC_CROP if data_kind(args.data) == "synthetic" else DEFAULT_CROP
     if args.crop < 1:
-        raise ValueError(f"--crop must be >= 1, got {args.crop}")
+        raise UsageError(f"--crop must be >= 1, got {args.crop}")
     args.window = args.window or args.crop
     stride = check_window(args.window, args.stride)
     model, device = load_for_inference(args.model, args.backend, args.device)

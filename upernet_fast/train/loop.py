@@ -33,6 +33,7 @@ from upernet_fast.train.distributed import DataParallel, init_distributed
 from upernet_fast.train.data import (Augment, ResumableDistributedSampler, TrainDataset, data_kind, default_num_labels,
                                      open_source, train_loader)
 from upernet_fast.train.evaluate import autocast_for, evaluate
+from upernet_fast.train.errors import UsageError
 
 AMP_MODES = ("none", "bf16", "fp16")
 SCHEDULES = ("poly", "cosine")
@@ -79,29 +80,29 @@ class TrainConfig:
         if self.num_labels is None:
             self.num_labels = default_num_labels(self.data)
             if self.num_labels is None:
-                raise ValueError("--num-labels is required with --data folder:... (the number of classes in the masks)")
+                raise UsageError("--num-labels is required with --data folder:... (the number of classes in the masks)")
         self.crop = self.crop or (SYNTHETIC_CROP if synthetic else DEFAULT_CROP)
         self.lr = self.lr or (SYNTHETIC_LR if synthetic else DEFAULT_LR)
         self.warmup = min(100, self.steps // 10) if self.warmup is None else self.warmup
         for name in ("steps", "batch_size", "grad_accum", "crop"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("workers", "eval_every", "save_every", "warmup"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.log_every < 1:
-            raise ValueError(f"--log-every must be >= 1, got {self.log_every}")
+            raise UsageError(f"--log-every must be >= 1, got {self.log_every}")
         if not self.lr > 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
+            raise UsageError(f"--lr must be > 0, got {self.lr}")
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
-            raise ValueError(f"--scale-range must be MIN,MAX with 0 < MIN <= MAX, got {lo},{hi}")
+            raise UsageError(f"--scale-range must be MIN,MAX with 0 < MIN <= MAX, got {lo},{hi}")
         if self.amp not in AMP_MODES:
-            raise ValueError(f"--amp must be one of {AMP_MODES}, got {self.amp!r}")
+            raise UsageError(f"--amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.backend not in BACKENDS:
-            raise ValueError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
+            raise UsageError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            raise UsageError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         return self
 
 

@@ -11,6 +11,7 @@ import math
 import torch
 
 from upernet_fast.train.data import IGNORE_INDEX
+from upernet_fast.train.errors import UsageError
 
 
 class ConfusionMatrix:
@@ -21,11 +22,11 @@ class ConfusionMatrix:
     def update(self, predicted: torch.Tensor, labels: torch.Tensor) -> None:
         """Add a batch of predicted class maps and labels of the same shape (ignored pixels skipped)."""
         if predicted.shape != labels.shape:
-            raise ValueError(f"predictions {tuple(predicted.shape)} and labels {tuple(labels.shape)} differ in shape")
+            raise UsageError(f"predictions {tuple(predicted.shape)} and labels {tuple(labels.shape)} differ in shape")
         keep = labels != self.ignore_index
         truth, guess = labels[keep].long().cpu(), predicted[keep].long().cpu()
         if truth.numel() and (truth.min() < 0 or truth.max() >= self.num_labels):
-            raise ValueError(f"labels hold classes outside [0, {self.num_labels}) other than {self.ignore_index}")
+            raise UsageError(f"labels hold classes outside [0, {self.num_labels}) other than {self.ignore_index}")
         n = self.num_labels
         self.matrix += torch.bincount(truth * n + guess, minlength=n * n).view(n, n)
 
