@@ -250,9 +250,9 @@ def test_filter_transform_cached_and_never_stale(ops):
 
     first = run(True)
     run(False)  # unchanged: served from the cache
-    conv_weight_version = block.conv.weight._version
+    version, storage = block.conv.weight._version, block.conv.weight.data_ptr()
     block.conv.weight.data.mul_(-0.5)  # .data writes bump no version counter and keep the storage
-    assert block.conv.weight._version == conv_weight_version
+    assert (block.conv.weight._version, block.conv.weight.data_ptr()) == (version, storage)
     assert not torch.equal(run(True), first)
     block.batch_norm.running_mean.data.add_(0.25)
     run(True)
