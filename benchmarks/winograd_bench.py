@@ -20,6 +20,7 @@ import time
 import torch
 
 from upernet_fast import reference
+from upernet_fast.backend import backend_unavailable
 from upernet_fast.ops import winograd_conv_bn_relu as winograd
 from upernet_fast.ops.conv_bn_relu import ConvBNReLU, conv_bn_relu
 
@@ -62,6 +63,9 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true", help="inputs in channels_last (default NCHW)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    reason = backend_unavailable("cpp")  # builds/loads the C++ extension and attaches its ops
+    if reason is not None:
+        raise SystemExit(f"the C++ backend is unavailable: {reason}")
     torch.manual_seed(0)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
@@ -69,9 +73,11 @@ def main() -> None:
     for name, cin, cout, h, w, reps in SHAPES:
         block = _block(cin, cout)
         x = torch.randn(1, cin, h, w).contiguous(memory_format=layout)
-        assert winograd.why_not(x, block.conv, block.batch_norm) is None
         flop = 2 * cin * cout * 9 * h * w
         with torch.no_grad():
+            reason = winograd.why_not(x, block.conv, block.batch_norm)
+            if reason is not None:
+                raise SystemExit(f"{name}: the Winograd path would not run ({reason})")
             transform = _seconds(lambda: winograd.transformed_filter(block.conv, block.batch_norm))
             aten_out = reference.conv_bn_relu(x, block.conv, block.batch_norm)  # warm-up of both sides
             ours_out = conv_bn_relu(x, block.conv, block.batch_norm, backend="cpp")
