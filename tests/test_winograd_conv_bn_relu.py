@@ -19,7 +19,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from layouts import LAYOUTS, in_layout
 from models import batch, reference_model
 from torch import nn
