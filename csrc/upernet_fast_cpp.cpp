@@ -56,6 +56,10 @@ TORCH_LIBRARY(upernet_fast_cpp, m) {
   // BatchNorm + ReLU, eval (running statistics folded into a per-channel affine).
   m.def("bn_relu_eval(Tensor x, Tensor scale, Tensor shift) -> Tensor");
   m.def("bn_relu_eval_backward(Tensor grad, Tensor y, Tensor x, Tensor scale) -> (Tensor, Tensor, Tensor)");
+  // 3x3 stride-1 padding-1 convolution + bias + ReLU by Winograd F(4x4, 3x3), inference only (no backward):
+  // the filter transform (36, C_out, C_in), computed once per weight and cached by the caller, and the conv.
+  m.def("winograd_filter_transform(Tensor weight) -> Tensor");
+  m.def("winograd_conv_bias_relu(Tensor x, Tensor filter, Tensor bias) -> Tensor");
 }
 
 #define UPERNET_FAST_STR2(x) #x

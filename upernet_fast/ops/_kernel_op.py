@@ -140,6 +140,45 @@ class KernelOp:
         self._attached.add(namespace)
 
 
+class InferenceOp:
+    """An inference-only op that a compiled extension defines: its schema and fake kernel, and no backward.
+
+    :meth:`attach` registers the fake (so ``torch.compile`` and ``opcheck`` can trace it) and an autograd
+    formula whose forward refuses, with the reason, any call where autograd would need its gradient: a clear
+    error at the call rather than a silent missing gradient or a generic one at ``backward()``.
+    """
+
+    def __init__(self, schema: str, fake: Callable, *, op_name: str) -> None:
+        self.schema, self.fake = schema, fake
+        self.name, self.op_name = _name(schema), op_name
+        self._attached: set[str] = set()
+
+    in_extension = KernelOp.in_extension
+
+    def attach(self, namespace: str) -> None:
+        if namespace in self._attached:
+            return
+        ours = f"{self.name}({self.schema.split('(', 1)[1]}"
+        theirs = str(getattr(getattr(torch.ops, namespace), self.name).default._schema).split("::", 1)[1]
+        if ours.replace(" ", "") != theirs.replace(" ", ""):
+            raise RuntimeError(f"{namespace}::{self.name} has schema {theirs!r}; expected {ours!r}")
+        qualified, lib = f"{namespace}::{self.name}", _library(namespace)
+        torch.library.register_fake(qualified, self.fake, lib=lib)
+
+        def refuse(ctx, inputs, output):
+            # Runs only when grad mode is on and an input requires grad (else the op is called directly).
+            raise RuntimeError(
+                f"upernet_fast: {qualified} is inference-only (no backward); {self.op_name} routes only "
+                "autograd-free calls (torch.no_grad / inference_mode, or nothing requiring grad) to it"
+            )
+
+        def no_backward(ctx, *grads):  # never reached: refuse raised in the forward
+            raise RuntimeError(f"upernet_fast: {qualified} has no backward")
+
+        torch.library.register_autograd(qualified, no_backward, setup_context=refuse, lib=lib)
+        self._attached.add(namespace)
+
+
 _RESOLVED: dict[str, Callable] = {}
 
 

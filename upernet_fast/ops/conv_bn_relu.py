@@ -1,6 +1,6 @@
 """Conv -> BatchNorm -> ReLU block (transformers' ``UperNetConvModule``): module, entry point and backends.
 
-Triton backend:
+Triton and C++ backends:
 
 * BatchNorm using running statistics (eval mode): BN is folded into the convolution's weight and bias on the
   fly, every call (stored parameters are never touched, and any change of a parameter or running statistic
@@ -10,6 +10,9 @@ Triton backend:
 * BatchNorm using batch statistics (training mode): the conv stays on PyTorch (cuDNN), then the BN+ReLU
   op of :mod:`upernet_fast.ops.bn_relu` (deterministic statistics, one normalise+affine+ReLU pass, a backward
   from the conv output and per-channel statistics only, SyncBatchNorm across processes).
+* C++ backend only, eval, autograd-free, float32 CPU, 3x3 stride 1 padding 1 convolutions: Winograd F(4x4, 3x3)
+  with BN folded in, bias and ReLU in its output transform, and the filter transform cached (recomputed
+  whenever any input of the fold changes): :mod:`upernet_fast.ops.winograd_conv_bn_relu`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from upernet_fast.ops.bn_relu import (
     bn_relu_train,
     bn_relu_train_cpp,
 )
+from upernet_fast.ops import winograd_conv_bn_relu as winograd
 
 OP = "conv_bn_relu"
 
@@ -193,6 +197,14 @@ def cpu_training_conv_input(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return x
 
 
+def _cpp_conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, batch_norm: nn.Module) -> torch.Tensor:
+    """As the Triton backend's block, except that autograd-free eval calls of 3x3 stride-1 blocks on float32
+    CPU tensors run Winograd F(4x4, 3x3) with a cached filter transform (:mod:`.winograd_conv_bn_relu`)."""
+    if not reference.uses_batch_stats(batch_norm) and winograd.why_not(x, conv, batch_norm) is None:
+        return winograd.winograd_conv_bn_relu(x, conv, batch_norm)
+    return _kernels_conv_bn_relu(bn_relu_train_cpp, x, conv, batch_norm)
+
+
 def _kernels_why_not(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> str | None:
     if not isinstance(conv, nn.Conv2d):
         return f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}"
@@ -218,7 +230,8 @@ def _judged_tensors(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> 
 
 
 _backend.register(OP, "eager", reference.conv_bn_relu)
-for _name, _train_op, _why_not in (("triton", bn_relu_train, _kernels_why_not), ("cpp", bn_relu_train_cpp, _cpp_why_not)):
-    _backend.register(
-        OP, _name, functools.partial(_kernels_conv_bn_relu, _train_op), why_not=_why_not, tensors=_judged_tensors
-    )
+_backend.register(
+    OP, "triton", functools.partial(_kernels_conv_bn_relu, bn_relu_train), why_not=_kernels_why_not,
+    tensors=_judged_tensors,
+)
+_backend.register(OP, "cpp", _cpp_conv_bn_relu, why_not=_cpp_why_not, tensors=_judged_tensors)

@@ -1,0 +1,353 @@
+"""Winograd F(4x4, 3x3) conv-BN-ReLU on the C++ core (csrc/cpu/winograd_conv_bn_relu.cpp,
+upernet_fast/ops/winograd_conv_bn_relu.py): accuracy policy, layouts, determinism, the proof that it ran, the
+filter cache never going stale, and its refusals.
+
+Accuracy policy (issue #13): for every 3x3 block shape of the ConvNeXt-T, Swin-T and ResNet-50 UperNet heads
+(small spatial sizes here) and odd sizes, with kaiming-normal weights and non-trivial BN statistics, the
+maximum error against a float64 reference (F.conv2d + BN + ReLU in float64), relative to the reference's
+maximum magnitude, is at most 4x that of ATen's own float32 conv + BN + ReLU on the same inputs. (Winograd's
+transforms amplify the products' rounding; with the points 0, +-1, 1/2, -2 the ratio measured ~1.1-1.5 at
+these channel counts.) Tiny channel counts are not judged by that bar: there ATen's error is a single
+rounding of a few-term sum, while the transforms' rounding stays; nor are maps under MIN_SIDE, which the
+block routes to ATen (see winograd.MIN_SIDE). The kernel itself is checked on those against the float64
+reference at 2e-5 of its maximum (about 100 float32 ulps of it), which still catches any wrong tap or tile.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from layouts import LAYOUTS, in_layout
+from models import batch, reference_model
+from torch import nn
+
+import upernet_fast
+from upernet_fast import cpp_extension, reference
+from upernet_fast.ops import winograd_conv_bn_relu as winograd
+from upernet_fast.ops.conv_bn_relu import ConvBNReLU, conv_bn_relu
+
+# (C_in, C_out) of every 3x3 conv-BN-ReLU block of the three heads (hidden 512, auxiliary FCN 256 channels).
+HEAD_SHAPES = {
+    "fpn_convs 512->512": (512, 512),
+    "fpn_bottleneck 2048->512 (4 x 512)": (2048, 512),
+    "PPM bottleneck ConvNeXt-T/Swin-T 2816->512 (768 + 4 x 512)": (2816, 512),
+    "PPM bottleneck ResNet-50 4096->512 (2048 + 4 x 512)": (4096, 512),
+    "aux ConvNeXt-T/Swin-T 384->256": (384, 256),
+    "aux ResNet-50 1024->256": (1024, 256),
+    "aux 256->256": (256, 256),
+}
+# Spatial sizes: one tile (1x1, all but the centre tap in the padding), odd and not multiples of the tile.
+ODD_SIZES = [(1, 1), (5, 7), (13, 11)]
+
+
+@pytest.fixture(scope="module")
+def ops():
+    cpp_extension.load()  # builds on first use; a build failure is a test error, never a skip
+    from upernet_fast import backend
+
+    backend.BACKENDS_DECLARED["cpp"].why_unavailable()  # attaches the Python fakes/autograd to the C++ ops
+    return torch.ops.upernet_fast_cpp
+
+
+def _block(cin, cout, *, bias=False, seed=0):
+    """A 3x3 ConvBNReLU in eval mode, kaiming-normal conv weight, non-trivial BN parameters and statistics."""
+    gen = torch.Generator().manual_seed(seed)
+    block = ConvBNReLU(cin, cout, 3, padding=1, bias=bias).eval()
+    with torch.no_grad():
+        block.conv.weight.copy_(torch.randn(block.conv.weight.shape, generator=gen) * (2.0 / (9 * cin)) ** 0.5)
+        if bias:
+            block.conv.bias.copy_(torch.randn(cout, generator=gen) * 0.1)
+        bn = block.batch_norm
+        bn.weight.copy_(torch.rand(cout, generator=gen) + 0.5)
+        bn.bias.copy_(torch.randn(cout, generator=gen) * 0.2)
+        bn.running_mean.copy_(torch.randn(cout, generator=gen) * 0.2)
+        bn.running_var.copy_(torch.rand(cout, generator=gen) * 1.5 + 0.5)
+    return block
+
+
+def _input(b, c, h, w, seed=1):
+    return torch.randn(b, c, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+class _OpsSeen(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op the dispatcher runs below autograd (ATen and upernet_fast_cpp alike)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _winograd_run(block, x, backend="cpp"):
+    """The block's eval output with nothing needing gradients, asserting that the Winograd op computed it."""
+    with torch.no_grad(), _OpsSeen() as seen:
+        out = conv_bn_relu(x, block.conv, block.batch_norm, backend=backend)
+    assert seen.names.count("upernet_fast_cpp.winograd_conv_bias_relu.default") == 1, seen.names
+    assert not any("convolution" in name for name in seen.names), seen.names
+    return out
+
+
+def _relative_error(out, truth):
+    return ((out.double() - truth).abs().max() / truth.abs().max()).item()
+
+
+def _judge(block, x, out):
+    """Our error and ATen's float32 conv+BN+ReLU error, both against float64, relative to its maximum."""
+    block64 = copy.deepcopy(block).double()
+    with torch.no_grad():
+        truth = reference.conv_bn_relu(x.double(), block64.conv, block64.batch_norm)
+        aten = reference.conv_bn_relu(x, block.conv, block.batch_norm)
+    assert truth.abs().max() > 0
+    return _relative_error(out, truth), _relative_error(aten, truth)
+
+
+# ------------------------------------------------------------------------------------------------ accuracy
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", list(HEAD_SHAPES.values()), ids=list(HEAD_SHAPES))
+def test_head_shapes_within_4x_aten_error(ops, shape, layout):
+    cin, cout = shape
+    block = _block(cin, cout, seed=cin + cout)
+    x = in_layout(_input(1, cin, 10, 9, seed=cin), layout)  # 3 x 3 tiles, the last row and column partial
+    ours, aten = _judge(block, x, _winograd_run(block, x))
+    assert ours <= 4 * aten, (ours, aten)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("size", ODD_SIZES, ids=[f"{h}x{w}" for h, w in ODD_SIZES])
+def test_odd_sizes_within_4x_aten_error(ops, size, layout):
+    # Maps under MIN_SIDE (1x1, 5x7) keep ATen's convolution (Winograd measured 2-9x ATen's error there, see
+    # winograd.MIN_SIDE): the block meets the policy on every size, and the routing is asserted, not assumed.
+    block = _block(512, 512, bias=True, seed=3)
+    x = in_layout(_input(2, 512, *size, seed=4), layout)
+    if min(size) >= winograd.MIN_SIDE:
+        out = _winograd_run(block, x)
+    else:
+        with torch.no_grad(), _OpsSeen() as seen:
+            out = conv_bn_relu(x, block.conv, block.batch_norm, backend="cpp")
+        assert not any("winograd" in name for name in seen.names) and any("convolution" in n for n in seen.names)
+    ours, aten = _judge(block, x, out)
+    assert ours <= 4 * aten, (ours, aten)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 5, 2, 3), (13, 11, 5, 7), (9, 17, 33, 70), (512, 512, 1, 1),
+                                   (512, 512, 5, 7), (2048, 512, 2, 3)])
+def test_kernel_on_any_size_close_to_float64(ops, shape, layout):
+    # (C_in, C_out, H, W), the op called directly (the block routes maps under MIN_SIDE to ATen). 33 x 70:
+    # 9 x 18 tiles in two chunks of whole tile rows (a chunk edge inside the map).
+    cin, cout, h, w = shape
+    block = _block(cin, cout, bias=True, seed=5)
+    x = in_layout(_input(2, cin, h, w, seed=6), layout)
+    with torch.no_grad():
+        out = winograd.winograd_conv_bn_relu(x, block.conv, block.batch_norm)
+    ours, _aten = _judge(block, x, out)
+    assert ours <= 2e-5, ours
+
+
+# ----------------------------------------------------------------------------- layouts and determinism
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts_give_the_dense_layouts_bits_and_pytorchs_output_layout(ops, layout):
+    # Sliced inputs are views into NaN-filled storage: a read outside the view would show as NaN.
+    block = _block(24, 40, seed=7)
+    dense = _input(2, 24, 13, 11, seed=8)
+    x = in_layout(dense, layout)
+    out = _winograd_run(block, x)
+    channels_last = layout.endswith("channels_last")
+    same_layout_dense = dense.contiguous(memory_format=torch.channels_last) if channels_last else dense
+    assert torch.equal(out, _winograd_run(block, same_layout_dense))
+    with torch.no_grad():
+        expected_layout = reference.conv_bn_relu(x, block.conv, block.batch_norm)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        assert out.is_contiguous(memory_format=fmt) == expected_layout.is_contiguous(memory_format=fmt), fmt
+    assert not out.isnan().any()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bitwise_repeatable_and_thread_count_invariant(ops, layout):
+    # 40 x 70: 10 x 18 tiles in two chunks; 64 channels: whole and partial vectors of both kinds.
+    block = _block(64, 72, seed=9)
+    x = in_layout(_input(2, 64, 40, 70, seed=10), layout)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first = _winograd_run(block, x)
+        assert torch.equal(first, _winograd_run(block, x))
+        torch.set_num_threads(1)
+        single = _winograd_run(block, x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(first.view(torch.int32), single.view(torch.int32))
+
+
+# ------------------------------------------------------------------------------- routing: what runs it
+
+
+def test_auto_backend_runs_winograd_on_cpu_in_eval_without_autograd(ops):
+    block = _block(16, 8, seed=11)
+    x = _input(1, 16, 10, 9)
+    out = _winograd_run(block, x, backend="auto")
+    with torch.inference_mode():
+        assert torch.equal(out, conv_bn_relu(x, block.conv, block.batch_norm, backend="auto"))
+
+
+def test_calls_that_need_gradients_or_other_shapes_keep_the_aten_path(ops):
+    block = _block(8, 8, seed=12)
+    x = _input(1, 8, 9, 10)
+
+    def ran_winograd(x, conv, batch_norm):
+        with _OpsSeen() as seen:
+            conv_bn_relu(x, conv, batch_norm, backend="cpp")
+        return any("winograd" in name for name in seen.names)
+
+    assert not ran_winograd(x, block.conv, block.batch_norm)  # grad mode on and the parameters require grad
+    block64 = copy.deepcopy(block).double()
+    with torch.no_grad():
+        assert not ran_winograd(x.double(), block64.conv, block64.batch_norm)
+    with torch.no_grad():
+        assert ran_winograd(x, block.conv, block.batch_norm)
+        for conv in (nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, padding=2, dilation=2),
+                     nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Conv2d(8, 8, 1)):
+            assert winograd.why_not(x, conv, block.batch_norm) is not None
+            assert not ran_winograd(x, conv, block.batch_norm)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not ran_winograd(x, block.conv, block.batch_norm)
+        assert not ran_winograd(x[:, :, :8], block.conv, block.batch_norm)  # under MIN_SIDE
+    block.requires_grad_(False)  # frozen block: grad mode on, but nothing requires grad
+    assert ran_winograd(x, block.conv, block.batch_norm)
+    assert not ran_winograd(x.requires_grad_(), block.conv, block.batch_norm)
+
+
+# -------------------------------------------------------------------- the filter cache is never stale
+
+
+def test_filter_transform_cached_and_never_stale(ops):
+    """After every kind of change to an input of the fold, the output is bitwise that of a freshly computed
+    transform, and the transform is recomputed exactly when something changed."""
+    block = _block(16, 8, bias=True, seed=13)
+    x = _input(2, 16, 11, 9)
+
+    def run(expect_recompute: bool):
+        with _OpsSeen() as seen:
+            cached = _winograd_run(block, x)
+        recomputed = seen.names.count("upernet_fast_cpp.winograd_filter_transform.default")
+        assert recomputed == int(expect_recompute), recomputed
+        winograd._CACHE.clear()
+        fresh = _winograd_run(block, x)
+        assert torch.equal(cached, fresh)
+        ours, aten = _judge(block, x, cached)
+        assert ours <= 2e-5, ours
+        return cached
+
+    first = run(True)
+    run(False)  # unchanged: served from the cache
+    version, storage = block.conv.weight._version, block.conv.weight.data_ptr()
+    block.conv.weight.data.mul_(-0.5)  # .data writes bump no version counter and keep the storage
+    assert (block.conv.weight._version, block.conv.weight.data_ptr()) == (version, storage)
+    assert not torch.equal(run(True), first)
+    block.batch_norm.running_mean.data.add_(0.25)
+    run(True)
+    with torch.no_grad():
+        block.batch_norm.running_var.mul_(3.0)
+    run(True)
+    with torch.no_grad():
+        block.batch_norm.weight.neg_()
+    run(True)
+    block.batch_norm.bias.data[3] += 1.0  # one element of one vector
+    run(True)
+    block.conv.bias.data.sub_(0.1)
+    run(True)
+    block.batch_norm.eps = 1e-2
+    run(True)
+    state = {k: v.clone() for k, v in _block(16, 8, bias=True, seed=99).state_dict().items()}
+    block.load_state_dict(state)
+    run(True)
+    block.conv.weight = nn.Parameter(block.conv.weight.detach() * 2)  # a new parameter object
+    run(True)
+    # A training-mode pass updates the running statistics; an optimizer step then changes the parameters.
+    optimizer = torch.optim.SGD(block.parameters(), lr=0.1)
+    block.train()
+    conv_bn_relu(x, block.conv, block.batch_norm, backend="cpp").square().mean().backward()
+    block.eval()
+    run(True)
+    optimizer.step()
+    run(True)
+
+
+def test_running_statistics_updated_by_a_training_pass_are_seen(ops):
+    block = _block(16, 8, seed=14)
+    x = _input(2, 16, 11, 9)
+    before = _winograd_run(block, x)
+    block.train()
+    with torch.no_grad():
+        conv_bn_relu(x * 3 + 1, block.conv, block.batch_norm, backend="cpp")  # updates running mean and var
+    block.eval()
+    after = _winograd_run(block, x)
+    assert not torch.equal(before, after)
+    winograd._CACHE.clear()
+    assert torch.equal(after, _winograd_run(block, x))
+
+
+def test_filter_made_under_inference_mode_serves_no_grad_calls(ops):
+    block = _block(16, 8, seed=15)
+    x = _input(1, 16, 9, 9)
+    with torch.inference_mode():
+        first = conv_bn_relu(x, block.conv, block.batch_norm, backend="cpp")
+    assert torch.equal(first, _winograd_run(block, x))
+
+
+def test_converted_model_eval_runs_winograd_and_matches_transformers(ops):
+    # 64x64 images: the decode head's stride-4 maps are 16x16 (fpn_convs.0 and fpn_bottleneck run Winograd),
+    # the coarser ones under MIN_SIDE keep ATen. The issue's model-level bar: logits within relative 1e-4 of
+    # transformers' model, argmax equal on at least 99.9% of pixels.
+    reference_hf = reference_model(hidden_size=64).eval()
+    model = upernet_fast.convert(reference_model(hidden_size=64).eval())
+    pixels = batch(size=64)[0]
+    with torch.no_grad():
+        expected = reference_hf(pixels).logits
+        with _OpsSeen() as seen:
+            got = model(pixels).logits
+    assert seen.names.count("upernet_fast_cpp.winograd_conv_bias_relu.default") >= 2, seen.names
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-4
+    assert (got.argmax(1) == expected.argmax(1)).double().mean().item() >= 0.999
+
+
+# ---------------------------------------------------------------------------------- the ops themselves
+
+
+def test_opcheck(ops):
+    gen = torch.Generator().manual_seed(16)
+    weight = torch.randn(6, 5, 3, 3, generator=gen)
+    torch.library.opcheck(ops.winograd_filter_transform, (weight,))
+    filter = ops.winograd_filter_transform(weight)
+    bias = torch.randn(6, generator=gen)
+    for x in (torch.randn(2, 5, 7, 9, generator=gen),
+              torch.randn(2, 5, 7, 9, generator=gen).contiguous(memory_format=torch.channels_last)):
+        torch.library.opcheck(ops.winograd_conv_bias_relu, (x, filter, bias))
+
+
+def test_bad_inputs_raise_clear_errors(ops):
+    weight = torch.randn(6, 5, 3, 3)
+    filter = ops.winograd_filter_transform(weight)
+    x, bias = torch.randn(1, 5, 4, 4), torch.randn(6)
+    cases = [
+        (lambda: ops.winograd_filter_transform(weight.double()), "weight must be float32"),
+        (lambda: ops.winograd_filter_transform(torch.randn(6, 5, 5, 5)), r"shape \(C_out, C_in, 3, 3\)"),
+        (lambda: ops.winograd_conv_bias_relu(x.double(), filter, bias), "x must be float32"),
+        (lambda: ops.winograd_conv_bias_relu(x[0], filter, bias), "x must be a 4D"),
+        (lambda: ops.winograd_conv_bias_relu(torch.randn(1, 4, 4, 4), filter, bias), "C_in = x.size"),
+        (lambda: ops.winograd_conv_bias_relu(x, filter, torch.randn(5)), "bias must have shape"),
+        (lambda: ops.winograd_conv_bias_relu(torch.randn(0, 5, 4, 4), filter, bias), "no empty dimension"),
+        (lambda: ops.winograd_conv_bias_relu(x.requires_grad_(), filter, bias), "inference-only"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()

@@ -1,0 +1,142 @@
+"""Eval-mode conv-BN-ReLU by Winograd F(4x4, 3x3) on the C++ core: op declarations, applicability, filter cache.
+
+Inference only, CPU, float32, 3x3 convolutions with stride 1, padding 1, dilation 1, groups 1
+(``csrc/cpu/winograd_conv_bn_relu.cpp``). :mod:`upernet_fast.ops.conv_bn_relu` routes the cpp backend's
+autograd-free eval calls here (:func:`why_not` says why any other call keeps the folded ATen convolution).
+
+BatchNorm is folded into the conv weight and bias (``_fold``, the same fold as the ATen path) and the folded
+weight is transformed once (U = G g G^T, (36, C_out, C_in)), then reused. The cache must never serve a
+stale transform: it is keyed on the conv and BN modules, and every call compares the current values of every
+input of the fold (conv weight and bias, BN weight, bias, running mean and variance, eps) bit for bit with a
+snapshot taken when the transform was made; any difference recomputes it. Version counters or data pointers
+would not do: writes through ``.data`` (EMA updates, some checkpoint loaders) change values without bumping
+``_version`` or moving storage (tests/test_winograd_conv_bn_relu.py shows both). The comparison reads the
+weight twice (weight and snapshot), small next to the convolution it saves a transform for (measured by
+benchmarks/winograd_bench.py on a loaded 2-core machine: 9.5 ms against a 727 ms block for 512->512 at
+128x128, 20 ms against 2.4 s for 2048->512; the fold, snapshot and transform it saves took 0.3 s and 1.0 s
+there, before the transform's stores were blocked, which cut the transform alone ~2.7x); the
+snapshot costs one more copy of each cached weight in memory, the transform four.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from upernet_fast import backend as _backend
+from upernet_fast.kernels._utils import is_channels_last, memory_format
+from upernet_fast.ops._kernel_op import InferenceOp
+
+OP = "conv_bn_relu"
+TRANSFORM_POINTS = 36  # (4 + 3 - 1)^2 positions of the transform domain
+# Maps narrower than this in height or width keep ATen's convolution. There every 4x4 tile touches the zero
+# border, where Winograd's error relative to the output is largest: measured at 256-2048 input channels, 2-9x
+# ATen's float32 error on maps of 1x1 to 8x8 (against 0.4-2.3x from 9x9 up), above the 4x the accuracy policy
+# allows. Speed loses nothing: such maps are at most two tile rows, and below 3x3 Winograd even does more
+# multiplications than the direct convolution (36 per tile against 9 per output).
+MIN_SIDE = 9
+
+
+def _filter_fake(weight):
+    return weight.new_empty((TRANSFORM_POINTS, weight.shape[0], weight.shape[1]))
+
+
+def _conv_fake(x, filter, bias):
+    b, _, h, w = x.shape
+    return x.new_empty((b, filter.shape[1], h, w)).contiguous(memory_format=memory_format(is_channels_last(x)))
+
+
+FILTER_TRANSFORM_OP = InferenceOp("winograd_filter_transform(Tensor weight) -> Tensor", _filter_fake, op_name=OP)
+CONV_OP = InferenceOp("winograd_conv_bias_relu(Tensor x, Tensor filter, Tensor bias) -> Tensor", _conv_fake, op_name=OP)
+winograd_filter_transform = FILTER_TRANSFORM_OP.in_extension(_backend.CPP_NAMESPACE)
+winograd_conv_bias_relu = CONV_OP.in_extension(_backend.CPP_NAMESPACE)
+
+
+def _fold_inputs(conv: nn.Conv2d, batch_norm: nn.Module) -> list[torch.Tensor | None]:
+    return [conv.weight, conv.bias, batch_norm.weight, batch_norm.bias, batch_norm.running_mean,
+            batch_norm.running_var]
+
+
+def why_not(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> str | None:
+    """Why the Winograd kernel cannot run this eval-mode block call (None when it can).
+
+    The caller has already chosen the cpp backend and seen BN use running statistics.
+    """
+    if torch.compiler.is_compiling():
+        return "under torch.compile/export tracing (the filter cache compares tensor values in Python)"
+    if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype != torch.float32:
+        return f"x must be a plain float32 CPU tensor, got {type(x).__name__} {x.dtype} on {x.device}"
+    if x.numel() == 0:
+        return "empty input"
+    if min(x.shape[2], x.shape[3]) < MIN_SIDE:
+        return f"maps under {MIN_SIDE} pixels high or wide keep ATen (Winograd's border error; no speed gain)"
+    if torch.is_autocast_enabled("cpu"):
+        return "CPU autocast is on (the convolution would run in the autocast dtype)"
+    if not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros":
+        return "conv must be a torch.nn.Conv2d with zero padding"
+    geometry = (tuple(conv.kernel_size), tuple(conv.stride), conv.padding, tuple(conv.dilation), conv.groups)
+    if geometry != ((3, 3), (1, 1), (1, 1), (1, 1), 1):
+        return f"only 3x3, stride 1, padding 1, dilation 1, groups 1 convolutions; got {geometry}"
+    fold = [t for t in _fold_inputs(conv, batch_norm) if t is not None]
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in fold):
+        return "conv and BN parameters and running statistics must be float32 CPU tensors"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *fold)):
+        return "autograd needs gradients of this call (Winograd is inference-only)"
+    return None
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32)  # float32 only (why_not): exact comparison, -0.0 and NaN payloads included
+
+
+def _same(current: list[torch.Tensor | None], snapshot: list[torch.Tensor | None]) -> bool:
+    for now, then in zip(current, snapshot):
+        if (now is None) != (then is None):
+            return False
+        if now is not None and (now.shape != then.shape or not torch.equal(_bits(now.detach()), _bits(then))):
+            return False
+    return True
+
+
+class _CachedFilter:
+    __slots__ = ("batch_norm", "eps", "snapshot", "filter", "bias")
+
+
+# conv module -> its cached transform (weak: dropping the model drops the cache).
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, _CachedFilter]" = weakref.WeakKeyDictionary()
+
+
+def transformed_filter(conv: nn.Conv2d, batch_norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, folded bias) for this block's current parameters: from the cache when every input of the fold is
+    bitwise what it was when U was computed, else recomputed (and cached)."""
+    from upernet_fast.ops.conv_bn_relu import _fold  # the one fold of the eval path (circular import otherwise)
+
+    current = _fold_inputs(conv, batch_norm)
+    entry = _CACHE.get(conv)
+    if (
+        entry is not None
+        and entry.batch_norm() is batch_norm
+        and entry.eps == batch_norm.eps
+        and _same(current, entry.snapshot)
+    ):
+        return entry.filter, entry.bias
+    with torch.no_grad():
+        snapshot = [None if t is None else t.detach().clone() for t in current]
+        weight, bias = _fold(conv, batch_norm)
+        entry = _CachedFilter()
+        entry.batch_norm, entry.eps, entry.snapshot = weakref.ref(batch_norm), batch_norm.eps, snapshot
+        entry.filter, entry.bias = winograd_filter_transform(weight.contiguous()), bias.contiguous()
+    _CACHE[conv] = entry
+    return entry.filter, entry.bias
+
+
+def winograd_conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, batch_norm: nn.Module) -> torch.Tensor:
+    """relu(batch_norm(conv(x))) in eval mode by Winograd F(4x4, 3x3); the caller checked :func:`why_not`.
+
+    x: (B, C_in, H, W) float32 CPU, any strides; returns (B, C_out, H, W) in x's layout (channels_last when x
+    is, by PyTorch's suggest_memory_format rule, else NCHW).
+    """
+    filter, bias = transformed_filter(conv, batch_norm)
+    return winograd_conv_bias_relu(x, filter, bias)
