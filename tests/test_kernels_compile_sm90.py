@@ -203,7 +203,7 @@ UPSAMPLE_CONCAT_SCENARIOS = [
 ]
 
 
-# _bilinear: its test helper kernel (gather ranges), on CPU int32 tensors as its launcher reads their values
+# _bilinear: its test helper kernels (gather ranges, source indices), on CPU int32 tensors as its launcher reads their values
 
 
 def _gather_ranges(m):
@@ -212,7 +212,11 @@ def _gather_ranges(m):
     m["_bilinear"].gather_ranges(n_in, n_out, torch.tensor([0, 3, 2, 6, 63], dtype=torch.int32))
 
 
-BILINEAR_SCENARIOS = [("gather_ranges on 5 index triples", _gather_ranges)]
+def _source_indices(m):
+    m["_bilinear"].source_indices(3, 19, "cpu")
+
+
+BILINEAR_SCENARIOS = [("gather_ranges on 5 index triples", _gather_ranges), ("source_indices 3 -> 19", _source_indices)]
 
 
 # upsample_cross_entropy: forward and backward kernels
