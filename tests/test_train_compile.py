@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.train_utils import one_thread, tiny_config  # noqa: F401  (fixture)
 from upernet_fast.train.loop import train
@@ -24,6 +25,11 @@ def _losses(out) -> list[float]:
 
 @pytest.mark.slow
 def test_compiled_training_follows_eager(tmp_path, one_thread):
+    # As in a fresh `upernet-fast train --compile` process: without a reset, the same code objects compiled by
+    # earlier tests at other sizes would be recompiled with dynamic shapes here, a different (and, in torch
+    # 2.13's Inductor on these channels_last maps, failing: "cannot determine truth value of Relational")
+    # compilation from the one the command line makes.
+    torch._dynamo.reset()
     settings = dict(steps=2, crop=192, batch_size=2, eval_images=1, log_every=1, save_every=0)
     train(tiny_config(tmp_path / "eager", **settings))
     train(tiny_config(tmp_path / "compiled", compile=True, **settings))
