@@ -50,6 +50,14 @@ def _name(schema: str) -> str:
     return schema.split("(", 1)[0].strip()
 
 
+def _check_extension_schema(namespace: str, schema: str) -> None:
+    """Raises unless the op the extension defined in ``namespace`` has exactly this schema (spaces aside)."""
+    name = _name(schema)
+    theirs = str(getattr(getattr(torch.ops, namespace), name).default._schema).split("::", 1)[1]
+    if schema.replace(" ", "") != theirs.replace(" ", ""):
+        raise RuntimeError(f"{namespace}::{name} has schema {theirs!r}; expected {schema!r}")
+
+
 class KernelOp:
     """A forward op, its backward op and the autograd formula between them, independent of the kernels.
 
@@ -117,10 +125,7 @@ class KernelOp:
         """
         if namespace in self._attached:
             return
-        ours = f"{self.name}({self.schema.split('(', 1)[1]}"
-        theirs = str(getattr(getattr(torch.ops, namespace), self.name).default._schema).split("::", 1)[1]
-        if ours.replace(" ", "") != theirs.replace(" ", ""):
-            raise RuntimeError(f"{namespace}::{self.name} has schema {theirs!r}; expected {ours!r}")
+        _check_extension_schema(namespace, self.schema)
         self._register_fake_and_autograd(namespace, display, fakes=fakes)
 
     def _register_fake_and_autograd(self, namespace: str, display: str, fakes: bool = True) -> None:
@@ -158,10 +163,7 @@ class InferenceOp:
     def attach(self, namespace: str) -> None:
         if namespace in self._attached:
             return
-        ours = f"{self.name}({self.schema.split('(', 1)[1]}"
-        theirs = str(getattr(getattr(torch.ops, namespace), self.name).default._schema).split("::", 1)[1]
-        if ours.replace(" ", "") != theirs.replace(" ", ""):
-            raise RuntimeError(f"{namespace}::{self.name} has schema {theirs!r}; expected {ours!r}")
+        _check_extension_schema(namespace, self.schema)
         qualified, lib = f"{namespace}::{self.name}", _library(namespace)
         torch.library.register_fake(qualified, self.fake, lib=lib)
 
