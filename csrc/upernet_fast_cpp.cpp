@@ -60,6 +60,8 @@ TORCH_LIBRARY(upernet_fast_cpp, m) {
   // the filter transform (36, C_out, C_in), computed once per weight and cached by the caller, and the conv.
   m.def("winograd_filter_transform(Tensor weight) -> Tensor");
   m.def("winograd_conv_bias_relu(Tensor x, Tensor filter, Tensor bias) -> Tensor");
+  // The same conv over upsample_concat(tensors, size) (bitwise), reading the inputs without building the concat.
+  m.def("winograd_upsample_concat_conv_bias_relu(Tensor[] tensors, SymInt[] size, Tensor filter, Tensor bias) -> Tensor");
 }
 
 #define UPERNET_FAST_STR2(x) #x

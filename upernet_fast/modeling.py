@@ -119,8 +119,9 @@ class UperNetHead(nn.Module):
         x = inputs[-1]
         backend = _backend_of(self)
         branches = self.psp_modules.branches(x, backend=backend)
-        # The reference upsamples every branch to x's size and concatenates [x, *branches]; one op here.
-        return self.bottleneck(ops.upsample_concat([x, *branches], tuple(x.shape[-2:]), backend=backend))
+        # The reference upsamples every branch to x's size and concatenates [x, *branches]: one op here, or
+        # none (the C++ eval path's Winograd block reads the branches itself; ConvBNReLU.forward_concat).
+        return self.bottleneck.forward_concat([x, *branches], tuple(x.shape[-2:]), concat_backend=backend)
 
     def forward(self, encoder_hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
         check_features("encoder_hidden_states", encoder_hidden_states, self.in_channels)
@@ -138,8 +139,8 @@ class UperNetHead(nn.Module):
             laterals[i - 1] = ops.upsample_add(laterals[i], laterals[i - 1], backend=backend)
         fpn_outs = [self.fpn_convs[i](laterals[i]) for i in range(len(laterals) - 1)]
         fpn_outs.append(laterals[-1])  # no fpn conv on the PPM level
-        fused = ops.upsample_concat(fpn_outs, tuple(fpn_outs[0].shape[-2:]), backend=backend)
-        return self.classifier(self.fpn_bottleneck(fused))
+        fused = self.fpn_bottleneck.forward_concat(fpn_outs, tuple(fpn_outs[0].shape[-2:]), concat_backend=backend)
+        return self.classifier(fused)
 
 
 class UperNetFCNHead(nn.Module):
@@ -192,8 +193,9 @@ class UperNetFCNHead(nn.Module):
         output = self.convs(hidden_states)
         if self.concat_input:
             # Same size on both sides: the concat has no resize, exactly torch.cat.
-            both = ops.upsample_concat([hidden_states, output], tuple(output.shape[-2:]), backend=_backend_of(self))
-            output = self.conv_cat(both)
+            output = self.conv_cat.forward_concat(
+                [hidden_states, output], tuple(output.shape[-2:]), concat_backend=_backend_of(self)
+            )
         return self.classifier(output)
 
 

@@ -25,7 +25,7 @@
 // bitwise the same products with 1 and 2 threads at these shapes (tests/test_winograd_conv_bn_relu.py
 // checks the whole op).
 // Built with -ffp-contract=off like the rest of the extension: no multiply-add is fused.
-#include "common.h"
+#include "bilinear.h"
 
 #include <ATen/ops/bmm.h>
 
@@ -156,14 +156,62 @@ Tensor winograd_filter_transform(const Tensor& weight) {
 }
 
 // ---- the convolution
+//
+// Its input is the concatenation along channels of one or more sources, each either read as it is (a map at
+// the output size) or bilinearly resized to the output size on the fly (align_corners=False): the fused
+// upsample-concat + conv-BN-ReLU of the FPN and PPM bottlenecks, where the 2048-channel concat is never
+// built. A resized value is computed exactly as bilinear.h's resize_forward computes it for upsample_concat
+// (PyTorch's index rule and sum order, float32, no contraction), so the fused call gives bitwise the result of
+// winograd_conv_bias_relu(upsample_concat(sources, size)); the plain conv is the case of one source read as
+// it is.
+
+struct Source {
+  const float* data;  // dense, in the concatenation's layout
+  int64_t channels, first_channel, height, width;
+  bool same;  // read as it is (the output size), else resized
+  Axis<float> rows, cols;  // index tables of the resize along H and W (unused when same)
+  Source(const Tensor& t, int64_t first, int64_t out_h, int64_t out_w)
+      : data(t.const_data_ptr<float>()), channels(t.size(1)), first_channel(first), height(t.size(2)),
+        width(t.size(3)), same(t.size(2) == out_h && t.size(3) == out_w), rows(t.size(2), out_h, false),
+        cols(t.size(3), out_w, false) {}
+};
 
 struct Geometry {
   int64_t batch, in_channels, out_channels, height, width, tiles_h, tiles_w;
   int64_t tile_rows() const { return batch * tiles_h; }  // tile rows of every image, flattened (b, ty)
 };
 
-// Input transform, channels_last x (dense NHWC): V[p][t][ci] for the tiles of tile rows [row0, row1).
-void transform_input_channels_last(const float* x, const Geometry& g, int64_t row0, int64_t row1, float* v) {
+// Channels [c, c + count) of source s at output pixel (y, x) of image b, s channels_last: as
+// resize_forward_items' channels_last branch, top = x00 * wl + x01 * wr, bottom likewise, top * wt + bottom * wb.
+inline Vec sample_channels_last(const Source& s, int64_t b, int64_t y, int64_t x, int64_t c, int64_t count) {
+  const float* image = s.data + b * s.height * s.width * s.channels + c;
+  if (s.same) return vload(image + (y * s.width + x) * s.channels, count);
+  const float* row0 = image + s.rows.i0[y] * s.width * s.channels;
+  const float* row1 = image + s.rows.i1[y] * s.width * s.channels;
+  const int64_t c0 = s.cols.i0[x] * s.channels, c1 = s.cols.i1[x] * s.channels;
+  const Vec wl(s.cols.l0[x]), wr(s.cols.l1[x]);
+  const Vec top = vload(row0 + c0, count) * wl + vload(row0 + c1, count) * wr;
+  const Vec bottom = vload(row1 + c0, count) * wl + vload(row1 + c1, count) * wr;
+  return top * Vec(s.rows.l0[y]) + bottom * Vec(s.rows.l1[y]);
+}
+
+// One value of source s's NCHW plane at output pixel (y, x): as resize_forward_items' NCHW branch (rows
+// interpolated along W first, then the two rows along H), the same float operations in the same order.
+inline float sample_nchw(const Source& s, const float* plane, int64_t y, int64_t x) {
+  if (s.same) return plane[y * s.width + x];
+  const float* row0 = plane + s.rows.i0[y] * s.width;
+  const float* row1 = plane + s.rows.i1[y] * s.width;
+  const int64_t c0 = s.cols.i0[x], c1 = s.cols.i1[x];
+  const float wl = s.cols.l0[x], wr = s.cols.l1[x];
+  const float top = row0[c0] * wl + row0[c1] * wr;
+  const float bottom = row1[c0] * wl + row1[c1] * wr;
+  return top * s.rows.l0[y] + bottom * s.rows.l1[y];
+}
+
+// Input transform, channels_last sources: V[p][t][ci] for the tiles of tile rows [row0, row1), vectorised over
+// channels (one source at a time: a vector never spans two sources).
+void transform_input_channels_last(const std::vector<Source>& sources, const Geometry& g, int64_t row0,
+                                   int64_t row1, float* v) {
   const int64_t tiles = (row1 - row0) * g.tiles_w, channels = g.in_channels;
   const int64_t point_stride = tiles * channels;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
@@ -172,28 +220,30 @@ void transform_input_channels_last(const float* x, const Geometry& g, int64_t ro
       const int64_t row = row0 + t / g.tiles_w, tx = t % g.tiles_w;
       const int64_t b = row / g.tiles_h, ty = row % g.tiles_h;
       const int64_t y0 = ty * kTile - 1, x0 = tx * kTile - 1;  // padding 1
-      const float* image = x + b * g.height * g.width * channels;
-      for (int64_t c = 0; c < channels; c += Vec::size()) {
-        const int64_t count = std::min<int64_t>(Vec::size(), channels - c);
-        for (int64_t i = 0; i < kPatch; ++i) {
-          const int64_t y = y0 + i;
-          for (int64_t j = 0; j < kPatch; ++j) {
-            const int64_t xx = x0 + j;
-            const bool inside = y >= 0 && y < g.height && xx >= 0 && xx < g.width;
-            tile[i * 6 + j] = inside ? vload(image + (y * g.width + xx) * channels + c, count) : Vec(0.f);
+      for (const Source& s : sources) {
+        for (int64_t c = 0; c < s.channels; c += Vec::size()) {
+          const int64_t count = std::min<int64_t>(Vec::size(), s.channels - c);
+          for (int64_t i = 0; i < kPatch; ++i) {
+            const int64_t y = y0 + i;
+            for (int64_t j = 0; j < kPatch; ++j) {
+              const int64_t xx = x0 + j;
+              const bool inside = y >= 0 && y < g.height && xx >= 0 && xx < g.width;
+              tile[i * 6 + j] = inside ? sample_channels_last(s, b, y, xx, c, count) : Vec(0.f);
+            }
           }
+          input_transform_2d(tile);
+          float* dst = v + t * channels + s.first_channel + c;
+          for (int64_t p = 0; p < kPoints; ++p) vstore(dst + p * point_stride, count, tile[p]);
         }
-        input_transform_2d(tile);
-        float* dst = v + t * channels + c;
-        for (int64_t p = 0; p < kPoints; ++p) vstore(dst + p * point_stride, count, tile[p]);
       }
     }
   });
 }
 
-// Input transform, NCHW x (dense): V[p][ci][t] for the tiles of tile rows [row0, row1), vectorised over
+// Input transform, NCHW sources: V[p][ci][t] for the tiles of tile rows [row0, row1), vectorised over
 // Vec::size() neighbouring tiles of one tile row (their 6x6 patches gathered into lanes).
-void transform_input_nchw(const float* x, const Geometry& g, int64_t row0, int64_t row1, float* v) {
+void transform_input_nchw(const std::vector<Source>& sources, const Geometry& g, int64_t row0, int64_t row1,
+                          float* v) {
   const int64_t rows = row1 - row0, tiles = rows * g.tiles_w;
   const int64_t point_stride = g.in_channels * tiles;
   constexpr int64_t lanes = Vec::size();
@@ -203,7 +253,9 @@ void transform_input_nchw(const float* x, const Geometry& g, int64_t row0, int64
     for (int64_t item = begin; item < end; ++item) {
       const int64_t c = item / rows, local_row = item % rows, row = row0 + local_row;
       const int64_t b = row / g.tiles_h, ty = row % g.tiles_h;
-      const float* plane = x + (b * g.in_channels + c) * g.height * g.width;
+      const Source* s = &sources[0];
+      while (c >= s->first_channel + s->channels) ++s;
+      const float* plane = s->data + (b * s->channels + c - s->first_channel) * s->height * s->width;
       for (int64_t tx0 = 0; tx0 < g.tiles_w; tx0 += lanes) {
         const int64_t count = std::min<int64_t>(lanes, g.tiles_w - tx0);
         for (int64_t i = 0; i < kPatch; ++i) {
@@ -212,7 +264,7 @@ void transform_input_nchw(const float* x, const Geometry& g, int64_t row0, int64
           for (int64_t k = 0; k < lanes; ++k) {
             for (int64_t j = 0; j < kPatch; ++j) {
               const int64_t xx = (tx0 + k) * kTile - 1 + j;
-              gathered[j][k] = (row_inside && k < count && xx >= 0 && xx < g.width) ? plane[y * g.width + xx] : 0.f;
+              gathered[j][k] = (row_inside && k < count && xx >= 0 && xx < g.width) ? sample_nchw(*s, plane, y, xx) : 0.f;
             }
           }
           for (int64_t j = 0; j < kPatch; ++j) tile[i * 6 + j] = Vec::loadu(gathered[j]);
@@ -291,40 +343,44 @@ void transform_output_nchw(const float* m, const float* bias, const Geometry& g,
   });
 }
 
-Tensor winograd_conv_bias_relu(const Tensor& x, const Tensor& filter, const Tensor& bias) {
-  TORCH_CHECK(x.defined() && x.device().is_cpu(), "x must be a CPU tensor");
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be float32, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 4, "x must be a 4D (B, C_in, H, W) tensor, got shape ", x.sizes());
+// in_channels_name: what in_channels is, for the error ("x.size(1)", "the concat's channels").
+void check_filter_and_bias(const Tensor& filter, const Tensor& bias, const char* in_channels_name,
+                           int64_t in_channels) {
   TORCH_CHECK(filter.defined() && filter.device().is_cpu() && filter.scalar_type() == at::kFloat,
               "filter must be a float32 CPU tensor (winograd_filter_transform's output)");
-  TORCH_CHECK(filter.dim() == 3 && filter.size(0) == kPoints && filter.size(2) == x.size(1),
-              "filter must have shape (36, C_out, C_in) with C_in = x.size(1) = ", x.size(1), ", got ",
+  TORCH_CHECK(filter.dim() == 3 && filter.size(0) == kPoints && filter.size(2) == in_channels,
+              "filter must have shape (36, C_out, C_in) with C_in = ", in_channels_name, " = ", in_channels, ", got ",
               filter.sizes());
-  const int64_t out_channels = filter.size(1);
+  TORCH_CHECK(filter.size(1) > 0, "filter must have at least one output channel, got ", filter.sizes());
   TORCH_CHECK(bias.defined() && bias.device().is_cpu() && bias.scalar_type() == at::kFloat,
               "bias must be a float32 CPU tensor");
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == out_channels, "bias must have shape (", out_channels,
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == filter.size(1), "bias must have shape (", filter.size(1),
               ",), got ", bias.sizes());
-  TORCH_CHECK(x.size(0) > 0 && x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0 && out_channels > 0,
-              "x and filter must have no empty dimension, got x ", x.sizes(), " and filter ", filter.sizes());
+}
 
-  // The output layout: PyTorch's suggest_memory_format rule, as ATen's convolution picks it (and the fake).
-  const bool channels_last = suggests_channels_last(x);
-  const Tensor input = x.contiguous(memory_format(channels_last));  // no copy when already dense
+// The convolution of the concatenation of `inputs` (each dense in the given layout) at size height x width.
+Tensor convolve(const std::vector<Tensor>& inputs, int64_t height, int64_t width, bool channels_last,
+                const Tensor& filter, const Tensor& bias) {
+  std::vector<Source> sources;
+  int64_t in_channels = 0;
+  for (const Tensor& t : inputs) {
+    sources.emplace_back(t, in_channels, height, width);
+    in_channels += t.size(1);
+  }
+  const int64_t out_channels = filter.size(1);
   const Tensor weights = filter.contiguous();
   const Tensor shift = bias.contiguous();
-  Geometry g{x.size(0), x.size(1), out_channels, x.size(2), x.size(3), 0, 0};
+  Geometry g{inputs[0].size(0), in_channels, out_channels, height, width, 0, 0};
   g.tiles_h = (g.height + kTile - 1) / kTile;
   g.tiles_w = (g.width + kTile - 1) / kTile;
   Tensor out = huge_pages(at::empty({g.batch, out_channels, g.height, g.width},
-                                    x.options().memory_format(memory_format(channels_last))));
+                                    inputs[0].options().memory_format(memory_format(channels_last))));
 
   // Chunks of whole tile rows, ~kChunkTiles tiles each: fixed by the shapes, never by the thread count.
   const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkTiles / g.tiles_w);
   const int64_t max_tiles = std::min(rows_per_chunk, g.tile_rows()) * g.tiles_w;
-  Tensor v_buffer = at::empty({kPoints * max_tiles * g.in_channels}, x.options());
-  Tensor m_buffer = at::empty({kPoints * max_tiles * out_channels}, x.options());
-  const float* src = input.data_ptr<float>();
+  Tensor v_buffer = huge_pages(at::empty({kPoints * max_tiles * g.in_channels}, out.options()));
+  Tensor m_buffer = huge_pages(at::empty({kPoints * max_tiles * out_channels}, out.options()));
   const float* bias_ptr = shift.data_ptr<float>();
   float* dst = out.data_ptr<float>();
 
@@ -335,13 +391,13 @@ Tensor winograd_conv_bias_relu(const Tensor& x, const Tensor& filter, const Tens
     Tensor m = m_buffer.narrow(0, 0, kPoints * tiles * out_channels);
     if (channels_last) {
       // M[p] (tiles x C_out) = V[p] (tiles x C_in) @ U[p]^T (C_in x C_out)
-      transform_input_channels_last(src, g, row0, row1, v.data_ptr<float>());
+      transform_input_channels_last(sources, g, row0, row1, v.data_ptr<float>());
       Tensor m3 = m.view({kPoints, tiles, out_channels});
       at::bmm_out(m3, v.view({kPoints, tiles, g.in_channels}), weights.transpose(1, 2));
       transform_output_channels_last(m.data_ptr<float>(), bias_ptr, g, row0, row1, dst);
     } else {
       // M[p] (C_out x tiles) = U[p] (C_out x C_in) @ V[p] (C_in x tiles)
-      transform_input_nchw(src, g, row0, row1, v.data_ptr<float>());
+      transform_input_nchw(sources, g, row0, row1, v.data_ptr<float>());
       Tensor m3 = m.view({kPoints, out_channels, tiles});
       at::bmm_out(m3, weights, v.view({kPoints, g.in_channels, tiles}));
       transform_output_nchw(m.data_ptr<float>(), bias_ptr, g, row0, row1, dst);
@@ -350,11 +406,57 @@ Tensor winograd_conv_bias_relu(const Tensor& x, const Tensor& filter, const Tens
   return out;
 }
 
+Tensor winograd_conv_bias_relu(const Tensor& x, const Tensor& filter, const Tensor& bias) {
+  TORCH_CHECK(x.defined() && x.device().is_cpu(), "x must be a CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 4, "x must be a 4D (B, C_in, H, W) tensor, got shape ", x.sizes());
+  check_filter_and_bias(filter, bias, "x.size(1)", x.size(1));
+  TORCH_CHECK(x.size(0) > 0 && x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0,
+              "x must have no empty dimension, got x ", x.sizes());
+  // The output layout: PyTorch's suggest_memory_format rule, as ATen's convolution picks it (and the fake).
+  const bool channels_last = suggests_channels_last(x);
+  const Tensor input = x.contiguous(memory_format(channels_last));  // no copy when already dense
+  return convolve({input}, x.size(2), x.size(3), channels_last, filter, bias);
+}
+
+// winograd_conv_bias_relu(upsample_concat(tensors, size), filter, bias), bitwise, without the concat.
+Tensor winograd_upsample_concat_conv_bias_relu(at::TensorList tensors, c10::IntArrayRef size, const Tensor& filter,
+                                               const Tensor& bias) {
+  TORCH_CHECK(!tensors.empty(), "tensors must hold at least one tensor");
+  TORCH_CHECK(size.size() == 2 && size[0] > 0 && size[1] > 0, "size must be two positive ints (H, W), got ", size);
+  int64_t channels = 0;
+  for (size_t k = 0; k < tensors.size(); ++k) {
+    const Tensor& t = tensors[k];
+    const std::string name = "tensors[" + std::to_string(k) + "]";
+    TORCH_CHECK(t.defined() && t.device().is_cpu(), name, " must be a CPU tensor");
+    TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+    TORCH_CHECK(t.dim() == 4, name, " must be a 4D (B, C, h, w) tensor, got shape ", t.sizes());
+    TORCH_CHECK(t.numel() > 0, name, " must have no empty dimension, got ", t.sizes());
+    TORCH_CHECK(t.size(0) == tensors[0].size(0), name, " has batch size ", t.size(0), " but tensors[0] has ",
+                tensors[0].size(0));
+    channels += t.size(1);
+  }
+  check_filter_and_bias(filter, bias, "the sum of the tensors' channels", channels);
+  // The concat's layout (upsample_concat.cpp's rule: torch.cat's, inputs with one channel or a 1x1 map not
+  // voting); dense in it, the concat suggests the same layout to the convolution.
+  bool channels_last = true, voted = false;
+  for (const Tensor& t : tensors) {
+    if (t.size(1) == 1 || t.size(2) * t.size(3) == 1) continue;
+    voted = true;
+    channels_last = channels_last && suggests_channels_last(t);
+  }
+  channels_last = channels_last && voted && channels > 1;
+  std::vector<Tensor> inputs;  // each dense in that layout (no copy when it already is)
+  for (const Tensor& t : tensors) inputs.push_back(t.contiguous(memory_format(channels_last)));
+  return convolve(inputs, size[0], size[1], channels_last, filter, bias);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(upernet_fast_cpp, CPU, m) {
   m.impl("winograd_filter_transform", &winograd_filter_transform);
   m.impl("winograd_conv_bias_relu", &winograd_conv_bias_relu);
+  m.impl("winograd_upsample_concat_conv_bias_relu", &winograd_upsample_concat_conv_bias_relu);
 }
 
 }  // namespace upernet_fast_cpp

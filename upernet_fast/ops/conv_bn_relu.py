@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +89,38 @@ class ConvBNReLU(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return conv_bn_relu(input, self.conv, self.batch_norm, backend=getattr(self, "backend", "auto"))
+
+    def forward_concat(
+        self, tensors: Sequence[torch.Tensor], size: Sequence[int], *, concat_backend: str = "auto"
+    ) -> torch.Tensor:
+        """``self(upsample_concat(tensors, size, backend=concat_backend))``, the bottlenecks' input and block.
+
+        Where both ops run on the C++ backend, autograd-free, in eval mode, on float32 CPU maps (the conditions
+        of the Winograd block), one fused op computes it without building the concat: the Winograd input
+        transform reads each tensor where it is and resizes it on the fly, bitwise the unfused result. Anywhere
+        else, and whenever a hook on this module is there to see its input, exactly the two calls.
+        """
+        backend = getattr(self, "backend", "auto")
+        if (
+            not reference.uses_batch_stats(self.batch_norm)
+            and not _has_forward_hooks(self)
+            and winograd.concat_why_not(tensors, size, self.conv, self.batch_norm) is None
+            and _backend.select(OP, backend, tensors[0], self.conv, self.batch_norm).backend == "cpp"
+            and _backend.select("upsample_concat", concat_backend, tuple(tensors), tuple(size)).backend == "cpp"
+        ):
+            return winograd.winograd_upsample_concat_conv_bn_relu(tensors, size, self.conv, self.batch_norm)
+        from upernet_fast.ops.upsample_concat import upsample_concat  # imports this module's package
+
+        return self(upsample_concat(tensors, size, backend=concat_backend))
+
+
+def _has_forward_hooks(module: nn.Module) -> bool:
+    from torch.nn.modules import module as module_globals
+
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks
+        or module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
+    )
 
 
 # --------------------------------------------------------------------------------- eval: BN folded into conv

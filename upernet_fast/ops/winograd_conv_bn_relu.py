@@ -48,10 +48,22 @@ def _conv_fake(x, filter, bias):
     return x.new_empty((b, filter.shape[1], h, w)).contiguous(memory_format=memory_format(is_channels_last(x)))
 
 
+def _concat_conv_fake(tensors, size, filter, bias):
+    from upernet_fast.ops.upsample_concat import _new_output  # the concat's layout rule (circular import)
+
+    return _conv_fake(_new_output(tensors, size), filter, bias)
+
+
 FILTER_TRANSFORM_OP = InferenceOp("winograd_filter_transform(Tensor weight) -> Tensor", _filter_fake, op_name=OP)
 CONV_OP = InferenceOp("winograd_conv_bias_relu(Tensor x, Tensor filter, Tensor bias) -> Tensor", _conv_fake, op_name=OP)
+CONCAT_CONV_OP = InferenceOp(
+    "winograd_upsample_concat_conv_bias_relu(Tensor[] tensors, SymInt[] size, Tensor filter, Tensor bias) -> Tensor",
+    _concat_conv_fake,
+    op_name=OP,
+)
 winograd_filter_transform = FILTER_TRANSFORM_OP.in_extension(_backend.CPP_NAMESPACE)
 winograd_conv_bias_relu = CONV_OP.in_extension(_backend.CPP_NAMESPACE)
+winograd_upsample_concat_conv_bias_relu = CONCAT_CONV_OP.in_extension(_backend.CPP_NAMESPACE)
 
 
 def _fold_inputs(conv: nn.Conv2d, batch_norm: nn.Module) -> list[torch.Tensor | None]:
@@ -59,18 +71,54 @@ def _fold_inputs(conv: nn.Conv2d, batch_norm: nn.Module) -> list[torch.Tensor | 
             batch_norm.running_var]
 
 
+_TRACING = "under torch.compile/export tracing (the filter cache compares tensor values in Python)"
+
+
 def why_not(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> str | None:
     """Why the Winograd kernel cannot run this eval-mode block call (None when it can).
 
     The caller has already chosen the cpp backend and seen BN use running statistics.
     """
+    if torch.compiler.is_compiling():  # first: reading sizes under tracing would add guards
+        return _TRACING
+    return _input_why_not("x", x) or _block_why_not((x.shape[2], x.shape[3]), [x], conv, batch_norm)
+
+
+def concat_why_not(tensors, size, conv: nn.Module, batch_norm: nn.Module) -> str | None:
+    """Why the fused upsample-concat + Winograd block cannot run ``block(upsample_concat(tensors, size))``.
+
+    Beyond :func:`why_not`'s conditions, the inputs must be consistent (same batch, channels adding up to
+    ``conv.in_channels``): an inconsistent call is left to the unfused path, which raises the op's own error.
+    """
     if torch.compiler.is_compiling():
-        return "under torch.compile/export tracing (the filter cache compares tensor values in Python)"
+        return _TRACING
+    if not isinstance(tensors, (list, tuple)) or not tensors:
+        return "tensors must be a non-empty list or tuple"
+    for i, t in enumerate(tensors):
+        reason = _input_why_not(f"tensors[{i}]", t)
+        if reason is not None:
+            return reason
+        if t.dim() != 4 or t.shape[0] != tensors[0].shape[0]:
+            return f"tensors[{i}] must be 4D with tensors[0]'s batch size"
+    if not isinstance(conv, nn.Conv2d) or sum(t.shape[1] for t in tensors) != conv.in_channels:
+        return "the tensors' channels must add up to conv.in_channels"
+    if (not isinstance(size, (list, tuple)) or len(size) != 2
+            or not all(type(n) is int and n > 0 for n in size)):  # SymInts (export) keep the unfused path
+        return "size must be two positive ints"
+    return _block_why_not(tuple(size), tensors, conv, batch_norm)
+
+
+def _input_why_not(name: str, x) -> str | None:
     if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype != torch.float32:
-        return f"x must be a plain float32 CPU tensor, got {type(x).__name__} {x.dtype} on {x.device}"
+        return f"{name} must be a plain float32 CPU tensor, got {type(x).__name__} {getattr(x, 'dtype', '')} on {getattr(x, 'device', '')}"
     if x.numel() == 0:
-        return "empty input"
-    if min(x.shape[2], x.shape[3]) < MIN_SIDE:
+        return f"{name} is empty"
+    return None
+
+
+def _block_why_not(size, inputs, conv: nn.Module, batch_norm: nn.Module) -> str | None:
+    """The conditions on the block and the call, for an input map of ``size`` read from ``inputs``."""
+    if min(size) < MIN_SIDE:
         return f"maps under {MIN_SIDE} pixels high or wide keep ATen (Winograd's border error; no speed gain)"
     if torch.is_autocast_enabled("cpu"):
         return "CPU autocast is on (the convolution would run in the autocast dtype)"
@@ -82,7 +130,7 @@ def why_not(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> str | No
     fold = [t for t in _fold_inputs(conv, batch_norm) if t is not None]
     if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in fold):
         return "conv and BN parameters and running statistics must be float32 CPU tensors"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *fold)):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *fold)):
         return "autograd needs gradients of this call (Winograd is inference-only)"
     return None
 
@@ -140,3 +188,11 @@ def winograd_conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, batch_norm: nn.Modul
     """
     filter, bias = transformed_filter(conv, batch_norm)
     return winograd_conv_bias_relu(x, filter, bias)
+
+
+def winograd_upsample_concat_conv_bn_relu(tensors, size, conv: nn.Conv2d, batch_norm: nn.Module) -> torch.Tensor:
+    """relu(batch_norm(conv(upsample_concat(tensors, size)))) in eval mode, the concat never built: the input
+    transform reads each tensor where it is, resizing on the fly (bitwise the unfused result); the caller
+    checked :func:`concat_why_not`."""
+    filter, bias = transformed_filter(conv, batch_norm)
+    return winograd_upsample_concat_conv_bias_relu(list(tensors), list(size), filter, bias)
