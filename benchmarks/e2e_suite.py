@@ -23,12 +23,11 @@ import torch.nn.functional as F
 
 from benchmarks import measure
 from benchmarks.results import FAILED_PREFIX, SKIPPED_PREFIX, make_row
-from benchmarks.shapes import STRIDES, E2EPlan, e2e_plan, gpu_dry_run, toy_sizes
+from benchmarks.shapes import STRIDES, E2EPlan, e2e_plans, gpu_dry_run, toy_sizes
 from upernet_fast.measure import peak_memory_mb, saved_activation_mb
 
 OUT_FEATURES = ["stage1", "stage2", "stage3", "stage4"]
 IGNORE_INDEX = 255
-MODES = ("inference", "train_step")
 BASE_PROVIDERS = ("reference", "converted")
 
 
@@ -150,7 +149,7 @@ class Target:
 
 
 def _skip_compile_reason(opts: Options) -> str | None:
-    if opts.device == "cpu" and not opts.cpu_compile and not gpu_dry_run():
+    if opts.device == "cpu" and not opts.cpu_compile and not gpu_dry_run() and opts.shape_set != "cpu-inference":
         return ("torch.compile not run on CPU by default: Inductor's C++ build takes minutes for a whole model on a "
                 "2-core machine (--cpu-compile includes it)")
     if opts.shape_set == "quick":
@@ -182,11 +181,17 @@ def _measure(target: Target, mode: str, opts: Options):
 
 
 def run_e2e(opts: Options, stamp: dict) -> list[dict]:
-    plan = e2e_plan(opts.shape_set, opts.device)
+    rows = []
+    for plan in e2e_plans(opts.shape_set, opts.device):
+        rows += _run_plan(plan, opts, stamp)
+    return rows
+
+
+def _run_plan(plan: E2EPlan, opts: Options, stamp: dict) -> list[dict]:
     dtype = "bf16-amp" if plan.amp_channels_last else "fp32"
     layout = "channels_last" if plan.amp_channels_last else "nchw"
     emit = opts.emit or (lambda rows: None)
-    targets = [("head", plan.backbones[0])] + [("model", b) for b in plan.backbones]
+    targets = [("head", plan.backbones[0])] * plan.head + [("model", b) for b in plan.backbones]
     compile_reason = _skip_compile_reason(opts)
     rows = []
 
@@ -203,7 +208,7 @@ def run_e2e(opts: Options, stamp: dict) -> list[dict]:
                  f"b{plan.batch} features of {plan.crop}px, hidden {plan.hidden}, {plan.num_classes} classes")
         label = provider + ("+compile" if compiled else "")
         base = dict(suite="e2e", op=name, provider=label, shape=shape, dtype=dtype, layout=layout)
-        for mode in MODES:
+        for mode in plan.modes:
             reason = compile_reason if compiled else None
             if reason is None and time.monotonic() > opts.deadline:
                 reason = "time budget used up before this case (see --budget-s)"

@@ -112,6 +112,9 @@ def plot_file(csv_file: Path) -> list[Path]:
     out.append(_chart(Path(f"{stem}_roofline.png"), title, _by_label(measured, column("pct_roofline")), providers,
                       "percent of measured copy bandwidth (bytes model / p50)", 100.0,
                       "no bandwidth figures in the latest run (end-to-end rows have none)"))
+    if any(r.get("pct_matmul") for r in measured):  # compute-bound rows (conv blocks): against the matmul peak
+        out.append(_chart(Path(f"{stem}_matmul.png"), title, _by_label(measured, column("pct_matmul")), providers,
+                          "percent of measured matmul peak (direct-convolution FLOPs / p50)", 100.0, ""))
     out.append(_chart(Path(f"{stem}_memory.png"), title, _by_label(measured, column("peak_mb")), providers,
                       "peak MB above the memory allocated before the call", None,
                       "no peak memory recorded: PyTorch keeps no allocator statistics on CPU"))

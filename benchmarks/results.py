@@ -83,11 +83,12 @@ def _speedup(row: dict, rows: list[dict]) -> str:
 
 
 def baseline_provider(row: dict) -> str:
-    return "eager" if row["suite"] == "ops" else "reference"
+    return "eager" if row["suite"] in ("ops", "winograd") else "reference"
 
 
 def eager_time(row: dict, rows: list[dict]) -> float | None:
-    """p50 of the baseline (ops: eager; e2e: the reference model) for the same case, mode, dtype and layout."""
+    """p50 of the baseline (ops and winograd: eager; e2e: the reference model) for the same case, mode, dtype and
+    layout."""
     key = ("suite", "op", "mode", "shape", "dtype", "layout")
     base = baseline_provider(row)
     for r in rows:

@@ -18,7 +18,7 @@ import torch
 from benchmarks import measure
 from benchmarks.results import (DEFAULT_RESULTS_DIR, FAILED_PREFIX, append_rows, csv_path, format_markdown,
                                 format_table, latest_run, read_rows)
-from benchmarks.shapes import SHAPE_SETS
+from benchmarks.shapes import E2E_ONLY_SETS, SHAPE_SETS
 
 FULL_BUDGET_S = 480  # a full GPU run fits in 8 minutes
 QUICK_BUDGET_S = 60  # --quick in one
@@ -33,7 +33,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="the short case list (about one minute)")
     parser.add_argument("--shapes", choices=SHAPE_SETS, default=None,
                         help="case list: full, quick (the --quick default), headline (the GPU session's: the "
-                             "headline workload only) or tiny (toy shapes, for tests)")
+                             "headline workload only), tiny (toy shapes, for tests) or cpu-inference (e2e on the "
+                             "CPU: ConvNeXt-T UperNet eval at 512x512, batch 1 and 2, with torch.compile)")
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
     parser.add_argument("--budget-s", type=float, default=None,
                         help=f"wall-clock budget; cases after it are recorded as skipped "
@@ -67,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {flag}: unknown {sorted(unknown)}; known: {', '.join(known)}", file=sys.stderr)
             return 2
     shape_set = args.shapes or ("quick" if args.quick else "full")
-    budget = args.budget_s if args.budget_s is not None else (QUICK_BUDGET_S if shape_set != "full" else FULL_BUDGET_S)
+    if shape_set in E2E_ONLY_SETS and (args.suite != "e2e" or device != "cpu"):
+        print(f"error: --shapes {shape_set} is for --suite e2e --device cpu", file=sys.stderr)
+        return 2
+    quick_budget = shape_set != "full" and shape_set not in E2E_ONLY_SETS
+    budget = args.budget_s if args.budget_s is not None else (QUICK_BUDGET_S if quick_budget else FULL_BUDGET_S)
     if device == "cuda":
         torch.backends.cudnn.benchmark = True  # as training scripts run; every provider gets the same setting
     start = time.monotonic()

@@ -25,7 +25,9 @@ HIDDEN = 512
 NUM_CLASSES = 150
 POOL_SCALES = (1, 2, 3, 6)
 
-SHAPE_SETS = ("full", "quick", "headline", "tiny")
+SHAPE_SETS = ("full", "quick", "headline", "tiny", "cpu-inference")
+# Sets that only the e2e suite has: the CPU inference rows of issue #13 (ConvNeXt-T UperNet at 512x512).
+E2E_ONLY_SETS = ("cpu-inference",)
 HEADLINE_BLOCK = "fpn_convs.0"  # the conv block of the headline set
 
 DRY_RUN_ENV = "UPERNET_FAST_GPU_DRY_RUN"
@@ -247,6 +249,19 @@ class E2EPlan:
     aux_channels: int
     backbones: tuple[str, ...]  # which models get a whole-model benchmark (the head is always benchmarked)
     amp_channels_last: bool = False  # AMP bf16 with channels_last weights and inputs (else fp32, NCHW)
+    head: bool = True  # also benchmark the decode head alone
+    modes: tuple[str, ...] = ("inference", "train_step")
+
+
+def e2e_plans(shape_set: str, device: str) -> list[E2EPlan]:
+    """The e2e suite's plans: one, except for cpu-inference (batch 1 and 2)."""
+    if shape_set == "cpu-inference":
+        if device != "cpu":
+            raise ValueError("the cpu-inference shape set is for --device cpu")
+        # The whole model only, eval: the converted model against transformers' and Inductor's (2 threads).
+        return [E2EPlan(E2E_MODELS, crop=512, batch=b, hidden=HIDDEN, num_classes=NUM_CLASSES, aux_channels=256,
+                        backbones=("convnext_t",), head=False, modes=("inference",)) for b in (1, 2)]
+    return [e2e_plan(shape_set, device)]
 
 
 def e2e_plan(shape_set: str, device: str) -> E2EPlan:

@@ -1,13 +1,20 @@
-"""ATen conv + BN + ReLU (eval) against the Winograd F(4x4, 3x3) block, side by side, at the ConvNeXt-T UperNet
-head's 512x512 batch-1 shapes on the CPU: ``python -m benchmarks.winograd_bench``.
+"""ATen against the Winograd F(4x4, 3x3) blocks, side by side, at every 3x3 block of the ConvNeXt-T UperNet head
+(512x512, batch 1) on the CPU: ``python -m benchmarks.winograd_bench``.
 
-Runs alternate (ATen, Winograd, ATen, ...) in one process, so both see the same machine load; the ratio of the
-medians is the number to read, never a time measured in another run. The Winograd side is the block as the
-converted model calls it (``conv_bn_relu(..., backend="cpp")`` under ``torch.no_grad``): the per-call check of
-the filter cache included, the one-off filter transform not (reported separately). GFLOP/s are direct-
-convolution FLOPs (2 * C_in * C_out * 9 * H * W) per second; the transform-domain products' own rate is the
-MKL batched matmul at one chunk's shape, next to the sgemm ceiling measured in the same run. Prints only;
-stores no rows.
+Rows (appended to ``benchmarks/results/winograd_cpu.csv``, table in ``winograd_cpu.md``, plots beside them):
+
+* ``eager``: what transformers' model runs for the block: conv + BN + ReLU (eval), and for the two bottlenecks
+  also the bilinear resizes and the concat that feed them (``upernet_fast.reference``);
+* ``cpp``: the block as the converted model calls it under ``torch.no_grad`` (``ConvBNReLU.forward_concat`` for
+  the bottlenecks: the concat never built), the per-call check of the filter cache included, the one-off filter
+  transform not (in the note);
+* op ``matmul_peak``: the sgemm ceiling (4096^3) measured in the same run, and per block the transform-domain
+  product's own rate (MKL batched matmul at one chunk's shape, 36 x [256, C_in] x [C_in, C_out]).
+
+Runs alternate (ATen, Winograd, ATen, ...) in one process, so both see the same machine load: the ratio of
+the medians is the number to read, never a time from another run. ``tflops`` is direct-convolution FLOPs
+(2 * C_in * C_out * 9 * H * W) per second for both providers (Winograd does ~4x fewer multiplications, so it
+can pass the matmul ceiling), ``pct_matmul`` the same against the sgemm ceiling.
 """
 
 from __future__ import annotations
@@ -15,19 +22,27 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
+from benchmarks import measure
+from benchmarks.plots import plot_file
+from benchmarks.results import DEFAULT_RESULTS_DIR, append_rows, csv_path, format_markdown, format_table, make_row
 from upernet_fast import reference
 from upernet_fast.backend import backend_unavailable
-from upernet_fast.ops import winograd_conv_bn_relu as winograd
-from upernet_fast.ops.conv_bn_relu import ConvBNReLU, conv_bn_relu
+from upernet_fast.ops.conv_bn_relu import ConvBNReLU
 
-# (name, C_in, C_out, H, W, repetitions): the head's largest 3x3 blocks at a 512x512 input (stride 4 maps).
-SHAPES = [
-    ("fpn_convs.0 512->512 @128x128", 512, 512, 128, 128, 5),
-    ("fpn_bottleneck 2048->512 @128x128", 2048, 512, 128, 128, 3),  # ~2.5 s per ATen call here
+HIDDEN = 512
+# (block, [(C, h, w) of each input]): the output size is the first input's, the inputs after it are resized.
+BLOCKS = [
+    ("fpn_convs.0", [(HIDDEN, 128, 128)]),
+    ("fpn_convs.1", [(HIDDEN, 64, 64)]),
+    ("fpn_convs.2", [(HIDDEN, 32, 32)]),
+    ("bottleneck (PPM)", [(768, 16, 16)] + [(HIDDEN, s, s) for s in (1, 2, 3, 6)]),
+    ("fpn_bottleneck", [(HIDDEN, 128 >> k, 128 >> k) for k in range(4)]),
 ]
 CHUNK_TILES = 256  # tiles per transform-domain product in csrc/cpu/winograd_conv_bn_relu.cpp
 
@@ -38,6 +53,7 @@ def _block(cin: int, cout: int) -> ConvBNReLU:
         block.conv.weight.normal_(0.0, (2.0 / (9 * cin)) ** 0.5)
         block.batch_norm.running_mean.normal_(0.0, 0.2)
         block.batch_norm.running_var.uniform_(0.5, 2.0)
+    block.backend = "cpp"
     return block
 
 
@@ -47,57 +63,100 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def _matmul_rates(cin: int, cout: int) -> tuple[float, float]:
-    """(sgemm 2048^3, batched matmul 36 x [256, C_in] x [C_in, C_out]) in GFLOP/s, best of 3."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    v, u = torch.randn(36, CHUNK_TILES, cin), torch.randn(36, cout, cin)
-    torch.mm(a, b), torch.bmm(v, u.transpose(1, 2))
-    sgemm = min(_seconds(lambda: torch.mm(a, b)) for _ in range(3))
-    bmm = min(_seconds(lambda: torch.bmm(v, u.transpose(1, 2))) for _ in range(3))
-    return 2 * 2048**3 / sgemm / 1e9, 2 * 36 * CHUNK_TILES * cin * cout / bmm / 1e9
+def _matmul_row(stamp: dict, shape: str, flop: float, fn, sgemm_gflops: float | None = None):
+    """(row, GFLOP/s) of a matmul ceiling: best of 3 calls after one warm-up."""
+    fn()
+    best = min(_seconds(fn) for _ in range(3))
+    gflops = flop / best / 1e9
+    row = make_row(stamp, suite="winograd", op="matmul_peak", provider="torch", mode="mm", shape=shape, dtype="fp32",
+                   layout="-", p20_ms=best * 1e3, p50_ms=best * 1e3, p80_ms=best * 1e3, tflops=gflops / 1e3,
+                   pct_matmul=100.0 if sgemm_gflops is None else gflops / sgemm_gflops * 100,
+                   note="best of 3; " + ("the ceiling of the pct_matmul column" if sgemm_gflops is None else
+                                         "a Winograd chunk's transform-domain product, alone"))
+    return row, gflops
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _eager(block: ConvBNReLU, inputs: list[torch.Tensor]):
+    size = inputs[0].shape[-2:]
+    if len(inputs) == 1:
+        return lambda: reference.conv_bn_relu(inputs[0], block.conv, block.batch_norm)
+    return lambda: reference.conv_bn_relu(
+        torch.cat([inputs[0]] + [F.interpolate(t, size=size, mode="bilinear", align_corners=False) for t in inputs[1:]], 1),
+        block.conv, block.batch_norm)
+
+
+def _ours(block: ConvBNReLU, inputs: list[torch.Tensor]):
+    if len(inputs) == 1:
+        return lambda: block(inputs[0])
+    size = tuple(inputs[0].shape[-2:])
+    return lambda: block.forward_concat(inputs, size, concat_backend="cpp")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.winograd_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--channels-last", action="store_true", help="inputs in channels_last (default NCHW)")
-    args = parser.parse_args()
+    parser.add_argument("--nchw", action="store_true", help="NCHW inputs (default channels_last, as the converted "
+                        "model runs after a ConvNeXt or Swin backbone)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per provider and block (default 5)")
+    parser.add_argument("--blocks", default=None, help="comma-separated block names (default: all)")
+    parser.add_argument("--results-dir", default=str(DEFAULT_RESULTS_DIR))
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     reason = backend_unavailable("cpp")  # builds/loads the C++ extension and attaches its ops
     if reason is not None:
         raise SystemExit(f"the C++ backend is unavailable: {reason}")
     torch.manual_seed(0)
-    layout = torch.channels_last if args.channels_last else torch.contiguous_format
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"layout {'channels_last' if args.channels_last else 'NCHW'}, load average {os.getloadavg()}")
-    for name, cin, cout, h, w, reps in SHAPES:
-        block = _block(cin, cout)
-        x = torch.randn(1, cin, h, w).contiguous(memory_format=layout)
-        flop = 2 * cin * cout * 9 * h * w
+    stamp = measure.run_stamp("cpu")
+    fmt = torch.contiguous_format if args.nchw else torch.channels_last
+    layout = "nchw" if args.nchw else "channels_last"
+    chosen = set(args.blocks.split(",")) if args.blocks else None
+    load_before = os.getloadavg()
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    row, sgemm = _matmul_row(stamp, "sgemm 4096^3 (torch.mm)", 2 * 4096**3, lambda: torch.mm(a, b))
+    rows = [row]
+    del a, b
+    for name, shapes in BLOCKS:
+        if chosen is not None and name not in chosen:
+            continue
+        cin = sum(c for c, _, _ in shapes)
+        height, width = shapes[0][1:]
+        block = _block(cin, HIDDEN)
+        inputs = [torch.randn(1, c, h, w).contiguous(memory_format=fmt) for c, h, w in shapes]
+        flop = 2 * cin * HIDDEN * 9 * height * width
+        shape = " + ".join(f"{c}x{h}x{w}" for c, h, w in shapes) + f" -> {HIDDEN}x{height}x{width}, 3x3"
+        eager, ours = _eager(block, inputs), _ours(block, inputs)
         with torch.no_grad():
-            reason = winograd.why_not(x, block.conv, block.batch_norm)
-            if reason is not None:
-                raise SystemExit(f"{name}: the Winograd path would not run ({reason})")
-            transform = _seconds(lambda: winograd.transformed_filter(block.conv, block.batch_norm))
-            aten_out = reference.conv_bn_relu(x, block.conv, block.batch_norm)  # warm-up of both sides
-            ours_out = conv_bn_relu(x, block.conv, block.batch_norm, backend="cpp")
-            error = ((ours_out - aten_out).abs().max() / aten_out.abs().max()).item()
-            aten, ours = [], []
-            for _ in range(reps):
-                aten.append(_seconds(lambda: reference.conv_bn_relu(x, block.conv, block.batch_norm)))
-                ours.append(_seconds(lambda: conv_bn_relu(x, block.conv, block.batch_norm, backend="cpp")))
-            check = min(_seconds(lambda: winograd.transformed_filter(block.conv, block.batch_norm))
-                        for _ in range(3))
-        sgemm, bmm = _matmul_rates(cin, cout)
-        a50, o50 = statistics.median(aten), statistics.median(ours)
-        print(f"{name}: ATen {a50 * 1e3:.0f} ms (min {min(aten) * 1e3:.0f}, {flop / a50 / 1e9:.0f} GFLOP/s) | "
-              f"Winograd {o50 * 1e3:.0f} ms (min {min(ours) * 1e3:.0f}, {flop / o50 / 1e9:.0f} direct-GFLOP/s) | "
-              f"speed-up {a50 / o50:.2f}x (medians of {reps}, alternating)")
-        print(f"    filter transform once {transform * 1e3:.0f} ms, cache check per call {check * 1e3:.1f} ms; "
-              f"max |Winograd - ATen| / max |ATen| {error:.1e}; sgemm 2048^3 {sgemm:.0f} GFLOP/s, "
-              f"bmm 36x[{CHUNK_TILES},{cin}]x[{cin},{cout}] {bmm:.0f} GFLOP/s")
-    print(f"load average after: {os.getloadavg()}")
+            transform = _seconds(ours)  # first call: fold + filter transform + the block
+            expected, got = eager(), ours()
+            error = ((got - expected).abs().max() / expected.abs().max()).item()
+            times = {"eager": [], "cpp": []}
+            for _ in range(args.repeats):
+                times["eager"].append(_seconds(eager))
+                times["cpp"].append(_seconds(ours))
+        v, u = torch.randn(36, CHUNK_TILES, cin), torch.randn(36, HIDDEN, cin)
+        bmm_row, _ = _matmul_row(stamp, f"bmm 36x[{CHUNK_TILES},{cin}]x[{cin},{HIDDEN}] ({name})",
+                                 2 * 36 * CHUNK_TILES * cin * HIDDEN, lambda: torch.bmm(v, u.transpose(1, 2)), sgemm)
+        del v, u
+        for provider, samples in times.items():
+            p20, p50, p80 = measure.quantiles([s * 1e3 for s in samples])
+            note = f"medians of {args.repeats}, alternating with the other provider"
+            if provider == "cpp":
+                note += (f"; first call (fold + filter transform) {transform * 1e3:.0f} ms; "
+                         f"max |cpp - eager| / max |eager| {error:.1e}")
+            rows.append(make_row(stamp, suite="winograd", op=name, provider=provider, mode="inference", shape=shape,
+                                 dtype="fp32", layout=layout, p20_ms=p20, p50_ms=p50, p80_ms=p80,
+                                 tflops=flop / (p50 * 1e-3) / 1e12, pct_matmul=flop / (p50 * 1e-3) / 1e9 / sgemm * 100,
+                                 note=note))
+        rows.append(bmm_row)
+        print(format_table(rows[-3:]), flush=True)
+    rows[0]["note"] += f"; load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}"
+    path = csv_path(args.results_dir, "winograd", "cpu")
+    append_rows(path, rows)
+    path.with_suffix(".md").write_text(f"# {path.stem}: latest run\n\n" + format_markdown(rows))
+    plot_file(path)
+    print(f"appended {len(rows)} rows to {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -190,6 +190,37 @@ def test_unknown_filters_are_an_error(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_cpu_inference_set_is_the_real_model_at_512_for_e2e_on_cpu_only(tmp_path):
+    from benchmarks.shapes import e2e_plans
+
+    plans = e2e_plans("cpu-inference", "cpu")
+    assert [p.batch for p in plans] == [1, 2]
+    for p in plans:
+        assert (p.crop, p.hidden, p.num_classes, p.backbones, p.head, p.modes) == (
+            512, 512, 150, ("convnext_t",), False, ("inference",))
+        assert p.models["convnext_t"]["hidden_sizes"] == [96, 192, 384, 768]
+    for argv in (["--suite", "ops"], ["--suite", "all"]):
+        assert run.main([*argv, "--device", "cpu", "--shapes", "cpu-inference", "--results-dir", str(tmp_path)]) == 2
+    assert not list(tmp_path.iterdir())
+
+
+def test_winograd_bench_writes_rows_with_flop_rates_and_plots(tmp_path):
+    from benchmarks import winograd_bench
+
+    assert winograd_bench.main(["--blocks", "fpn_convs.2", "--repeats", "1", "--results-dir", str(tmp_path)]) == 0
+    rows = read_rows(tmp_path / "winograd_cpu.csv")
+    by_provider = {(r["op"], r["provider"]): r for r in rows}
+    assert set(by_provider) == {("matmul_peak", "torch"), ("fpn_convs.2", "eager"), ("fpn_convs.2", "cpp")}
+    assert len([r for r in rows if r["op"] == "matmul_peak"]) == 2  # sgemm ceiling and the block's bmm
+    for r in rows:
+        assert all(r[c] for c in ALWAYS_REQUIRED) and float(r["p50_ms"]) > 0
+        assert float(r["tflops"]) > 0 and float(r["pct_matmul"]) > 0
+    assert "first call" in by_provider[("fpn_convs.2", "cpp")]["note"]
+    assert (tmp_path / "winograd_cpu.md").read_text().count("| fpn_convs.2 |") == 2
+    for chart in ("speedup", "matmul", "memory", "roofline"):
+        assert (tmp_path / f"winograd_cpu_{chart}.png").stat().st_size > 0
+
+
 def test_module_entry_point_runs_from_repo_root():
     out = subprocess.run([sys.executable, "-m", "benchmarks.run", "--help"], cwd=REPO_ROOT, capture_output=True,
                          text=True, timeout=120)
