@@ -18,83 +18,18 @@ from typing import Callable
 import torch
 
 from benchmarks import measure
-from benchmarks.bytes_model import op_bytes, op_flops
+from benchmarks.bytes_model import OPS, op_bytes, op_flops, op_module
+from benchmarks.op_bench import Built
 from benchmarks.results import FAILED_PREFIX, SKIPPED_PREFIX, make_row
 from benchmarks.shapes import OpCase, gpu_dry_run, ops_plan, toy_sizes
 from upernet_fast.measure import peak_memory_mb
 
 PROVIDERS = ("eager", "compile", "triton", "cpp")
-OPS = ("adaptive_avg_pool_multi", "upsample_add", "upsample_concat", "upsample_cross_entropy", "conv_bn_relu",
-       "bn_relu")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-IGNORE_INDEX = 255
-
-
-@dataclass
-class Built:
-    """One case's inputs and the ways to run it."""
-
-    args: tuple  # tensors handed to both the public op and the reference
-    leaves: list  # tensors whose .grad a backward writes (reset between calls)
-    public: Callable  # public(*args, backend=name)
-    reference: Callable  # reference(*args), compiled for the "compile" provider
-    select_args: tuple  # the arguments upernet_fast.backend.select gets for this call
-    autocast: torch.dtype | None = None  # conv blocks run under AMP, as in training
-    module: torch.nn.Module | None = None
-
-
-def _tensor(shape, dtype, device, layout, grad=True):
-    t = torch.randn(shape, dtype=dtype, device=device)
-    if layout == "channels_last":
-        t = t.contiguous(memory_format=torch.channels_last)
-    return t.requires_grad_(grad)
 
 
 def build(case: OpCase, dtype: torch.dtype, layout: str, device: str) -> Built:
-    import upernet_fast.ops as ops
-    from upernet_fast import reference
-
-    p = case.params
-    if case.op == "adaptive_avg_pool_multi":
-        x = _tensor(p["x"], dtype, device, layout)
-        scales = tuple(p["scales"])
-        return Built((x,), [x], lambda x, backend: ops.adaptive_avg_pool_multi(x, scales, backend=backend),
-                     lambda x: reference.adaptive_avg_pool_multi(x, scales), (x, scales))
-    if case.op == "upsample_add":
-        low, lat = _tensor(p["low"], dtype, device, layout), _tensor(p["lateral"], dtype, device, layout)
-        return Built((low, lat), [low, lat], lambda a, b, backend: ops.upsample_add(a, b, backend=backend),
-                     reference.upsample_add, (low, lat))
-    if case.op == "upsample_concat":
-        ts = tuple(_tensor(s, dtype, device, layout) for s in p["tensors"])
-        size = tuple(p["size"])
-        return Built(ts, list(ts), lambda *t, backend: ops.upsample_concat(t, size, backend=backend),
-                     lambda *t: reference.upsample_concat(t, size), (ts, size))
-    if case.op == "upsample_cross_entropy":
-        logits = _tensor(p["logits"], dtype, device, layout)
-        labels = torch.randint(0, p["logits"][1], p["labels"], device=device)
-        labels[torch.rand(p["labels"], device=device) < 0.05] = IGNORE_INDEX  # some ignored pixels, as in ADE20K
-        return Built((logits, labels), [logits],
-                     lambda lg, lb, backend: ops.upsample_cross_entropy(lg, lb, IGNORE_INDEX, "mean", backend=backend),
-                     lambda lg, lb: reference.upsample_cross_entropy(lg, lb, IGNORE_INDEX, "mean"),
-                     (logits, labels, IGNORE_INDEX, "mean", None, False))
-    if case.op == "conv_bn_relu":
-        # fp32 parameters, activations in the benchmark dtype under autocast: an AMP training step.
-        block = ops.ConvBNReLU(p["in_channels"], p["out_channels"], p["kernel"], padding=p["padding"]).to(device)
-        if layout == "channels_last":
-            block = block.to(memory_format=torch.channels_last)
-        x = _tensor((p["batch"], p["in_channels"], p["height"], p["width"]), dtype, device, layout)
-        conv, bn = block.conv, block.batch_norm
-        return Built((x,), [x, *block.parameters()],
-                     lambda x, backend: ops.conv_bn_relu(x, conv, bn, backend=backend),
-                     lambda x: reference.conv_bn_relu(x, conv, bn), (x, conv, bn),
-                     autocast=None if dtype == torch.float32 else dtype, module=block)
-    if case.op == "bn_relu":
-        # The conv output in the benchmark dtype and a training-mode BatchNorm with fp32 parameters, as under AMP.
-        bn = torch.nn.BatchNorm2d(p["y"][1]).to(device)
-        y = _tensor(p["y"], dtype, device, layout)
-        return Built((y,), [y, *bn.parameters()], lambda y, backend: ops.bn_relu(y, bn, backend=backend),
-                     lambda y: torch.nn.functional.relu(bn(y)), (y, bn), module=bn)
-    raise KeyError(case.op)
+    return op_module(case.op).build(case.params, dtype, layout, device)
 
 
 def _outputs(out) -> list[torch.Tensor]:

@@ -104,25 +104,10 @@ class OpCase:
         return f"{self.workload.label} | {self.name}: {describe_params(self.op, self.params)}"
 
 
-def _dims(shape) -> str:
-    return "x".join(str(d) for d in shape)
-
-
 def describe_params(op: str, p: dict) -> str:
-    if op == "adaptive_avg_pool_multi":
-        return f"x {_dims(p['x'])} scales {','.join(map(str, p['scales']))}"
-    if op == "upsample_add":
-        return f"low {_dims(p['low'])} -> lateral {_dims(p['lateral'])}"
-    if op == "upsample_concat":
-        return f"[{', '.join(_dims(s) for s in p['tensors'])}] -> {_dims(p['size'])}"
-    if op == "upsample_cross_entropy":
-        return f"logits {_dims(p['logits'])} -> labels {_dims(p['labels'])}"
-    if op == "bn_relu":
-        return f"{_dims(p['y'])} ({p['block']} output)"
-    if op == "conv_bn_relu":
-        b, h, w = p["batch"], p["height"], p["width"]
-        return f"{p['kernel']}x{p['kernel']} {p['in_channels']}->{p['out_channels']} at {b}x{h}x{w}"
-    raise KeyError(op)
+    from benchmarks.bytes_model import op_module  # the per-op modules import nothing from here
+
+    return op_module(op).describe(p)
 
 
 def conv_blocks(w: Workload) -> list[dict]:

@@ -205,9 +205,9 @@ def test_cpu_inference_set_is_the_real_model_at_512_for_e2e_on_cpu_only(tmp_path
 
 
 def test_winograd_bench_writes_rows_with_flop_rates_and_plots(tmp_path):
-    from benchmarks import winograd_bench
+    from benchmarks import winograd_conv_bn_relu
 
-    assert winograd_bench.main(["--blocks", "fpn_convs.2", "--repeats", "1", "--results-dir", str(tmp_path)]) == 0
+    assert winograd_conv_bn_relu.main(["--blocks", "fpn_convs.2", "--repeats", "1", "--results-dir", str(tmp_path)]) == 0
     rows = read_rows(tmp_path / "winograd_cpu.csv")
     by_provider = {(r["op"], r["provider"]): r for r in rows}
     assert set(by_provider) == {("matmul_peak", "torch"), ("fpn_convs.2", "eager"), ("fpn_convs.2", "cpp")}
@@ -219,6 +219,19 @@ def test_winograd_bench_writes_rows_with_flop_rates_and_plots(tmp_path):
     assert (tmp_path / "winograd_cpu.md").read_text().count("| fpn_convs.2 |") == 2
     for chart in ("speedup", "matmul", "memory", "roofline"):
         assert (tmp_path / f"winograd_cpu_{chart}.png").stat().st_size > 0
+
+
+def test_every_op_has_its_benchmark_module_under_its_name():
+    # One op, one name in every folder: benchmarks/<op>.py next to upernet_fast/ops/<op>.py and tests/test_<op>.py.
+    from benchmarks.bytes_model import OPS, op_module
+
+    for op in OPS:
+        module = op_module(op)
+        assert module.OP == op and all(callable(getattr(module, f)) for f in ("describe", "build", "bytes_moved", "flops"))
+        assert (REPO_ROOT / "upernet_fast" / "ops" / f"{op}.py").exists() and (REPO_ROOT / "tests" / f"test_{op}.py").exists()
+    out = subprocess.run([sys.executable, "-m", "benchmarks.upsample_add", "--help"], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "--shapes" in out.stdout
 
 
 def test_module_entry_point_runs_from_repo_root():

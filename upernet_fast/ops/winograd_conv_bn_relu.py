@@ -12,7 +12,7 @@ snapshot taken when the transform was made; any difference recomputes it. Versio
 would not do: writes through ``.data`` (EMA updates, some checkpoint loaders) change values without bumping
 ``_version`` or moving storage (tests/test_winograd_conv_bn_relu.py shows both). The comparison reads the
 weight twice (weight and snapshot), small next to the convolution it saves a transform for (measured by
-benchmarks/winograd_bench.py on a loaded 2-core machine: 9.5 ms against a 727 ms block for 512->512 at
+benchmarks/winograd_conv_bn_relu.py on a loaded 2-core machine: 9.5 ms against a 727 ms block for 512->512 at
 128x128, 20 ms against 2.4 s for 2048->512; the fold, snapshot and transform it saves took 0.3 s and 1.0 s
 there, before the transform's stores were blocked, which cut the transform alone ~2.7x); the
 snapshot costs one more copy of each cached weight in memory, the transform four.

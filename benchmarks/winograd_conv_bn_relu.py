@@ -1,5 +1,5 @@
 """ATen against the Winograd F(4x4, 3x3) blocks, side by side, at every 3x3 block of the ConvNeXt-T UperNet head
-(512x512, batch 1) on the CPU: ``python -m benchmarks.winograd_bench``.
+(512x512, batch 1) on the CPU: ``python -m benchmarks.winograd_conv_bn_relu``.
 
 Rows (appended to ``benchmarks/results/winograd_cpu.csv``, table in ``winograd_cpu.md``, plots beside them):
 
@@ -93,7 +93,7 @@ def _ours(block: ConvBNReLU, inputs: list[torch.Tensor]):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.winograd_bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.winograd_conv_bn_relu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--nchw", action="store_true", help="NCHW inputs (default channels_last, as the converted "
                         "model runs after a ConvNeXt or Swin backbone)")
