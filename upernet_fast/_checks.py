@@ -17,7 +17,9 @@ def tensors_in(values) -> list[torch.Tensor]:
         if isinstance(value, torch.Tensor):
             found.append(value)
         elif isinstance(value, (list, tuple)):
-            found.extend(item for item in value if isinstance(item, torch.Tensor))
+            for item in value:  # a plain loop: on every op call, where a generator's set-up costs more
+                if isinstance(item, torch.Tensor):
+                    found.append(item)
     return found
 
 
@@ -31,8 +33,26 @@ def check_tensor(name: str, value, ndim: int | None = None, floating: bool = Fal
     return value
 
 
+def is_feature_map(value) -> bool:
+    """Whether :func:`check_feature_map` accepts ``value``: the ops' fast test, one expression and no message built.
+    ``numel() == 0`` is the same comparison the check makes (under torch.export, the same guard)."""
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dim() == 4
+        and value.dtype in FLOAT_DTYPES
+        and not value.numel() == 0
+    )
+
+
+def same_device(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a.device == b.device``; Tensor.is_cpu is a plain flag, Tensor.device builds two torch.device objects."""
+    return (a.is_cpu and b.is_cpu) or a.device == b.device
+
+
 def check_feature_map(name: str, value) -> torch.Tensor:
     """A (B, C, H, W) floating-point map with no empty dimension."""
+    if is_feature_map(value):
+        return value
     check_tensor(name, value, ndim=4, floating=True)
     if value.numel() == 0:
         raise ValueError(f"{name} must have no empty dimension, got shape {tuple(value.shape)}")
@@ -52,9 +72,15 @@ def promote_for_kernels(impl_backend: str, tensors):
     """Mixed floating dtypes (fp32 features next to bf16 maps under autocast) promote as ``torch.cat`` and ``+``
     do. The eager reference gets the tensors as they are (PyTorch promotes inside, bitwise as transformers);
     kernel backends take one dtype, so they get every tensor cast to the promoted one."""
-    dtypes = {t.dtype for t in tensors}
-    if impl_backend == "eager" or len(dtypes) == 1:
+    if impl_backend == "eager":
         return tuple(tensors)
+    first = tensors[0].dtype
+    for t in tensors:
+        if t.dtype != first:
+            break
+    else:  # one dtype: nothing to cast (the common case, tested without building a set)
+        return tuple(tensors)
+    dtypes = {t.dtype for t in tensors}
     dtype = functools.reduce(torch.promote_types, dtypes)
     return tuple(t.to(dtype) for t in tensors)
 
@@ -68,6 +94,10 @@ def _is_size(value) -> bool:
 
 def check_size(name: str, size) -> tuple:
     """(height, width) as given: plain ints stay ints, symbolic sizes stay symbolic (``int()`` would pin them)."""
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        height, width = size
+        if type(height) is int and type(width) is int and height >= 1 and width >= 1:  # the common case, fast
+            return tuple(size)
     if isinstance(size, torch.Size):
         size = tuple(size)
     if not isinstance(size, (tuple, list)) or len(size) != 2 or not all(_is_size(s) for s in size):
@@ -76,6 +106,12 @@ def check_size(name: str, size) -> tuple:
 
 
 def check_scales(name: str, scales) -> tuple[int, ...]:
+    if isinstance(scales, (tuple, list)) and scales:
+        for s in scales:
+            if type(s) is not int or s < 1:
+                break
+        else:  # positive plain ints (bool is not int by type): the common case, without the generators below
+            return tuple(scales)
     if isinstance(scales, int) and not isinstance(scales, bool):
         scales = (scales,)
     if (

@@ -75,7 +75,9 @@ def remember(made: torch.Tensor, build: Callable[..., torch.Tensor], inputs: Seq
     ``inputs`` must be tensors that autograd saves anyway (or that have recipes), so that keeping them costs
     nothing; ``build`` must be the kernel that made ``made``, so that the rebuilt tensor has the same bits.
     """
-    if torch.compiler.is_compiling() or not _active() or not made.requires_grad:
+    # is_compiling stays first (under torch.compile nothing else is looked at); then the cheapest test: outside
+    # training nothing requires grad, and the thread-local state need not be read.
+    if torch.compiler.is_compiling() or not made.requires_grad or not _active():
         return
     _recipes[made] = Recipe(made, build, inputs)
 

@@ -6,7 +6,13 @@ import torch
 
 from upernet_fast import backend as _backend
 from upernet_fast import reference
-from upernet_fast._checks import check_feature_map, check_same_placement, promote_for_kernels
+from upernet_fast._checks import (
+    check_feature_map,
+    check_same_placement,
+    is_feature_map,
+    promote_for_kernels,
+    same_device,
+)
 from upernet_fast.kernels._utils import is_channels_last, memory_format
 from upernet_fast.ops._kernel_op import KernelOp
 
@@ -19,10 +25,13 @@ def upsample_add(low: torch.Tensor, lateral: torch.Tensor, *, backend: str = "au
     low: (B, C, h, w), lateral: (B, C, H, W), any size ratio; returns (B, C, H, W) in lateral's layout.
     Differentiable in both inputs.
     """
-    check_feature_map("low", low)
-    check_feature_map("lateral", lateral)
-    check_same_placement(("lateral", "low"), (lateral, low), dtype=False)
-    if low.shape[:2] != lateral.shape[:2]:
+    # The common case in one test; the checks that name what is wrong run only when it fails.
+    if not (is_feature_map(low) and is_feature_map(lateral) and same_device(low, lateral)):
+        check_feature_map("low", low)
+        check_feature_map("lateral", lateral)
+        check_same_placement(("lateral", "low"), (lateral, low), dtype=False)
+    low_shape, lateral_shape = low.shape, lateral.shape
+    if low_shape[0] != lateral_shape[0] or low_shape[1] != lateral_shape[1]:
         raise ValueError(
             f"low and lateral must have the same batch and channel sizes, got low {tuple(low.shape)} "
             f"and lateral {tuple(lateral.shape)}"

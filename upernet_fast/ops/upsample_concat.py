@@ -9,7 +9,14 @@ import torch
 
 from upernet_fast import backend as _backend
 from upernet_fast import recompute, reference
-from upernet_fast._checks import check_feature_map, check_same_placement, check_size, promote_for_kernels
+from upernet_fast._checks import (
+    check_feature_map,
+    check_same_placement,
+    check_size,
+    is_feature_map,
+    promote_for_kernels,
+    same_device,
+)
 from upernet_fast.kernels._utils import is_channels_last, memory_format
 from upernet_fast.ops._kernel_op import KernelOp
 
@@ -26,13 +33,14 @@ def upsample_concat(tensors: Sequence[torch.Tensor], size: Sequence[int], *, bac
     if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)) or len(tensors) == 0:
         raise TypeError("tensors must be a non-empty list or tuple of 4D tensors")
     tensors = tuple(tensors)
-    names = [f"tensors[{i}]" for i in range(len(tensors))]
-    for name, t in zip(names, tensors):
-        check_feature_map(name, t)
-    check_same_placement(names, tensors, dtype=False)
-    for name, t in zip(names[1:], tensors[1:]):
-        if t.shape[0] != tensors[0].shape[0]:
-            raise ValueError(f"{name} has batch size {t.shape[0]} but tensors[0] has {tensors[0].shape[0]}")
+    if not _plain_maps(tensors):  # the checks that name what is wrong (and their messages) only on failure
+        names = [f"tensors[{i}]" for i in range(len(tensors))]
+        for name, t in zip(names, tensors):
+            check_feature_map(name, t)
+        check_same_placement(names, tensors, dtype=False)
+        for name, t in zip(names[1:], tensors[1:]):
+            if t.shape[0] != tensors[0].shape[0]:
+                raise ValueError(f"{name} has batch size {t.shape[0]} but tensors[0] has {tensors[0].shape[0]}")
     size = check_size("size", size)
     impl = _backend.select(OP, backend, tensors, size)
     parts = promote_for_kernels(impl.backend, tensors)
@@ -40,6 +48,18 @@ def upsample_concat(tensors: Sequence[torch.Tensor], size: Sequence[int], *, bac
     # A resize and a copy of its inputs: rebuilt in the backward rather than saved (upernet_fast.recompute).
     recompute.remember(out, lambda *rebuilt: impl.fn(rebuilt, size), parts)
     return out
+
+
+def _plain_maps(tensors: tuple) -> bool:
+    """Whether every check of the entry point passes: feature maps on one device with one batch size."""
+    first = tensors[0]
+    if not is_feature_map(first):
+        return False
+    batch = first.shape[0]
+    for t in tensors[1:]:
+        if not (is_feature_map(t) and same_device(t, first) and t.shape[0] == batch):
+            return False
+    return True
 
 
 # ---- kernel backends: one declaration (schemas, fakes, autograd) for the Triton and the C++ kernels --------

@@ -8,10 +8,11 @@ import torch
 
 from upernet_fast import backend as _backend
 from upernet_fast import reference
-from upernet_fast._checks import check_feature_map, check_tensor
+from upernet_fast._checks import check_feature_map, check_tensor, is_feature_map, same_device
 from upernet_fast.ops._kernel_op import KernelOp, stats_dtype
 
 OP = "upsample_cross_entropy"
+_LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
 def upsample_cross_entropy(
@@ -38,12 +39,20 @@ def upsample_cross_entropy(
     torch.compile (with a second resize of the same logits next to an auxiliary loss, torch 2.13's Inductor on
     CPU returned all-zero gradients; see tests/test_model_compile.py). The fused backends ignore it.
     """
-    check_feature_map("logits", logits)
-    check_tensor("labels", labels, ndim=3)
-    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"labels must be an integer tensor (int64 preferred), got {labels.dtype}")
-    if labels.device != logits.device:
-        raise ValueError(f"labels is on {labels.device} but logits is on {logits.device}; they must match")
+    # The common case in one test; the checks that name what is wrong run only when it fails.
+    if not (
+        is_feature_map(logits)
+        and isinstance(labels, torch.Tensor)
+        and labels.dim() == 3
+        and labels.dtype in _LABEL_DTYPES
+        and same_device(labels, logits)
+    ):
+        check_feature_map("logits", logits)
+        check_tensor("labels", labels, ndim=3)
+        if labels.dtype not in _LABEL_DTYPES:
+            raise TypeError(f"labels must be an integer tensor (int64 preferred), got {labels.dtype}")
+        if labels.device != logits.device:
+            raise ValueError(f"labels is on {labels.device} but logits is on {logits.device}; they must match")
     if labels.shape[0] != logits.shape[0]:
         raise ValueError(
             f"labels must have shape (B, H, W) with B = logits.shape[0] = {logits.shape[0]}, "
@@ -68,12 +77,13 @@ def upsample_cross_entropy(
     if not torch.compiler.is_compiling():
         # Needs a host sync; under torch.compile the kernels' own masking still prevents out-of-bounds reads.
         _check_label_range(labels, num_classes, ignore_index)
-    resized_shape = (*logits.shape[:2], *labels.shape[-2:])
-    if resized is not None and (tuple(resized.shape) != resized_shape or resized.device != logits.device):
-        raise ValueError(
-            f"resized must be logits resized to the labels' size, shape {resized_shape} on {logits.device}, "
-            f"got {tuple(resized.shape)} on {resized.device}"
-        )
+    if resized is not None:
+        resized_shape = (*logits.shape[:2], *labels.shape[-2:])
+        if tuple(resized.shape) != resized_shape or resized.device != logits.device:
+            raise ValueError(
+                f"resized must be logits resized to the labels' size, shape {resized_shape} on {logits.device}, "
+                f"got {tuple(resized.shape)} on {resized.device}"
+            )
     impl = _backend.select(OP, backend, logits, labels, ignore_index, reduction, weight, align_corners)
     if impl.backend == "eager" and resized is not None:
         return reference.cross_entropy(resized, labels, ignore_index, reduction, weight)
@@ -81,7 +91,27 @@ def upsample_cross_entropy(
 
 
 def _check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    # One pass over the labels on their own device; avoids an out-of-bounds gather in any kernel.
+    """Raises unless every label lies in [0, num_classes) or equals ignore_index: avoids an out-of-bounds gather
+    in any kernel. Runs on the labels' own device, one host sync in the common cases."""
+    if labels.numel() == 0:
+        return
+    # The extremes first: one reduction (aminmax), on this CPU 15x cheaper than the masked test below at
+    # 2x512x512 labels and 5x cheaper at a few pixels. When both lie in [0, C) every label does.
+    low, high = (int(v) for v in torch.aminmax(labels))
+    if low >= 0 and high < num_classes:
+        return
+    # Ignored pixels beyond one end (255 above the classes, -100 below): only that side needs the masked test.
+    if low >= 0 and high == ignore_index:
+        suspect = (labels >= num_classes) & (labels != ignore_index)
+    elif high < num_classes and low == ignore_index:
+        suspect = (labels < 0) & (labels != ignore_index)
+    else:
+        suspect = None  # an extreme is itself out of range: the test below finds the first bad label
+    if suspect is None or bool(suspect.any()):
+        _raise_first_bad_label(labels, num_classes, ignore_index)
+
+
+def _raise_first_bad_label(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
         value = int(labels[bad][0])

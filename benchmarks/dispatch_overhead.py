@@ -1,0 +1,216 @@
+"""Dispatch overhead of each public op over the bare function it dispatches to, on tiny CPU inputs:
+``python -m benchmarks.dispatch_overhead``.
+
+What one call of ``upernet_fast.ops.<op>`` costs on top of the work itself: argument checks, the backend
+selection, dtype promotion and bookkeeping. Inputs are a few elements, so the work is as small as it gets and
+the difference is all Python.
+
+* ``eager`` rows: the public op with ``backend="eager"`` against the reference function of
+  ``upernet_fast/reference.py`` called directly on the same inputs.
+* ``auto`` rows (when the C++ extension is built, so that ``auto`` selects ``cpp`` on the CPU): the public op
+  with ``backend="auto"`` against the extension's op (``torch.ops.upernet_fast_cpp.<op>``) called directly; for
+  ``bn_relu`` and ``conv_bn_relu``, whose C++ path is a composite rather than one kernel, against the function
+  the selection returns (the implementation's ``fn``).
+
+Each side is timed over ``--calls`` calls, best of ``--repeats`` repeats, the two sides alternating within each
+repeat so that both see the same machine load (the development machine is 2 shared cores).
+
+``--against DIR`` measures another checkout (say an older commit exported with ``git worktree add``) side by
+side: both trees run in fresh subprocesses, alternating, ``--rounds`` times each, and the best of the rounds is
+kept per row. ``--write`` stores the table in ``benchmarks/results/dispatch_cpu.txt``. Runs as a module from
+the repository root, or as a file (how ``--against`` runs it on the other tree: it imports no ``benchmarks``
+module, only ``upernet_fast``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+RESULTS = HERE.parent / "results" / "dispatch_cpu.txt"
+
+
+def _cases() -> list[tuple[str, str, object, object, str]]:
+    """[(op, backend asked for, public call, bare call, what the bare call is)], on tiny fp32 CPU inputs."""
+    import torch
+
+    from upernet_fast import backend as _backend
+    from upernet_fast import ops, reference
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 6, 6)
+    scales = (1, 2, 3, 6)
+    low, lateral = torch.randn(1, 2, 2, 2), torch.randn(1, 2, 4, 4)
+    maps, size = [torch.randn(1, 2, 4, 4), torch.randn(1, 2, 2, 2)], (4, 4)
+    logits, labels = torch.randn(1, 3, 2, 2), torch.randint(0, 3, (1, 4, 4))
+    y = torch.randn(2, 2, 2, 2)
+    bn = torch.nn.BatchNorm2d(2).eval()
+    conv = torch.nn.Conv2d(2, 2, 1, bias=False)
+    xc = torch.randn(1, 2, 4, 4)
+    calls = {
+        "adaptive_avg_pool_multi": (ops.adaptive_avg_pool_multi, (x, scales), reference.adaptive_avg_pool_multi),
+        "upsample_add": (ops.upsample_add, (low, lateral), reference.upsample_add),
+        "upsample_concat": (ops.upsample_concat, (maps, size), reference.upsample_concat),
+        "upsample_cross_entropy": (
+            ops.upsample_cross_entropy, (logits, labels, 255, "mean", None, False), reference.upsample_cross_entropy
+        ),
+        "bn_relu": (ops.bn_relu, (y, bn), reference.bn_relu),
+        "conv_bn_relu": (ops.conv_bn_relu, (xc, conv, bn), reference.conv_bn_relu),
+    }
+    # The C++ ops called bare, with the argument forms their schemas take (lists, every argument positional).
+    kernel = {
+        "adaptive_avg_pool_multi": lambda op: (lambda: op(x, list(scales))),
+        "upsample_add": lambda op: (lambda: op(low, lateral)),
+        "upsample_concat": lambda op: (lambda: op(maps, list(size))),
+        "upsample_cross_entropy": lambda op: (lambda: op(logits, labels, None, 255, "mean", False)),
+    }
+    cases = []
+    for name, (public, args, bare) in calls.items():
+        cases.append((name, "eager", _bind(public, args, "eager"), _bind(bare, args), "reference." + name))
+    if _backend.backend_unavailable("cpp") is None:
+        for name, (public, args, _) in calls.items():
+            impl = _backend.select(name, "auto", *args)
+            if name in kernel:
+                op = getattr(getattr(torch.ops, _backend.CPP_NAMESPACE), name)
+                bare, what = kernel[name](op), f"torch.ops.{_backend.CPP_NAMESPACE}.{name}"
+            else:
+                bare, what = _bind(impl.fn, args), f"the selected implementation's fn ({impl.backend})"
+            cases.append((name, f"auto->{impl.backend}", _bind(public, args, "auto"), bare, what))
+    return cases
+
+
+def _bind(fn, args, backend: str | None = None):
+    if backend is None:
+        return lambda: fn(*args)
+    return lambda: fn(*args, backend=backend)
+
+
+def _us_per_call(fn, calls: int) -> float:
+    start = time.perf_counter()
+    for _ in itertools.repeat(None, calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def measure(calls: int, repeats: int) -> list[dict]:
+    """One row per case: best-of-``repeats`` microseconds per call of the public op and of the bare call."""
+    import torch
+
+    torch.set_num_threads(1)  # tiny inputs: no parallel region worth entering, and less noise on shared cores
+    rows = []
+    for op, backend, public, bare, what in _cases():
+        public(), bare()  # warm-up: first-call selection, lazy imports, the extension's attachment
+        best_public = best_bare = float("inf")
+        for _ in range(repeats):
+            best_public = min(best_public, _us_per_call(public, calls))
+            best_bare = min(best_bare, _us_per_call(bare, calls))
+        rows.append({"op": op, "backend": backend, "public_us": best_public, "bare_us": best_bare, "bare": what})
+    return rows
+
+
+def _subprocess_rows(tree: Path, calls: int, repeats: int) -> list[dict]:
+    """``measure`` in a fresh process importing ``upernet_fast`` from ``tree`` (this file run as a script)."""
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    out = subprocess.run(
+        [sys.executable, str(HERE), "--json", "--calls", str(calls), "--repeats", str(repeats)],
+        cwd=tree, env=env, capture_output=True, text=True, check=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _best(runs: list[list[dict]]) -> dict[tuple[str, str], dict]:
+    """Per (op, backend), the run whose overhead was smallest: its public and bare times come from one
+    measurement, so their difference is one measured difference, not two minima of different moments."""
+    best: dict[tuple[str, str], dict] = {}
+    for rows in runs:
+        for row in rows:
+            key = (row["op"], row["backend"])
+            if key not in best or row["public_us"] - row["bare_us"] < best[key]["public_us"] - best[key]["bare_us"]:
+                best[key] = row
+    return best
+
+
+def _git(tree: Path, *args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=tree, capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:
+        return ""
+
+
+def _commit(tree: Path) -> str:
+    """The tree's commit; a tree outside git (``git archive`` of an old commit) is named by its folder."""
+    if not (tree / ".git").exists():
+        return f"{tree.name} (not a git checkout)"
+    sha = _git(tree, "rev-parse", "--short=12", "HEAD") or "unknown"
+    return "commit " + sha + ("-dirty" if _git(tree, "status", "--porcelain", "--untracked-files=no") else "")
+
+
+def table(now: dict[tuple[str, str], dict], before: dict[tuple[str, str], dict] | None) -> list[str]:
+    head = "| op | backend | bare us/call | public us/call | overhead us |"
+    rule = "|---|---|---|---|---|"
+    if before is not None:
+        head += " before: bare | before: public | before: overhead us |"
+        rule += "---|---|---|"
+    lines = [head + " bare call |", rule + "---|"]
+    for key, row in now.items():
+        line = f"| {key[0]} | {key[1]} | {row['bare_us']:.1f} | {row['public_us']:.1f} | "
+        line += f"{row['public_us'] - row['bare_us']:.1f} |"
+        if before is not None:
+            old = before.get(key)
+            line += " - | - | - |" if old is None else (
+                f" {old['bare_us']:.1f} | {old['public_us']:.1f} | {old['public_us'] - old['bare_us']:.1f} |"
+            )
+        lines.append(line + f" {row['bare']} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=2000, help="calls per timed repeat (default 2000)")
+    parser.add_argument("--repeats", type=int, default=7, help="repeats per side, best kept (default 7)")
+    parser.add_argument("--against", type=Path, help="another checkout to measure side by side (the 'before')")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating subprocess rounds with --against")
+    parser.add_argument("--write", action="store_true", help=f"store the table in {RESULTS.relative_to(HERE.parents[1])}")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # the rows, for --against
+    args = parser.parse_args(argv)
+    if args.json:
+        print(json.dumps(measure(args.calls, args.repeats)))
+        return
+    tree = HERE.parents[1]
+    if args.against is None:
+        now, before = _best([measure(args.calls, args.repeats)]), None
+    else:
+        runs_now, runs_before = [], []
+        for _ in range(args.rounds):
+            runs_before.append(_subprocess_rows(args.against.resolve(), args.calls, args.repeats))
+            runs_now.append(_subprocess_rows(tree, args.calls, args.repeats))
+        now, before = _best(runs_now), _best(runs_before)
+    import torch
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+    header = [
+        f"# python -m benchmarks.dispatch_overhead{' '.join([''] + (argv if argv is not None else sys.argv[1:]))}, "
+        f"{stamp}, {_commit(tree)}" + (f", before = {_commit(args.against)}" if args.against else ""),
+        f"# torch {torch.__version__}, 1 thread, {os.cpu_count()} CPUs ({platform.machine()}), tiny fp32 CPU inputs, "
+        f"best of {args.repeats} x {args.calls} calls per side" + (f", best of {args.rounds} alternating rounds"
+                                                                   if args.against else "")
+        + f", load average {tuple(round(v, 2) for v in os.getloadavg())}",
+    ]
+    text = "\n".join(header + [""] + table(now, before)) + "\n"
+    print(text, end="")
+    if args.write:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
