@@ -58,6 +58,8 @@ def _advance_scale(local, s, scale_idx, next_s, NEXT_IDX: tl.constexpr):
     return tl.where(past, local - s, local), tl.where(past, next_s, s), tl.where(past, NEXT_IDX, scale_idx)
 
 
+# Both kernels take one pointer slot per scale (o0..o7 / g0..g7 with S0..S7): Triton has no arrays of
+# pointers, so the repeated per-scale lines in them are those unrolled slots, not copied logic.
 @triton.jit(do_not_specialize=["S0", "S1", "S2", "S3", "S4", "S5", "S6", "S7"])
 def _pool_forward_kernel(
     x_ptr,

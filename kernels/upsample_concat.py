@@ -40,6 +40,9 @@ def _forward_slot(local_pid, x_ptr, out_ptr, channels, in_h, in_w, c_offset, sca
              value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# The forward and backward kernels take one pointer slot per input (x0..x4 with their sizes and strides) and
+# call the per-slot function once per slot: Triton has no arrays of pointers, so the repeated lines here are
+# those unrolled slots, not copied logic (the logic is in _forward_slot / _backward_slot).
 @triton.jit
 def _upsample_concat_forward_kernel(
     out_ptr, out_h, out_w, o_sb, o_sc, o_sh, o_sw,
