@@ -247,7 +247,10 @@ def train(cfg: TrainConfig) -> dict:
     if dist_info.world_size > 1:
         net = DataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        net = torch.compile(net)
+        # Static shapes: a second input shape (a smaller last batch) would otherwise recompile with symbolic
+        # sizes, and torch 2.13's Inductor then fails on ConvNeXt's channels_last views in the backward
+        # ("cannot determine truth value of Relational"; transformers' own model fails the same way).
+        net = torch.compile(net, dynamic=False)
 
     train_source = open_source(cfg.data, "train", cfg.num_labels, size=cfg.crop, seed=cfg.seed)
     val_source = open_source(cfg.data, "val", cfg.num_labels, size=cfg.crop, seed=cfg.seed)
