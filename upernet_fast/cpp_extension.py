@@ -14,8 +14,9 @@ kernel file; an extension gets the generic (scalar-array) implementation unless 
 ISA torch detects on this machine (``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2, else
 default) selects the macros and ``-m`` flags; never ``-march=native``, whose code may not run on another
 machine sharing the cache. The build directory is keyed by torch version, compiler version and a hash of
-the flags (ISA included; and the ninja version, whose build logs are not portable), so machines or
-environments with different ISAs never share a binary.
+the flags (ISA included; and the ninja version, whose build logs are not portable), the source folder and
+torch's install folder, so machines or environments with different ISAs never share a binary, and two
+checkouts or virtual environments never rebuild one folder for each other.
 """
 
 from __future__ import annotations
@@ -106,11 +107,17 @@ def cache_root() -> Path:
 
 
 def build_directory() -> Path:
-    """<cache>/cpp/torch-<version>-<hash of compiler version and flags>."""
+    """<cache>/cpp/torch-<version>-<hash of compiler version, flags, source folder and torch install>.
+
+    The source folder and torch's install folder are part of the key: two checkouts (a development tree and
+    a fresh CI clone) or two virtual environments would otherwise share one build folder and rebuild it
+    for each other, racing when they run at the same time.
+    """
     import torch
 
     key = json.dumps({"compiler": _compiler_version(), "flags": cflags(), "python": sys.version_info[:2],
-                      "ninja": _ninja_version()})
+                      "ninja": _ninja_version(), "sources": str(source_dir()),
+                      "torch": os.path.dirname(torch.__file__)})
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return cache_root() / f"torch-{torch.__version__}-{digest}"
 

@@ -36,6 +36,20 @@ inline Vec<opmath_t> where_positive(const Vec<opmath_t>& z, const Vec<opmath_t>&
   return Vec<opmath_t>::blendv(Vec<opmath_t>(0), v, z > Vec<opmath_t>(0));
 }
 
+// grad must be a float map of x's shape and dtype (the backward kernels' incoming gradient).
+void check_grad_of(const Tensor& grad_in, const Tensor& x_in) {
+  check_float_map(x_in, "x");
+  check_float_map(grad_in, "grad");
+  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "grad must have x's shape ", x_in.sizes(), ", got ", grad_in.sizes());
+  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), "grad must have x's dtype ", x_in.scalar_type(), ", got ",
+              grad_in.scalar_type());
+}
+
+// A new map of x's shape and dtype in m's layout, written once by the caller (hence huge pages, see common.h).
+Tensor new_map_like(const Tensor& x, const DenseMap& m) {
+  return huge_pages(at::empty(x.sizes(), x.options().memory_format(memory_format(m.cl))));
+}
+
 std::tuple<Tensor, Tensor> channel_stats(const Tensor& x_in) {
   check_float_map(x_in, "x");
   DenseMap m;
@@ -113,7 +127,7 @@ Tensor apply(const Tensor& x_in, const Tensor& mean, const Tensor& invstd, const
   check_params({mean, invstd, weight, bias}, x_in.size(1));
   DenseMap m;
   const Tensor x = dense_map(x_in, m);
-  Tensor y = huge_pages(at::empty(x.sizes(), x.options().memory_format(memory_format(m.cl))));
+  Tensor y = new_map_like(x, m);
   UPERNET_FAST_DISPATCH(x.scalar_type(), "bn_relu_apply", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const auto mu = per_channel<opmath_t>(mean), is = per_channel<opmath_t>(invstd);
@@ -130,11 +144,7 @@ Tensor apply(const Tensor& x_in, const Tensor& mean, const Tensor& invstd, const
 
 std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_in, const Tensor& x_in, const Tensor& mean,
                                            const Tensor& invstd, const Tensor& weight, const Tensor& bias) {
-  check_float_map(x_in, "x");
-  check_float_map(grad_in, "grad");
-  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "grad must have x's shape ", x_in.sizes(), ", got ", grad_in.sizes());
-  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), "grad must have x's dtype ", x_in.scalar_type(), ", got ",
-              grad_in.scalar_type());
+  check_grad_of(grad_in, x_in);
   check_params({mean, invstd, weight, bias}, x_in.size(1));
   DenseMap m;
   const Tensor x = dense_map(x_in, m);
@@ -166,11 +176,7 @@ std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_in, const Tensor& 
 Tensor backward_input(const Tensor& grad_in, const Tensor& x_in, const Tensor& mean, const Tensor& invstd,
                       const Tensor& weight, const Tensor& bias, const Tensor& sum_g, const Tensor& sum_gxhat,
                       double count) {
-  check_float_map(x_in, "x");
-  check_float_map(grad_in, "grad");
-  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "grad must have x's shape ", x_in.sizes(), ", got ", grad_in.sizes());
-  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), "grad must have x's dtype ", x_in.scalar_type(), ", got ",
-              grad_in.scalar_type());
+  check_grad_of(grad_in, x_in);
   check_params({mean, invstd, weight, bias}, x_in.size(1));
   check_per_channel(sum_g, "sum_g", x_in.size(1));
   check_per_channel(sum_gxhat, "sum_gxhat", x_in.size(1));
@@ -178,7 +184,7 @@ Tensor backward_input(const Tensor& grad_in, const Tensor& x_in, const Tensor& m
   DenseMap m;
   const Tensor x = dense_map(x_in, m);
   const Tensor grad = like_map(grad_in, m);
-  Tensor dx = huge_pages(at::empty(x.sizes(), x.options().memory_format(memory_format(m.cl))));
+  Tensor dx = new_map_like(x, m);
   UPERNET_FAST_DISPATCH(x.scalar_type(), "bn_relu_backward_input", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const auto mu = per_channel<opmath_t>(mean), is = per_channel<opmath_t>(invstd);
@@ -208,7 +214,7 @@ Tensor eval_forward(const Tensor& x_in, const Tensor& scale, const Tensor& shift
   check_per_channel(shift, "shift", x_in.size(1));
   DenseMap m;
   const Tensor x = dense_map(x_in, m);
-  Tensor y = huge_pages(at::empty(x.sizes(), x.options().memory_format(memory_format(m.cl))));
+  Tensor y = new_map_like(x, m);
   UPERNET_FAST_DISPATCH(x.scalar_type(), "bn_relu_eval", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const auto s = per_channel<opmath_t>(scale), t = per_channel<opmath_t>(shift);
@@ -235,7 +241,7 @@ std::tuple<Tensor, Tensor, Tensor> eval_backward(const Tensor& grad_in, const Te
   DenseMap m;
   const Tensor x = dense_map(x_in, m);
   const Tensor grad = like_map(grad_in, m), y = like_map(y_in, m);
-  Tensor dx = huge_pages(at::empty(x.sizes(), x.options().memory_format(memory_format(m.cl))));
+  Tensor dx = new_map_like(x, m);
   Tensor grad_scale, grad_shift;
   UPERNET_FAST_DISPATCH(x.scalar_type(), "bn_relu_eval_backward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
