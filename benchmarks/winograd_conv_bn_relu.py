@@ -26,7 +26,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks import measure
 from benchmarks.plots import plot_file
@@ -77,12 +76,10 @@ def _matmul_row(stamp: dict, shape: str, flop: float, fn, sgemm_gflops: float | 
 
 
 def _eager(block: ConvBNReLU, inputs: list[torch.Tensor]):
-    size = inputs[0].shape[-2:]
     if len(inputs) == 1:
         return lambda: reference.conv_bn_relu(inputs[0], block.conv, block.batch_norm)
-    return lambda: reference.conv_bn_relu(
-        torch.cat([inputs[0]] + [F.interpolate(t, size=size, mode="bilinear", align_corners=False) for t in inputs[1:]], 1),
-        block.conv, block.batch_norm)
+    size = tuple(inputs[0].shape[-2:])
+    return lambda: reference.conv_bn_relu(reference.upsample_concat(inputs, size), block.conv, block.batch_norm)
 
 
 def _ours(block: ConvBNReLU, inputs: list[torch.Tensor]):

@@ -24,6 +24,20 @@
 
 namespace upernet_fast_cpp {
 
+// torch.cat's layout for the resized inputs of a concat, as the Triton op allocates it (ops/upsample_concat.py's
+// _new_output): channels_last only when every input suggests it, inputs with one channel or a 1x1 map (whose
+// layout is only in the strides of size-1 dimensions) taking no part. Shared by upsample_concat and the fused
+// Winograd bottlenecks, which must agree on it bitwise.
+inline bool concat_channels_last(at::TensorList tensors) {
+  bool channels_last = true, voted = false;
+  for (const Tensor& t : tensors) {
+    if (t.size(1) == 1 || t.size(2) * t.size(3) == 1) continue;
+    voted = true;
+    channels_last = channels_last && suggests_channels_last(t);
+  }
+  return channels_last && voted;
+}
+
 template <typename opmath_t>
 struct Axis {
   int64_t n_in = 0, n_out = 0;

@@ -23,16 +23,7 @@ Tensor upsample_concat(at::TensorList tensors, c10::IntArrayRef size) {
                 " but tensors[0] has ", first.scalar_type());
     channels += tensors[k].size(1);
   }
-  // torch.cat's layout for the resized inputs, as the Triton op allocates it (ops/upsample_concat.py's
-  // _new_output): channels_last only when every input suggests it, inputs with one channel or a 1x1 map
-  // (whose layout is only in the strides of size-1 dimensions) taking no part.
-  bool channels_last = true, voted = false;
-  for (const Tensor& t : tensors) {
-    if (t.size(1) == 1 || t.size(2) * t.size(3) == 1) continue;
-    voted = true;
-    channels_last = channels_last && suggests_channels_last(t);
-  }
-  channels_last = channels_last && voted;
+  const bool channels_last = concat_channels_last(tensors);
   Tensor out = huge_pages(at::empty({first.size(0), channels, size[0], size[1]},
                                     first.options().memory_format(memory_format(channels_last))));
   // One parallel region for every input (small maps such as the PPM's would pay one fork/join each):

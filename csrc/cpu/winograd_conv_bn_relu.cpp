@@ -41,15 +41,15 @@ constexpr int64_t kPatch = 6;       // input tile side, m + 3 - 1
 constexpr int64_t kPoints = 36;     // kPatch^2: transform-domain positions = independent matrix products
 constexpr int64_t kChunkTiles = 256;  // tiles per matrix product (see the header: best measured bmm rate)
 
+// Channels of a channels_last tile gathered per step (transform_input_channels_last): 36 x 64 floats, 9 KB.
+constexpr int64_t kChannelBlock = 64;
+
 // Distance in floats between consecutive transform-domain matrices V[p] and M[p]: their size plus one cache
 // line. Why: the input transform stores, and the output transform loads, 36 vectors per tile, one per matrix.
 // With dense matrices of a power-of-two size (256 tiles x 2048 channels: 2 MiB) all 36 addresses share their
 // low 12+ bits, so they compete for one set of the L1 and L2 caches (8 ways) and alias in the store buffer;
 // the extra line spreads them over 36 sets. Measured single-threaded, 2048 -> 512 at 128x128: the input
 // transform took as long as a third of the matrix products. at::bmm takes the padded batch stride as it is.
-// Channels of a channels_last tile gathered per step (transform_input_channels_last): 36 x 64 floats, 9 KB.
-constexpr int64_t kChannelBlock = 64;
-
 inline int64_t padded_point_stride(int64_t matrix_size) { return matrix_size + 64 / sizeof(float); }
 
 // ---- 1D transforms, each a fixed sequence of adds and multiplies by constants (any T: float, double, Vec)
@@ -461,15 +461,9 @@ Tensor winograd_upsample_concat_conv_bias_relu(at::TensorList tensors, c10::IntA
     channels += t.size(1);
   }
   check_filter_and_bias(filter, bias, "the sum of the tensors' channels", channels);
-  // The concat's layout (upsample_concat.cpp's rule: torch.cat's, inputs with one channel or a 1x1 map not
-  // voting); dense in it, the concat suggests the same layout to the convolution.
-  bool channels_last = true, voted = false;
-  for (const Tensor& t : tensors) {
-    if (t.size(1) == 1 || t.size(2) * t.size(3) == 1) continue;
-    voted = true;
-    channels_last = channels_last && suggests_channels_last(t);
-  }
-  channels_last = channels_last && voted && channels > 1;
+  // The concat's layout (upsample_concat's rule); dense in it, the concat suggests the same layout to the
+  // convolution.
+  const bool channels_last = concat_channels_last(tensors);
   std::vector<Tensor> inputs;  // each dense in that layout (no copy when it already is)
   for (const Tensor& t : tensors) inputs.push_back(t.contiguous(memory_format(channels_last)));
   return convolve(inputs, size[0], size[1], channels_last, filter, bias);
