@@ -130,7 +130,9 @@ def _cell_start(est_ptr, k, scale, n_in, n_out, ALIGN_CORNERS: tl.constexpr):
     return d
 
 
-@triton.jit
+# stride_c is never specialised (to 1 for channels_last): a known unit class stride would make the compiler lay the
+# tiles out with the classes across the lanes, each thread then doing the per-pixel work of several pixels.
+@triton.jit(do_not_specialize=["stride_c"])
 def _backward_kernel(
     grad_logits_ptr, logits_ptr, labels_ptr, weight_ptr, lse_ptr, grad_ptr, row_est_ptr, col_est_ptr,
     num_classes, in_h, in_w, out_h, out_w,
@@ -176,9 +178,10 @@ def _backward_kernel(
 
     i_lo = ib * BLOCK_I
     i_hi = tl.minimum(i_lo + BLOCK_I, in_h)
-    # The "next row" sums of the previous row cell, per column part (own column, next column).
-    carry_own = tl.zeros([BLOCK_C, BLOCK_J], tl.float32)
-    carry_next = tl.zeros([BLOCK_C, BLOCK_J], tl.float32)
+    # Sums of the current row cell by (row part, column part); the "own row" sums start from the "next row" sums
+    # of the cell above, which belong to the same input row.
+    acc_next_own = tl.zeros([BLOCK_C, BLOCK_J], tl.float32)
+    acc_next_next = tl.zeros([BLOCK_C, BLOCK_J], tl.float32)
     y_end = _cell_start(row_est_ptr, i_lo - 1, scale_h, in_h, out_h, ALIGN_CORNERS)
     # Row cells i_lo - 1 .. i_hi - 1: cell i's outputs y add to input row i ("own") and i + 1 ("next").
     for di in range(0, i_hi - i_lo + 1):
@@ -193,9 +196,8 @@ def _backward_kernel(
         x01 = tl.load(row0 + col1, mask=tile_mask, other=0.0).to(tl.float32)
         x10 = tl.load(row1 + col0, mask=tile_mask, other=0.0).to(tl.float32)
         x11 = tl.load(row1 + col1, mask=tile_mask, other=0.0).to(tl.float32)
-        # Sums of this row cell: acc_<row part>_<column part>.
-        acc_own_own = tl.zeros([BLOCK_C, BLOCK_J], tl.float32)
-        acc_own_next = tl.zeros([BLOCK_C, BLOCK_J], tl.float32)
+        acc_own_own = acc_next_own
+        acc_own_next = acc_next_next
         acc_next_own = tl.zeros([BLOCK_C, BLOCK_J], tl.float32)
         acc_next_next = tl.zeros([BLOCK_C, BLOCK_J], tl.float32)
         for k in range(0, k_count):
@@ -237,16 +239,12 @@ def _backward_kernel(
             acc_own_next += sum_own * col_next[None, :]
             acc_next_own += sum_next * col_own[None, :]
             acc_next_next += sum_next * col_next[None, :]
-        # Input row i: its own part of this cell plus the "next row" part of the cell above; column j_first + t:
-        # the "own column" part of cell t plus the "next column" part of cell t - 1.
-        part_own = acc_own_own + carry_own
-        part_next = acc_own_next + carry_next
-        grad = part_own + tl.gather(part_next, shift, axis=1)
+        # Input row i is complete; its column j_first + t: the "own column" sum of cell t plus the "next column"
+        # sum of cell t - 1.
+        grad = acc_own_own + tl.gather(acc_own_next, shift, axis=1)
         out_off = ((b * num_classes + cls[:, None]).to(tl.int64) * in_h + i) * in_w + j[None, :]
         if i >= i_lo:  # row cell i_lo - 1 only hands its "next row" part down
             tl.store(grad_logits_ptr + out_off, grad.to(grad_logits_ptr.dtype.element_ty), mask=owned)
-        carry_own = acc_next_own
-        carry_next = acc_next_next
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -316,7 +314,9 @@ def _backward_blocks(batch: int, num_classes: int, in_h: int, in_w: int) -> tupl
     block_i = 16
     while block_i > 2 and column_programs * triton.cdiv(in_h, block_i) < 4096:
         block_i //= 2
-    return block_c, block_j, block_i, 4
+    # About 4 tile elements per thread (each thread's pixel work is shared by its elements' classes).
+    num_warps = max(1, min(4, block_c * block_j // 128))
+    return block_c, block_j, block_i, num_warps
 
 
 def forward(
