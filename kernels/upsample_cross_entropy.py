@@ -310,9 +310,9 @@ def _backward_blocks(batch: int, num_classes: int, in_h: int, in_w: int) -> tupl
     block_j = min((8, 16, 32), key=lambda n: (triton.cdiv(in_w, n - 1) * n, -n))
     column_programs = batch * triton.cdiv(in_w, block_j - 1) * triton.cdiv(num_classes, block_c)
     # Up to 16 rows per program (each program reads one extra row cell above its rows), fewer while that
-    # leaves the GPU fewer than ~4096 programs.
+    # leaves the GPU fewer than ~2048 programs.
     block_i = 16
-    while block_i > 2 and column_programs * triton.cdiv(in_h, block_i) < 4096:
+    while block_i > 2 and column_programs * triton.cdiv(in_h, block_i) < 2048:
         block_i //= 2
     # About 4 tile elements per thread (each thread's pixel work is shared by its elements' classes).
     num_warps = max(1, min(4, block_c * block_j // 128))
