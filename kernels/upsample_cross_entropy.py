@@ -8,14 +8,22 @@ without ever building the (B, C, H, W) upsampled logits:
   logit. It writes the per-pixel log-sum-exp (B, H, W) fp32, the only statistic kept for backward, the per-pixel
   loss when ``reduction="none"``, and one partial (loss, weight) sum per program. The partials are summed by
   ``torch.sum`` in a fixed order: the reduction is deterministic, no atomics.
-* backward: gather form. One program per (batch, low-res row i, block of low-res columns, block of classes).
-  A low-res element (i, j) is read only by the output rows whose source row ``i0`` is ``i - 1`` or ``i`` (a
-  contiguous range, precomputed per axis on the host, see ``reader_ranges``), and likewise for columns. The
-  program walks the (output row, output column) pairs of its ranges as one flat list, BLOCK_X pixels at a time;
-  for each pixel it recomputes the upsampled logits and the softmax from the saved log-sum-exp and forms
-  ``row weight * upstream factor * (softmax - onehot)`` (BLOCK_C x BLOCK_X). A small fp32 ``tl.dot`` with the
-  pixels' column weights (BLOCK_X x BLOCK_J, at most two non-zeros per pixel) sums them into the low-res
-  columns. Each low-res gradient element is written once: deterministic, no atomics, no zero-fill pass.
+* backward: gather form, each upsampled logit computed once per program. Along each axis the outputs fall
+  into *cells*: cell k holds the outputs whose source coordinate (before PyTorch's clamp at 0) has floor k, for
+  k = -1 .. n_in - 1 (cell -1: the clamped outputs at the border), contiguous and at most ~ceil(n_out / n_in)
+  long (table: ``cell_starts``, corrected in the kernel with the device's own index rule). An output of cell k
+  reads inputs max(k, 0) and min(max(k, 0) + 1, n_in - 1), so it adds only into input k ("own", weight l0 or
+  l0 + l1 at the border) and input k + 1 ("next", l1). With the saved log-sum-exp the gradient of an upsampled
+  logit, ``factor * (exp(z - lse) - onehot)``, needs no other class: classes are split freely.
+  One program per (batch, BLOCK_I input rows, BLOCK_J column cells, BLOCK_C classes): it walks the row cells
+  i_lo - 1 .. i_hi - 1 in order; per row cell it loads the 4 bilinear sources of every (class, column cell)
+  once, then for each offset k inside the column cells and each output row y of the row cell forms
+  ``dlogit * factor * row weight`` for a BLOCK_C x BLOCK_J tile (one pixel per cell) and sums it by row part;
+  after the row cell the column weights split that into column parts. Input row i is complete once row cell i
+  is done (its "own" part plus the "next" part of cell i - 1, carried over), and its column j_first + t is the
+  "own" part of cell t plus the "next" part of cell t - 1 (a register ``tl.gather``): written once, in fp32
+  until the store. Column programs overlap by one cell (lane 0 is the halo), row programs by one row cell.
+  Fixed summation order, no atomics, no ``tl.dot``, no shared memory, no zero-fill pass.
 
 The bilinear index rule is PyTorch's (``area_pixel_compute_source_index`` + ``guard_index_and_lambda``), in fp32,
 size-based, and the interpolation sums in PyTorch's order: ``(x00*w0 + x01*w1)*h0 + (x10*w0 + x11*w1)*h1``.
