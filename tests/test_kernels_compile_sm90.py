@@ -212,11 +212,10 @@ def _gather_ranges(m):
     m["_bilinear"].gather_ranges(n_in, n_out, torch.tensor([0, 3, 2, 6, 63], dtype=torch.int32))
 
 
-def _source_indices(m):
-    m["_bilinear"].source_indices(3, 19, "cpu")
-
-
-BILINEAR_SCENARIOS = [("gather_ranges on 5 index triples", _gather_ranges), ("source_indices 3 -> 19", _source_indices)]
+BILINEAR_SCENARIOS = [
+    ("gather_ranges on 5 index triples", _gather_ranges),
+    ("source_indices 3 -> 19", lambda m: m["_bilinear"].source_indices(3, 19, DEVICE)),
+]
 
 
 # upsample_cross_entropy: forward and backward kernels
@@ -241,6 +240,10 @@ CROSS_ENTROPY_SCENARIOS = [
     for d, cl in _grid() for red in ("mean", "none")
 ] + [
     ("150 classes batch 16 -> 512x512 bf16 mean", _cross_entropy((16, 150, 128, 128), (512, 512), torch.bfloat16)),
+    ("auxiliary head 16x150x32x32 -> 512x512 bf16 channels_last mean",
+     _cross_entropy((16, 150, 32, 32), (512, 512), torch.bfloat16, channels_last=True)),
+    ("62 columns (32-cell backward blocks) 2x19x40x62 -> 160x248 fp32 none",
+     _cross_entropy((2, 19, 40, 62), (160, 248), torch.float32, reduction="none")),
     ("150 classes fp32 class weights mean", _cross_entropy((1, 150, 128, 128), (512, 512), torch.float32,
                                                            weight=True)),
     ("150 classes fp16 class weights none", _cross_entropy((1, 150, 128, 128), (512, 512), torch.float16,
@@ -645,9 +648,16 @@ def test_launchers_took_their_cuda_configuration(sm90):
 
     for r in of("upsample_cross_entropy", "_forward_kernel"):
         assert r["constants"]["BLOCK_P"] == 64 and r["constants"]["BLOCK_C"] <= 32 and r["num_warps"] == 4, r
-    for r in of("upsample_cross_entropy", "_backward_kernel"):
+    backward = of("upsample_cross_entropy", "_backward_kernel")
+    for r in backward:
         c = r["constants"]
-        assert c["BLOCK_J"] == 16 and c["BLOCK_C"] == 16 and c["BLOCK_X"] <= 128 and r["num_warps"] == 4, r
+        assert c["BLOCK_C"] <= 32 and c["BLOCK_J"] in (8, 16, 32) and 2 <= c["BLOCK_I"] <= 16, r
+        assert r["num_warps"] == max(1, min(4, c["BLOCK_C"] * c["BLOCK_J"] // 128)), r
+    decode = [r for r in sm90["families"]["upsample_cross_entropy"]
+              if r["kernel"] == "_backward_kernel" and "150 classes batch 16 -> 512x512 bf16 mean" in r["labels"]]
+    assert [(r["constants"]["BLOCK_C"], r["constants"]["BLOCK_J"], r["constants"]["BLOCK_I"], r["num_warps"])
+            for r in decode] == [(32, 16, 16, 4)], decode
+    assert {r["constants"]["BLOCK_J"] for r in backward} == {8, 16, 32}, backward
     assert max(r["constants"]["BLOCK"] for r in of("bn_relu", "_apply_kernel")) == 2048
 
 

@@ -246,18 +246,70 @@ def test_saved_for_backward_is_at_most_inputs_plus_per_pixel_lse():
 
 @pytest.mark.parametrize(("n_in", "n_out"), [(7, 29), (5, 23), (2, 32), (4, 16), (6, 6), (9, 4), (1, 5), (3, 1), (13, 100)])
 @pytest.mark.parametrize("align_corners", [False, True])
-def test_reader_ranges_cover_brute_force(n_in, n_out, align_corners):
-    # Which output positions read input position i, found independently: interpolate each one-hot input.
+def test_cells_partition_the_outputs_brute_force(n_in, n_out, align_corners):
+    # The backward splits the outputs of an axis into cells k = -1 .. n_in - 1 and adds output d only into inputs
+    # k ("own") and k + 1 ("next") of its cell, with the weights below; found independently here by interpolating
+    # each one-hot input, every read must be one of those two, with that weight.
     eye = torch.eye(n_in).reshape(n_in, 1, 1, n_in)
     weights = F.interpolate(eye, size=(1, n_out), mode="bilinear", align_corners=align_corners)[:, 0, 0]
-    start, end = kernels.reader_ranges(n_in, n_out, align_corners)
-    assert (start[1:] >= start[:-1]).all() and (end[1:] >= end[:-1]).all()
-    for i in range(n_in):
-        readers = torch.nonzero(weights[i]).flatten()
-        assert ((readers >= start[i]) & (readers < end[i])).all(), (i, readers, start[i], end[i])
-        # Small: the range is the readers plus at most one position of margin each side.
-        if len(readers):
-            assert end[i] - start[i] <= readers.max() - readers.min() + 1 + 2 + 2 * math.ceil(n_out / n_in)
+    cells = kernels.source_cells(n_in, n_out, align_corners)
+    starts = kernels.cell_starts(n_in, n_out, align_corners)
+    assert starts.shape == (n_in + 2,) and starts[0] == 0 and starts[-1] == n_out
+    assert (starts[1:] >= starts[:-1]).all()
+    for k in range(-1, n_in):
+        assert (cells[starts[k + 1]:starts[k + 2]] == k).all(), (k, cells, starts)
+    scale = torch.tensor(kernels._scale(n_in, n_out, align_corners), dtype=torch.float32)
+    for d in range(n_out):
+        k = int(cells[d])
+        src = torch.tensor(float(d), dtype=torch.float32) * scale if align_corners else (
+            ((torch.tensor(float(d), dtype=torch.float32) + 0.5) * scale - 0.5).clamp_min(0.0))
+        i0 = max(k, 0)
+        i1 = min(i0 + 1, n_in - 1)
+        l1 = float((src - i0).clamp(0.0, 1.0))
+        l0 = 1.0 - l1
+        expected = torch.zeros(n_in)
+        for part, i in ((0, k), (1, k + 1)):
+            if 0 <= i < n_in:
+                expected[i] = (l0 if i0 == i else 0.0) + (l1 if i1 == i else 0.0)
+        # PyTorch's CPU kernel rounds its source coordinate once more than the rule (e.g. 5 -> 23, output 11:
+        # 1.9999999, not 2): a weight of 1 ulp may move to the neighbouring input there.
+        torch.testing.assert_close(weights[:, d], expected, rtol=0, atol=1e-6, msg=f"output {d} of cell {k}")
+
+
+def test_backward_corrects_cell_starts_off_by_one(monkeypatch):
+    # On a GPU the source coordinate's multiply-add is fused, so a cell boundary there can sit one output away
+    # from the host's (unfused) table; the kernel corrects each entry with its own index rule. Feed it tables
+    # moved by up to one position each way: the gradient must be bitwise the same.
+    logits, labels, weight = _inputs(2, 5, 7, 6, 29, 23, ignored=0.2)
+    loss, lse, denominator = kernels.forward(logits, labels, weight, IGNORE, "mean", False)
+    grad_loss = torch.tensor(1.0, device=DEV)
+    exact = kernels.backward(grad_loss, logits, labels, weight, lse, denominator, IGNORE, False)
+    real = kernels.cell_starts
+    gen = torch.Generator().manual_seed(3)
+
+    def moved(n_in, n_out, align_corners, device="cpu"):
+        starts = real(n_in, n_out, align_corners, device).cpu().long()
+        moved = starts + torch.randint(-1, 2, starts.shape, generator=gen)
+        moved[0], moved[-1] = starts[0], starts[-1]
+        return moved.clamp(0, n_out).to(torch.int32).to(device)
+
+    monkeypatch.setattr(kernels, "cell_starts", moved)
+    for _ in range(3):
+        assert torch.equal(kernels.backward(grad_loss, logits, labels, weight, lse, denominator, IGNORE, False), exact)
+
+
+# (BLOCK_C, BLOCK_J, BLOCK_I, num_warps): the CUDA launcher's column blocks (8, 16 or 32 cells) and row blocks (2 to
+# 16 rows), which the interpreter's own choice (16 cells, 4 rows) does not run, and one-class / one-row blocks.
+BACKWARD_CONFIGS = [(32, 8, 2, 2), (8, 32, 16, 4), (4, 16, 1, 1), (64, 8, 3, 1)]
+
+
+@pytest.mark.parametrize("config", BACKWARD_CONFIGS, ids=[str(c) for c in BACKWARD_CONFIGS])
+def test_backward_launch_configurations(config, monkeypatch):
+    monkeypatch.setattr(kernels, "_backward_blocks", lambda *args: config)
+    logits, labels, _ = _inputs(1, 7, 4, 37, 13, 83, ignored=0.2)  # several column blocks of each size
+    _check_against_reference(logits, labels, reduction="none")
+    logits, labels, weight = _inputs(1, 5, 9, 7, 4, 3, ignored=0.2)  # downsampling: empty cells
+    _check_against_reference(logits, labels, reduction="mean", weight=weight, align_corners=True)
 
 
 def test_reference_gradcheck_float64():
