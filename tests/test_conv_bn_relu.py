@@ -31,8 +31,9 @@ op_module = importlib.import_module("upernet_fast.ops.conv_bn_relu")
 DEV = TRITON_DEVICE
 
 
-def _make_block(cin, cout, kernel, padding, bias=False, momentum=0.1, seed=0):
-    """A ConvBNReLU with non-trivial BN parameters and running statistics."""
+def _make_block(cin, cout, kernel, padding, bias=False, momentum=0.1, seed=0, device=None):
+    """A ConvBNReLU with non-trivial BN parameters and running statistics, on ``device`` (default: the Triton
+    tests' device, CUDA where there is one)."""
     torch.manual_seed(seed)
     block = ConvBNReLU(cin, cout, kernel, padding=padding, bias=bias)
     block.batch_norm.momentum = momentum
@@ -41,7 +42,7 @@ def _make_block(cin, cout, kernel, padding, bias=False, momentum=0.1, seed=0):
         block.batch_norm.bias.uniform_(-0.5, 0.5)
         block.batch_norm.running_mean.uniform_(-0.2, 0.2)
         block.batch_norm.running_var.uniform_(0.5, 2.0)
-    return block.to(DEV)
+    return block.to(DEV if device is None else device)
 
 
 def _step(block, x, g, backend):
@@ -452,7 +453,7 @@ def test_cpu_training_hands_spatial_convolutions_nchw_inputs(backend):
         require_backend("cpp")
     x = torch.randn(2, 6, 7, 5).to(memory_format=torch.channels_last).requires_grad_()
     for kernel, padding in ((3, 1), (1, 0)):
-        block = _make_block(6, 4, kernel, padding, seed=3).train()
+        block = _make_block(6, 4, kernel, padding, seed=3, device="cpu").train()  # a CPU-only rule
         ref = copy.deepcopy(block)
         with _RecordConvInputs() as recorded:
             out = conv_bn_relu(x, block.conv, block.batch_norm, backend=backend)
@@ -462,7 +463,7 @@ def test_cpu_training_hands_spatial_convolutions_nchw_inputs(backend):
         nchw = backend == "cpp" and kernel == 3
         assert conv_input.is_contiguous() == nchw, (backend, kernel)
         assert conv_input.is_contiguous(memory_format=torch.channels_last) == (not nchw), (backend, kernel)
-    block = _make_block(6, 4, 3, 1, seed=3).train()
+    block = _make_block(6, 4, 3, 1, seed=3, device="cpu").train()
     with torch.no_grad(), _RecordConvInputs() as recorded:
         conv_bn_relu(x, block.conv, block.batch_norm, backend=backend)
     assert recorded.inputs[0].is_contiguous(memory_format=torch.channels_last)
