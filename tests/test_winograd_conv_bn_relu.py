@@ -604,3 +604,23 @@ def test_lowres_weight_cache_follows_the_parameters(ops):
     assert not torch.equal(before, after)
     winograd._CACHE.clear()
     assert torch.equal(after, _fused_run(block, tensors, size, op=LOWRES))
+
+
+def test_lowres_op_thread_count_invariant_at_the_ppm_shapes(ops):
+    # The PPM bottleneck (768 + 4 x 512 -> 512 at 16x16), batch 1: multi-threaded MKL gave different bits with 1
+    # and 2 threads for the 3x3 branch's 9-row product, which the op therefore computes with its own kernel.
+    gen = torch.Generator().manual_seed(34)
+    shapes = [(768, 16, 16)] + [(512, s, s) for s in (1, 2, 3, 6)]
+    tensors = [torch.randn(1, c, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
+               for c, h, w in shapes]
+    weight = torch.randn(512, 2816, 3, 3, generator=gen) * 0.01
+    filter, bias = ops.winograd_filter_transform(weight), torch.randn(512, generator=gen)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            outs.append(ops.winograd_upsample_concat_conv_bias_relu_lowres(tensors, [16, 16], filter, bias, weight, 1))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0].view(torch.int32), outs[1].view(torch.int32))

@@ -23,7 +23,8 @@
 // thread count or the split of work (vector lanes are independent; a partial vector runs the same code on
 // zero-padded lanes), the chunking of tiles is fixed by the shapes alone, and at::bmm (MKL sgemm) gave
 // bitwise the same products with 1 and 2 threads at these shapes (tests/test_winograd_conv_bn_relu.py
-// checks the whole op).
+// checks the whole op). The low-resolution sources' products (winograd_lowres.h) keep that property: at::mm
+// where MKL measured thread-count invariant, a kernel of their own where it did not.
 // Built with -ffp-contract=off like the rest of the extension: no multiply-add is fused.
 #include "bilinear.h"
 #include "winograd_lowres.h"

@@ -20,6 +20,7 @@
 
 #include "bilinear.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/ops/mm.h>
 
 namespace upernet_fast_cpp {
@@ -31,6 +32,59 @@ namespace upernet_fast_cpp {
 // with taps outside the output map skipped. Why: gathering the 9 upsampled maps straight from q took 4 loads
 // per tap and output pixel, 36 per pixel and source, which measured ~230 ms of the FPN bottleneck's ~830 ms;
 // the column pass runs on the h low-resolution rows only, and the row pass takes 6 loads per pixel.
+// q[b, r, col, tap, co] = (B h w, C_p) @ (C_p, 9 C_out), the weight slice (a dense block of rows) read in
+// place. Few rows (the PPM's branches: 1 to 36 pixels per image) go through the small kernel below, many (the
+// FPN's levels) through at::mm (MKL). Why: MKL splits small products by thread count, and gave different bits
+// with 1 and 2 threads for 9 x 512 @ 512 x 4608 (the 3x3 branch, batch 1); at 36 rows and more, and at the
+// FPN's 256 and 1024, it gave the same bits (as at::bmm does at the Winograd products, see the .cpp's header),
+// so the whole op's bits stay independent of the thread count. At few rows the product is memory-bound
+// (the weight slice is read once), so the small kernel loses nothing to MKL there.
+constexpr int64_t kSmallProductRows = 32;
+
+// out (M, N, dense) = a (M, K, rows lda apart) @ b (K, N, rows ldb apart), M <= kSmallProductRows: column
+// blocks of 16 in parallel, every row's accumulators (at most 2 KB, in L1) updated per k, so that b is read
+// exactly once, in order (a 4-row register block re-reading its column block from cache measured slower: the
+// block's rows, 9 C_out floats apart, alias in the cache sets). Each output element is summed over k in
+// order: the same bits for any thread count. Separate multiply and add, as everywhere in the extension.
+inline void small_products(const float* a, int64_t lda, const float* b, int64_t ldb, float* out, int64_t rows,
+                           int64_t depth, int64_t columns) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t kCols = 2 * Vec::size();
+  TORCH_CHECK(rows <= kSmallProductRows, "small_products takes at most ", kSmallProductRows, " rows");
+  at::parallel_for(0, (columns + kCols - 1) / kCols, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t n0 = block * kCols;
+      const int64_t count0 = std::min<int64_t>(Vec::size(), columns - n0);
+      const int64_t count1 = std::max<int64_t>(0, std::min<int64_t>(Vec::size(), columns - n0 - Vec::size()));
+      Vec acc[kSmallProductRows][2];
+      for (int64_t r = 0; r < rows; ++r) acc[r][0] = acc[r][1] = Vec(0.f);
+      for (int64_t k = 0; k < depth; ++k) {
+        const float* bk = b + k * ldb + n0;
+        const Vec b0 = vload(bk, count0), b1 = count1 > 0 ? vload(bk + Vec::size(), count1) : Vec(0.f);
+        for (int64_t r = 0; r < rows; ++r) {
+          const Vec ak(a[r * lda + k]);
+          acc[r][0] = acc[r][0] + ak * b0;
+          acc[r][1] = acc[r][1] + ak * b1;
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        vstore(out + r * columns + n0, count0, acc[r][0]);
+        if (count1 > 0) vstore(out + r * columns + n0 + Vec::size(), count1, acc[r][1]);
+      }
+    }
+  });
+}
+
+inline Tensor tap_products(const Tensor& pixels, const Tensor& weight) {
+  if (pixels.size(0) > kSmallProductRows) return at::mm(pixels, weight);
+  const Tensor a = pixels.stride(1) == 1 ? pixels : pixels.contiguous();
+  const Tensor b = weight.stride(1) == 1 ? weight : weight.contiguous();
+  Tensor q = at::empty({a.size(0), b.size(1)}, a.options());
+  small_products(a.const_data_ptr<float>(), a.stride(0), b.const_data_ptr<float>(), b.stride(0),
+                 q.data_ptr<float>(), a.size(0), a.size(1), b.size(1));
+  return q;
+}
+
 struct LowResSource {
   Tensor sums;  // (B, 3, h, W, C_out) dense: sums[b, dy + 1, r, x, co]
   int64_t height, out_width, out_channels;
@@ -43,8 +97,7 @@ struct LowResSource {
     using Vec = at::vec::Vectorized<float>;
     const int64_t batch = p.size(0), width = p.size(3), channels = out_channels, pixel = 9 * channels;
     const Tensor pixels = p.permute({0, 2, 3, 1}).reshape({-1, p.size(1)});  // a view when dense channels_last
-    // q[b, r, col, tap, co] = (B h w, C_p) @ (C_p, 9 C_out): the weight slice, a dense block of rows, in place.
-    const Tensor q = at::mm(pixels, taps.narrow(0, first_channel, p.size(1)));
+    const Tensor q = tap_products(pixels, taps.narrow(0, first_channel, p.size(1)));
     const Axis<float> cols(width, out_w, false);
     sums = at::empty({batch, 3, height, out_w, channels}, q.options());
     const float* src = q.const_data_ptr<float>();
