@@ -62,6 +62,11 @@ TORCH_LIBRARY(upernet_fast_cpp, m) {
   m.def("winograd_conv_bias_relu(Tensor x, Tensor filter, Tensor bias) -> Tensor");
   // The same conv over upsample_concat(tensors, size) (bitwise), reading the inputs without building the concat.
   m.def("winograd_upsample_concat_conv_bias_relu(Tensor[] tensors, SymInt[] size, Tensor filter, Tensor bias) -> Tensor");
+  // The same with tensors[first_lowres:] convolved at their own (lower) resolution by the folded weight, then
+  // upsampled (csrc/cpu/winograd_lowres.h): not bitwise the unfused block, judged against float64.
+  m.def(
+      "winograd_upsample_concat_conv_bias_relu_lowres(Tensor[] tensors, SymInt[] size, Tensor filter, Tensor bias, "
+      "Tensor weight, SymInt first_lowres) -> Tensor");
 }
 
 #define UPERNET_FAST_STR2(x) #x

@@ -317,7 +317,9 @@ def test_converted_model_eval_runs_winograd_and_matches_transformers(ops):
         with _OpsSeen() as seen:
             got = model(pixels).logits
     assert seen.names.count("upernet_fast_cpp.winograd_conv_bias_relu.default") == 1, seen.names  # fpn_convs.0
-    assert seen.names.count(FUSED) == 1, seen.names  # fpn_bottleneck and the FPN concat
+    # fpn_bottleneck and the FPN concat: the ConvNeXt features are channels_last, so the low-resolution op
+    # (its 4x4 and 2x2 levels convolved at their own size) replaces the plain fused one.
+    assert seen.names.count(LOWRES) == 1 and seen.names.count(FUSED) == 0, seen.names
     assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-4
     assert (got.argmax(1) == expected.argmax(1)).double().mean().item() >= 0.999
 
@@ -325,6 +327,7 @@ def test_converted_model_eval_runs_winograd_and_matches_transformers(ops):
 # ------------------------------------------------ the bottlenecks: upsample-concat + block, concat never built
 
 FUSED = "upernet_fast_cpp.winograd_upsample_concat_conv_bias_relu.default"
+LOWRES = "upernet_fast_cpp.winograd_upsample_concat_conv_bias_relu_lowres.default"
 # (output size, [(h, w) of each input]): the FPN's levels at strides 1, 2, 4, 8 of the output; the PPM's input
 # and its 1x1, 2x2, 3x3, 6x6 branches; odd sizes, a larger input resized down, and an output at a coarser size
 # than the first input (no input read as it is).
@@ -342,10 +345,10 @@ def _levels(sizes, layout, channels=(16, 17, 8, 9, 3), seed=20):
     return [in_layout(_input(2, channels[k], h, w, seed=seed + k), layout) for k, (h, w) in enumerate(sizes)]
 
 
-def _fused_run(block, tensors, size):
+def _fused_run(block, tensors, size, op=FUSED):
     with torch.no_grad(), _OpsSeen() as seen:
         out = block.forward_concat(tensors, size, concat_backend="cpp")
-    assert seen.names.count(FUSED) == 1, seen.names
+    assert seen.names.count(op) == 1 and seen.names.count(FUSED) + seen.names.count(LOWRES) == 1, seen.names
     assert not any("upsample_concat.default" in n or "convolution" in n for n in seen.names), seen.names
     return out
 
@@ -355,11 +358,18 @@ def _fused_run(block, tensors, size):
 def test_fused_concat_block_is_bitwise_the_unfused_one(ops, case, layout):
     # The fused op computes every resized value as upsample_concat does, so its output is bitwise that of
     # the Winograd block on the concat, layout included; that one is judged against float64 above.
+    # Channels_last concats whose trailing inputs are small enough go to the low-resolution op (judged
+    # against float64 below, not bitwise): their bitwise check is on the plain fused op, called directly.
     size, sizes = CONCAT_CASES[case]
     tensors = _levels(sizes, layout)
     block = _block(sum(t.shape[1] for t in tensors), 24, seed=21)
     block.backend = "cpp"
-    out = _fused_run(block, tensors, size)
+    if winograd.lowres_first(tensors, size) is None:
+        out = _fused_run(block, tensors, size)
+    else:
+        with torch.no_grad():
+            filter, bias = winograd.transformed_filter(block.conv, block.batch_norm)
+            out = winograd.winograd_upsample_concat_conv_bias_relu(tensors, list(size), filter, bias)
     with torch.no_grad():
         concat = upernet_fast.ops.upsample_concat(tensors, size, backend="cpp")
     unfused = _winograd_run(block, concat)
@@ -374,7 +384,8 @@ def test_fused_concat_block_mixed_layouts_and_repeat(ops):
     # Inputs in different layouts take torch.cat's rule (NCHW unless every voter is channels_last).
     size, sizes = CONCAT_CASES["fpn"]
     tensors = _levels(sizes, "channels_last")
-    tensors[2] = tensors[2].contiguous()
+    tensors[2] = tensors[2].contiguous()  # an NCHW concat: the plain fused op (the low-resolution one is NHWC)
+    assert winograd.lowres_first(tensors, size) is None
     block = _block(sum(t.shape[1] for t in tensors), 24, seed=22)
     block.backend = "cpp"
     out = _fused_run(block, tensors, size)
@@ -386,7 +397,7 @@ def test_fused_concat_block_mixed_layouts_and_repeat(ops):
 
 def test_fused_concat_block_only_where_the_winograd_block_runs(ops):
     size, sizes = CONCAT_CASES["fpn"]
-    tensors = _levels(sizes, "contiguous")
+    tensors = _levels(sizes, "contiguous")  # NCHW: the plain fused op, bitwise the unfused block
     block = _block(sum(t.shape[1] for t in tensors), 24, seed=23)
     block.backend = "cpp"
 
@@ -434,7 +445,9 @@ def test_converted_model_at_512_runs_the_fused_bottlenecks_and_matches_transform
         expected = reference_hf(pixels).logits
         with _OpsSeen() as seen:
             got = model(pixels).logits
-    assert seen.names.count(FUSED) == 2, seen.names
+    # The ConvNeXt features are channels_last, so both bottlenecks take the low-resolution op (FPN: the 32x32
+    # and 16x16 levels; PPM: its four branches), which replaces the plain fused op there.
+    assert seen.names.count(LOWRES) == 2 and seen.names.count(FUSED) == 0, seen.names
     assert seen.names.count("upernet_fast_cpp.winograd_conv_bias_relu.default") == 3, seen.names
     assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-4
     assert (got.argmax(1) == expected.argmax(1)).double().mean().item() >= 0.999
@@ -456,6 +469,12 @@ def test_opcheck(ops):
     for layout in ("contiguous", "channels_last"):
         tensors = [in_layout(torch.randn(2, c, h, w, generator=gen), layout) for c, h, w in ((5, 7, 9), (4, 3, 4))]
         torch.library.opcheck(ops.winograd_upsample_concat_conv_bias_relu, (tensors, [7, 9], filter, bias))
+    weight = torch.randn(6, 9, 3, 3, generator=gen)
+    filter = ops.winograd_filter_transform(weight)
+    for layout in ("contiguous", "channels_last"):  # NCHW: the plain path; channels_last: the split
+        tensors = [in_layout(torch.randn(2, c, h, w, generator=gen), layout) for c, h, w in ((5, 9, 10), (4, 3, 4))]
+        torch.library.opcheck(ops.winograd_upsample_concat_conv_bias_relu_lowres,
+                              (tensors, [9, 10], filter, bias, weight, 1))
 
 
 def test_bad_inputs_raise_clear_errors(ops):
@@ -482,3 +501,126 @@ def test_bad_inputs_raise_clear_errors(ops):
     for call, message in cases:
         with pytest.raises(RuntimeError, match=message):
             call()
+
+
+# ------------------------------- the low-resolution split: upsampled inputs convolved at their own resolution
+
+# (output size, [(h, w) of each input], channels): the FPN's levels (the 2x level stays in Winograd, the 4x
+# and 8x ones go low-resolution), the PPM's input and branches at 16x16 (all four low-resolution), odd sizes.
+LOWRES_CASES = {
+    "fpn": ((32, 32), [(32, 32), (16, 16), (8, 8), (4, 4)], (64, 64, 64, 64), 2),
+    "ppm": ((16, 16), [(16, 16), (1, 1), (2, 2), (3, 3), (6, 6)], (96, 64, 64, 64, 64), 1),
+    "odd": ((13, 11), [(13, 11), (7, 6), (4, 3), (1, 1)], (16, 17, 8, 9), 2),
+    "odd wide": ((9, 23), [(9, 23), (2, 11), (4, 5)], (33, 40, 7), 1),
+}
+
+
+@pytest.mark.parametrize("case", list(LOWRES_CASES), ids=list(LOWRES_CASES))
+def test_lowres_split_runs_and_is_within_4x_aten_error(ops, case):
+    size, sizes, channels, first = LOWRES_CASES[case]
+    tensors = _levels(sizes, "channels_last", channels=channels)
+    assert winograd.lowres_first(tensors, size) == first
+    block = _block(sum(channels), 40, bias=True, seed=30)
+    block.backend = "cpp"
+    out = _fused_run(block, tensors, size, op=LOWRES)
+    with torch.no_grad():
+        concat = upernet_fast.ops.upsample_concat(tensors, size, backend="cpp")
+        unfused = block(concat)
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.shape == unfused.shape
+    ours, aten = _judge(block, concat, out)
+    assert ours <= 4 * aten or ours <= 2e-5, (ours, aten)  # tiny channel counts: see the module docstring
+    assert torch.equal(out, _fused_run(block, tensors, size, op=LOWRES))  # repeatable
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(out, _fused_run(block, tensors, size, op=LOWRES))  # thread count invariant
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("channels", [(512, 512, 512, 512)])
+def test_lowres_split_at_head_channel_counts_within_4x_aten_error(ops, channels):
+    # The FPN bottleneck's channel counts (2048 -> 512) on a smaller map: 512 channels from each level.
+    size, sizes = (24, 24), [(24, 24), (12, 12), (6, 6), (3, 3)]
+    tensors = _levels(sizes, "channels_last", channels=channels)
+    block = _block(sum(channels), 512, seed=31)
+    block.backend = "cpp"
+    out = _fused_run(block, tensors, size, op=LOWRES)
+    with torch.no_grad():
+        concat = upernet_fast.ops.upsample_concat(tensors, size, backend="cpp")
+    ours, aten = _judge(block, concat, out)
+    assert ours <= 4 * aten, (ours, aten)
+
+
+def test_lowres_op_falls_back_to_the_plain_fused_bits(ops):
+    # Wherever the split does not apply, the op is bitwise the plain fused op: an NCHW concat, no input left
+    # for Winograd (first_lowres 0), none low-resolution (first_lowres = the count), or a later input at the
+    # output size or larger in one dimension.
+    gen = torch.Generator().manual_seed(32)
+    weight = torch.randn(12, 20, 3, 3, generator=gen)
+    filter, bias = ops.winograd_filter_transform(weight), torch.randn(12, generator=gen)
+    lowres, plain = ops.winograd_upsample_concat_conv_bias_relu_lowres, ops.winograd_upsample_concat_conv_bias_relu
+
+    def maps(shapes, layout="channels_last"):
+        return [in_layout(torch.randn(2, c, h, w, generator=gen), layout) for c, h, w in shapes]
+
+    size = [10, 11]
+    cases = [(maps([(8, 10, 11), (12, 5, 5)], "contiguous"), 1), (maps([(8, 10, 11), (12, 5, 5)]), 0),
+             (maps([(8, 10, 11), (12, 5, 5)]), 2), (maps([(8, 10, 11), (12, 10, 11)]), 1),
+             (maps([(8, 10, 11), (12, 5, 11)]), 1), (maps([(8, 10, 11), (12, 20, 5)]), 1)]
+    for tensors, first in cases:
+        assert torch.equal(lowres(tensors, size, filter, bias, weight, first), plain(tensors, size, filter, bias))
+    # And where it applies, the result differs from the plain op's bits (the split really ran) but is close.
+    tensors = maps([(8, 10, 11), (12, 5, 5)])
+    out, reference_out = lowres(tensors, size, filter, bias, weight, 1), plain(tensors, size, filter, bias)
+    assert not torch.equal(out, reference_out)
+    torch.testing.assert_close(out, reference_out, rtol=1e-4, atol=1e-4)
+
+
+def test_lowres_first_rule(ops):
+    def maps(sizes, layout="channels_last"):
+        return [in_layout(torch.randn(1, 4, h, w), layout) for h, w in sizes]
+
+    fpn = [(128, 128), (64, 64), (32, 32), (16, 16)]
+    assert winograd.lowres_first(maps(fpn), (128, 128)) == 2  # 64x64: as many products as Winograd, kept
+    assert winograd.lowres_first(maps(fpn, "contiguous"), (128, 128)) is None
+    assert winograd.lowres_first(maps([(16, 16), (1, 1), (2, 2), (3, 3), (6, 6)]), (16, 16)) == 1
+    assert winograd.lowres_first(maps([(16, 16), (6, 6), (1, 1)]), (16, 16)) == 1
+    assert winograd.lowres_first(maps([(16, 16), (1, 1), (8, 8)]), (16, 16)) is None  # the last one: 4 h w = H W
+    assert winograd.lowres_first(maps([(4, 4), (2, 2)]), (16, 16)) == 1  # Winograd keeps at least one input
+    assert winograd.lowres_first(maps([(16, 16), (20, 2)]), (16, 16)) is None  # larger in one dimension
+
+
+def test_lowres_weight_cache_follows_the_parameters(ops):
+    # The folded weight the low-resolution sources use is cached with the filter transform, and recomputed
+    # with it: after a change of a BN statistic the output is that of a fresh cache.
+    size, sizes, channels, _ = LOWRES_CASES["ppm"]
+    tensors = _levels(sizes, "channels_last", channels=channels)
+    block = _block(sum(channels), 16, seed=33)
+    block.backend = "cpp"
+    before = _fused_run(block, tensors, size, op=LOWRES)
+    block.batch_norm.running_var.data.mul_(2.0)
+    after = _fused_run(block, tensors, size, op=LOWRES)
+    assert not torch.equal(before, after)
+    winograd._CACHE.clear()
+    assert torch.equal(after, _fused_run(block, tensors, size, op=LOWRES))
+
+
+def test_lowres_op_thread_count_invariant_at_the_ppm_shapes(ops):
+    # The PPM bottleneck (768 + 4 x 512 -> 512 at 16x16), batch 1: multi-threaded MKL gave different bits with 1
+    # and 2 threads for the 3x3 branch's 9-row product, which the op therefore computes with its own kernel.
+    gen = torch.Generator().manual_seed(34)
+    shapes = [(768, 16, 16)] + [(512, s, s) for s in (1, 2, 3, 6)]
+    tensors = [torch.randn(1, c, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
+               for c, h, w in shapes]
+    weight = torch.randn(512, 2816, 3, 3, generator=gen) * 0.01
+    filter, bias = ops.winograd_filter_transform(weight), torch.randn(512, generator=gen)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            outs.append(ops.winograd_upsample_concat_conv_bias_relu_lowres(tensors, [16, 16], filter, bias, weight, 1))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0].view(torch.int32), outs[1].view(torch.int32))

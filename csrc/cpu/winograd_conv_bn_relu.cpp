@@ -23,9 +23,11 @@
 // thread count or the split of work (vector lanes are independent; a partial vector runs the same code on
 // zero-padded lanes), the chunking of tiles is fixed by the shapes alone, and at::bmm (MKL sgemm) gave
 // bitwise the same products with 1 and 2 threads at these shapes (tests/test_winograd_conv_bn_relu.py
-// checks the whole op).
+// checks the whole op). The low-resolution sources' products (winograd_lowres.h) keep that property: at::mm
+// where MKL measured thread-count invariant, a kernel of their own where it did not.
 // Built with -ffp-contract=off like the rest of the extension: no multiply-add is fused.
 #include "bilinear.h"
+#include "winograd_lowres.h"
 
 #include <ATen/ops/bmm.h>
 
@@ -109,8 +111,10 @@ inline void input_transform_2d(Vec tile[kPoints]) {
   }
 }
 
-// relu(A^T m A + bias) for a 6x6 transform-domain tile m: the 4x4 output tile (row-major).
-inline void output_transform_2d(const Vec m[kPoints], const Vec& bias, Vec out[16]) {
+// relu(A^T m A + bias) for a 6x6 transform-domain tile m: the 4x4 output tile (row-major); with extra,
+// relu((A^T m A + extra) + bias) (the low-resolution sources' contribution, winograd_lowres.h). Without it
+// the float operations are exactly those of the plain convolution.
+inline void output_transform_2d(const Vec m[kPoints], const Vec& bias, Vec out[16], const Vec* extra = nullptr) {
   Vec column[6], reduced[4], rows[4 * 6];
   for (int j = 0; j < 6; ++j) {
     for (int i = 0; i < 6; ++i) column[i] = m[i * 6 + j];
@@ -120,7 +124,10 @@ inline void output_transform_2d(const Vec m[kPoints], const Vec& bias, Vec out[1
   const Vec zero(0.f);
   for (int i = 0; i < 4; ++i) {
     output_transform_1d(&rows[i * 6], reduced);
-    for (int j = 0; j < 4; ++j) out[i * 4 + j] = at::vec::maximum(reduced[j] + bias, zero);
+    for (int j = 0; j < 4; ++j) {
+      const Vec value = extra == nullptr ? reduced[j] : reduced[j] + extra[i * 4 + j];
+      out[i * 4 + j] = at::vec::maximum(value + bias, zero);
+    }
   }
 }
 
@@ -300,13 +307,14 @@ void transform_input_nchw(const std::vector<Source>& sources, const Geometry& g,
   });
 }
 
-// Output transform, channels_last output: M[p][t][co] -> out (dense NHWC), vectorised over channels.
+// Output transform, channels_last output: M[p][t][co] -> out (dense NHWC), vectorised over channels; the
+// low-resolution sources (none for the plain convolution) are added before bias and ReLU.
 void transform_output_channels_last(const float* m, const float* bias, const Geometry& g, int64_t row0,
-                                    int64_t row1, float* out) {
+                                    int64_t row1, float* out, const std::vector<LowResSource>& lowres) {
   const int64_t tiles = (row1 - row0) * g.tiles_w, channels = g.out_channels;
   const int64_t point_stride = padded_point_stride(tiles * channels);
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    Vec tile[kPoints], result[16];
+    Vec tile[kPoints], result[16], extra[16];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t row = row0 + t / g.tiles_w, tx = t % g.tiles_w;
       const int64_t b = row / g.tiles_h, ty = row % g.tiles_h;
@@ -315,7 +323,10 @@ void transform_output_channels_last(const float* m, const float* bias, const Geo
         const int64_t count = std::min<int64_t>(Vec::size(), channels - c);
         const float* src = m + t * channels + c;
         for (int64_t p = 0; p < kPoints; ++p) tile[p] = vload(src + p * point_stride, count);
-        output_transform_2d(tile, vload(bias + c, count), result);
+        if (!lowres.empty()) {
+          lowres_contribution(lowres, b, ty * kTile, tx * kTile, g.height, g.width, c, count, extra);
+        }
+        output_transform_2d(tile, vload(bias + c, count), result, lowres.empty() ? nullptr : extra);
         for (int64_t i = 0; i < kTile; ++i) {
           const int64_t y = ty * kTile + i;
           if (y >= g.height) break;
@@ -381,9 +392,11 @@ void check_filter_and_bias(const Tensor& filter, const Tensor& bias, const char*
               ",), got ", bias.sizes());
 }
 
-// The convolution of the concatenation of `inputs` (each dense in the given layout) at size height x width.
+// The convolution of the concatenation of `inputs` (each dense in the given layout) at size height x width,
+// plus, channels_last only, that of the low-resolution sources `lowres` (channels after the inputs'; filter
+// then holds the inputs' channels only, a view of the whole transform).
 Tensor convolve(const std::vector<Tensor>& inputs, int64_t height, int64_t width, bool channels_last,
-                const Tensor& filter, const Tensor& bias) {
+                const Tensor& filter, const Tensor& bias, const std::vector<LowResSource>& lowres = {}) {
   std::vector<Source> sources;
   int64_t in_channels = 0;
   for (const Tensor& t : inputs) {
@@ -391,7 +404,8 @@ Tensor convolve(const std::vector<Tensor>& inputs, int64_t height, int64_t width
     in_channels += t.size(1);
   }
   const int64_t out_channels = filter.size(1);
-  const Tensor weights = filter.contiguous();
+  // A view narrowed to the first input channels keeps its row stride: at::bmm reads it in place.
+  const Tensor weights = filter.stride(2) == 1 ? filter : filter.contiguous();
   const Tensor shift = bias.contiguous();
   Geometry g{inputs[0].size(0), in_channels, out_channels, height, width, 0, 0};
   g.tiles_h = (g.height + kTile - 1) / kTile;
@@ -418,8 +432,9 @@ Tensor convolve(const std::vector<Tensor>& inputs, int64_t height, int64_t width
       Tensor m3 = m_buffer.as_strided({kPoints, tiles, out_channels}, {m_stride, out_channels, 1});
       at::bmm_out(m3, v_buffer.as_strided({kPoints, tiles, g.in_channels}, {v_stride, g.in_channels, 1}),
                   weights.transpose(1, 2));
-      transform_output_channels_last(m_buffer.data_ptr<float>(), bias_ptr, g, row0, row1, dst);
+      transform_output_channels_last(m_buffer.data_ptr<float>(), bias_ptr, g, row0, row1, dst, lowres);
     } else {
+      TORCH_CHECK(lowres.empty(), "low-resolution sources need a channels_last output");
       // M[p] (C_out x tiles) = U[p] (C_out x C_in) @ V[p] (C_in x tiles)
       transform_input_nchw(sources, g, row0, row1, v_buffer.data_ptr<float>());
       Tensor m3 = m_buffer.as_strided({kPoints, out_channels, tiles}, {m_stride, tiles, 1});
@@ -443,9 +458,13 @@ Tensor winograd_conv_bias_relu(const Tensor& x, const Tensor& filter, const Tens
   return convolve({input}, x.size(2), x.size(3), channels_last, filter, bias);
 }
 
-// winograd_conv_bias_relu(upsample_concat(tensors, size), filter, bias), bitwise, without the concat.
-Tensor winograd_upsample_concat_conv_bias_relu(at::TensorList tensors, c10::IntArrayRef size, const Tensor& filter,
-                                               const Tensor& bias) {
+// The checked inputs of the fused upsample-concat conv, each dense in the concat's layout.
+struct ConcatInputs {
+  std::vector<Tensor> tensors;
+  bool channels_last;
+};
+
+ConcatInputs concat_inputs(at::TensorList tensors, c10::IntArrayRef size, const Tensor& filter, const Tensor& bias) {
   TORCH_CHECK(!tensors.empty(), "tensors must hold at least one tensor");
   TORCH_CHECK(size.size() == 2 && size[0] > 0 && size[1] > 0, "size must be two positive ints (H, W), got ", size);
   int64_t channels = 0;
@@ -464,9 +483,47 @@ Tensor winograd_upsample_concat_conv_bias_relu(at::TensorList tensors, c10::IntA
   // The concat's layout (upsample_concat's rule); dense in it, the concat suggests the same layout to the
   // convolution.
   const bool channels_last = concat_channels_last(tensors);
-  std::vector<Tensor> inputs;  // each dense in that layout (no copy when it already is)
-  for (const Tensor& t : tensors) inputs.push_back(t.contiguous(memory_format(channels_last)));
-  return convolve(inputs, size[0], size[1], channels_last, filter, bias);
+  ConcatInputs inputs{{}, channels_last};  // each dense in that layout (no copy when it already is)
+  for (const Tensor& t : tensors) inputs.tensors.push_back(t.contiguous(memory_format(channels_last)));
+  return inputs;
+}
+
+// winograd_conv_bias_relu(upsample_concat(tensors, size), filter, bias), bitwise, without the concat.
+Tensor winograd_upsample_concat_conv_bias_relu(at::TensorList tensors, c10::IntArrayRef size, const Tensor& filter,
+                                               const Tensor& bias) {
+  const ConcatInputs inputs = concat_inputs(tensors, size, filter, bias);
+  return convolve(inputs.tensors, size[0], size[1], inputs.channels_last, filter, bias);
+}
+
+// The same block with tensors[first_lowres:] (each strictly smaller than size in both dimensions) convolved at
+// their own resolution with the folded weight (C_out, C_in, 3, 3), then upsampled (winograd_lowres.h), and
+// only tensors[:first_lowres] through Winograd. Where that split does not apply (NCHW concat, first_lowres
+// outside [1, tensors), a later tensor not smaller), the plain fused op's path and bits.
+Tensor winograd_upsample_concat_conv_bias_relu_lowres(at::TensorList tensors, c10::IntArrayRef size,
+                                                      const Tensor& filter, const Tensor& bias, const Tensor& weight,
+                                                      int64_t first_lowres) {
+  const ConcatInputs inputs = concat_inputs(tensors, size, filter, bias);
+  TORCH_CHECK(weight.defined() && weight.device().is_cpu() && weight.scalar_type() == at::kFloat,
+              "weight must be a float32 CPU tensor");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == filter.size(1) && weight.size(1) == filter.size(2) &&
+                  weight.size(2) == 3 && weight.size(3) == 3,
+              "weight must have shape (C_out, C_in, 3, 3) = (", filter.size(1), ", ", filter.size(2), ", 3, 3), got ",
+              weight.sizes());
+  const int64_t count = static_cast<int64_t>(tensors.size());
+  bool split = inputs.channels_last && first_lowres >= 1 && first_lowres < count;
+  for (int64_t k = first_lowres; split && k < count; ++k) {
+    split = tensors[k].size(2) < size[0] && tensors[k].size(3) < size[1];
+  }
+  if (!split) return convolve(inputs.tensors, size[0], size[1], inputs.channels_last, filter, bias);
+  int64_t direct_channels = 0;
+  for (int64_t k = 0; k < first_lowres; ++k) direct_channels += tensors[k].size(1);
+  const Tensor taps = weight_taps(weight);
+  std::vector<LowResSource> lowres;
+  for (int64_t k = first_lowres, first = direct_channels; k < count; first += tensors[k].size(1), ++k) {
+    lowres.emplace_back(inputs.tensors[k], taps, first, size[0], size[1]);
+  }
+  const std::vector<Tensor> direct(inputs.tensors.begin(), inputs.tensors.begin() + first_lowres);
+  return convolve(direct, size[0], size[1], true, filter.narrow(2, 0, direct_channels), bias, lowres);
 }
 
 }  // namespace
@@ -475,6 +532,7 @@ TORCH_LIBRARY_IMPL(upernet_fast_cpp, CPU, m) {
   m.impl("winograd_filter_transform", &winograd_filter_transform);
   m.impl("winograd_conv_bias_relu", &winograd_conv_bias_relu);
   m.impl("winograd_upsample_concat_conv_bias_relu", &winograd_upsample_concat_conv_bias_relu);
+  m.impl("winograd_upsample_concat_conv_bias_relu_lowres", &winograd_upsample_concat_conv_bias_relu_lowres);
 }
 
 }  // namespace upernet_fast_cpp

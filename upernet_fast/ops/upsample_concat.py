@@ -81,8 +81,13 @@ def _new_output(tensors: Sequence[torch.Tensor], size: Sequence[int]) -> torch.T
     """
     first = tensors[0]
     shape = (first.shape[0], sum(t.shape[1] for t in tensors), size[0], size[1])
+    return _new_map(first, shape, concat_channels_last(tensors))
+
+
+def concat_channels_last(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether the concat is channels_last (:func:`_new_output`'s rule)."""
     voters = [t for t in tensors if t.shape[1] != 1 and t.shape[2] * t.shape[3] != 1]
-    return _new_map(first, shape, bool(voters) and all(is_channels_last(t) for t in voters))
+    return bool(voters) and all(is_channels_last(t) for t in voters)
 
 
 def _new_grads(grad: torch.Tensor, shapes: list[int], channels_last: list[bool]) -> list[torch.Tensor]:

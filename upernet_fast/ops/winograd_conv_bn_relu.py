@@ -15,7 +15,8 @@ weight twice (weight and snapshot), small next to the convolution it saves a tra
 benchmarks/winograd_conv_bn_relu.py on a loaded 2-core machine: 9.5 ms against a 727 ms block for 512->512 at
 128x128, 20 ms against 2.4 s for 2048->512; the fold, snapshot and transform it saves took 0.3 s and 1.0 s
 there, before the transform's stores were blocked, which cut the transform alone ~2.7x); the
-snapshot costs one more copy of each cached weight in memory, the transform four.
+snapshot costs one more copy of each cached weight in memory, the transform four, and the folded weight kept
+for the low-resolution split (:func:`lowres_first`) one more.
 """
 
 from __future__ import annotations
@@ -61,9 +62,18 @@ CONCAT_CONV_OP = InferenceOp(
     _concat_conv_fake,
     op_name=OP,
 )
+# The same block with tensors[first_lowres:] convolved at their own resolution by the folded weight, then
+# upsampled (csrc/cpu/winograd_lowres.h): the same output shape and layout as the fused op.
+LOWRES_CONCAT_CONV_OP = InferenceOp(
+    "winograd_upsample_concat_conv_bias_relu_lowres(Tensor[] tensors, SymInt[] size, Tensor filter, Tensor bias, "
+    "Tensor weight, SymInt first_lowres) -> Tensor",
+    lambda tensors, size, filter, bias, weight, first_lowres: _concat_conv_fake(tensors, size, filter, bias),
+    op_name=OP,
+)
 winograd_filter_transform = FILTER_TRANSFORM_OP.in_extension(_backend.CPP_NAMESPACE)
 winograd_conv_bias_relu = CONV_OP.in_extension(_backend.CPP_NAMESPACE)
 winograd_upsample_concat_conv_bias_relu = CONCAT_CONV_OP.in_extension(_backend.CPP_NAMESPACE)
+winograd_upsample_concat_conv_bias_relu_lowres = LOWRES_CONCAT_CONV_OP.in_extension(_backend.CPP_NAMESPACE)
 
 
 def _fold_inputs(conv: nn.Conv2d, batch_norm: nn.Module) -> list[torch.Tensor | None]:
@@ -149,7 +159,7 @@ def _same(current: list[torch.Tensor | None], snapshot: list[torch.Tensor | None
 
 
 class _CachedFilter:
-    __slots__ = ("batch_norm", "eps", "snapshot", "filter", "bias")
+    __slots__ = ("batch_norm", "eps", "snapshot", "filter", "bias", "weight")
 
 
 # conv module -> its cached transform (weak: dropping the model drops the cache).
@@ -159,6 +169,11 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, _CachedFilter]" = weakref.WeakKeyD
 def transformed_filter(conv: nn.Conv2d, batch_norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, folded bias) for this block's current parameters: from the cache when every input of the fold is
     bitwise what it was when U was computed, else recomputed (and cached)."""
+    entry = _cached(conv, batch_norm)
+    return entry.filter, entry.bias
+
+
+def _cached(conv: nn.Conv2d, batch_norm: nn.Module) -> _CachedFilter:
     from upernet_fast.ops.conv_bn_relu import _fold  # the one fold of the eval path (circular import otherwise)
 
     current = _fold_inputs(conv, batch_norm)
@@ -169,15 +184,18 @@ def transformed_filter(conv: nn.Conv2d, batch_norm: nn.Module) -> tuple[torch.Te
         and entry.eps == batch_norm.eps
         and _same(current, entry.snapshot)
     ):
-        return entry.filter, entry.bias
+        return entry
     with torch.no_grad():
         snapshot = [None if t is None else t.detach().clone() for t in current]
         weight, bias = _fold(conv, batch_norm)
         entry = _CachedFilter()
         entry.batch_norm, entry.eps, entry.snapshot = weakref.ref(batch_norm), batch_norm.eps, snapshot
         entry.filter, entry.bias = winograd_filter_transform(weight.contiguous()), bias.contiguous()
+        # The folded weight for the low-resolution sources, (C_out, C_in, 3, 3) over (C_in, 3, 3, C_out)
+        # storage: the C++ op reads it as a (C_in, 9 C_out) matrix without a copy (winograd_lowres.h).
+        entry.weight = weight.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
     _CACHE[conv] = entry
-    return entry.filter, entry.bias
+    return entry
 
 
 def winograd_conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, batch_norm: nn.Module) -> torch.Tensor:
@@ -193,6 +211,36 @@ def winograd_conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, batch_norm: nn.Modul
 def winograd_upsample_concat_conv_bn_relu(tensors, size, conv: nn.Conv2d, batch_norm: nn.Module) -> torch.Tensor:
     """relu(batch_norm(conv(upsample_concat(tensors, size)))) in eval mode, the concat never built: the input
     transform reads each tensor where it is, resizing on the fly (bitwise the unfused result); the caller
-    checked :func:`concat_why_not`."""
-    filter, bias = transformed_filter(conv, batch_norm)
-    return winograd_upsample_concat_conv_bias_relu(list(tensors), list(size), filter, bias)
+    checked :func:`concat_why_not`. Where :func:`lowres_first` splits the inputs, the trailing low-resolution
+    ones are convolved at their own size and upsampled after (exact in real arithmetic, not bitwise the
+    unfused result: judged against float64 by tests/test_winograd_conv_bn_relu.py)."""
+    entry = _cached(conv, batch_norm)
+    first = lowres_first(tensors, size)
+    if first is None:
+        return winograd_upsample_concat_conv_bias_relu(list(tensors), list(size), entry.filter, entry.bias)
+    return winograd_upsample_concat_conv_bias_relu_lowres(
+        list(tensors), list(size), entry.filter, entry.bias, entry.weight, first)
+
+
+def lowres_first(tensors, size) -> int | None:
+    """The first of the trailing tensors that the fused op convolves at their own resolution (then upsamples),
+    or None where none is worth it or the split does not apply.
+
+    Worth it: a tensor strictly smaller than ``size`` in both dimensions with 9 h w < 2.25 H W, i.e. 4 h w < H W
+    (its 3x3 products at its resolution against Winograd's 2.25 per output pixel): the FPN's 32x32 and 16x16
+    levels at 128x128 and every PPM branch; the 64x64 level (equal products, plus the gather) stays in
+    Winograd. The split needs at least one tensor left for Winograd and a channels_last concat (the
+    low-resolution gather is vectorised over channels; NCHW keeps the plain fused op).
+    """
+    from upernet_fast.ops.upsample_concat import concat_channels_last  # circular import otherwise
+
+    height, width = size
+    first = len(tensors)
+    while first > 1:
+        h, w = tensors[first - 1].shape[2:]
+        if not (h < height and w < width and 4 * h * w < height * width):
+            break
+        first -= 1
+    if first == len(tensors) or not concat_channels_last(tensors):
+        return None
+    return first
