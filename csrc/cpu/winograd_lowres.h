@@ -41,35 +41,51 @@ namespace upernet_fast_cpp {
 // (the weight slice is read once), so the small kernel loses nothing to MKL there.
 constexpr int64_t kSmallProductRows = 32;
 
-// out (M, N, dense) = a (M, K, rows lda apart) @ b (K, N, rows ldb apart), M <= kSmallProductRows: column
-// blocks of 16 in parallel, every row's accumulators (at most 2 KB, in L1) updated per k, so that b is read
-// exactly once, in order (a 4-row register block re-reading its column block from cache measured slower: the
-// block's rows, 9 C_out floats apart, alias in the cache sets). Each output element is summed over k in
-// order: the same bits for any thread count. Separate multiply and add, as everywhere in the extension.
+// out (M, N, dense) = a (M, K, rows lda apart) @ b (K, N, rows ldb apart), M <= kSmallProductRows. Each thread
+// owns a contiguous range of 16-column blocks; the depth goes in chunks of kDepthChunk rows of b, whose 16
+// columns of the block are loaded once and applied to every row of a, the row's running sums kept in out
+// (L1/L2-resident: at most 32 rows of the thread's columns) between chunks. Why: b is read exactly once, each
+// of its rows streamed in order with a software prefetch 4 blocks ahead; the first version walked one column
+// block down all K rows (one cache line per row, 9 C_out floats apart, a new page each time) and streamed
+// b at 2-4 GB/s, 2-4x slower than this (1, 4, 9 rows @ 512 x 4608: 3.3, 4.6, 5.2 ms -> 0.7, 1.2, 2.2 ms, 2
+// threads; MKL 0.7, 2.6, 2.8). Each output element is summed over k in order from zero, the same bits for any
+// thread count (and the same as that first version). Separate multiply and add, as everywhere in the extension.
 inline void small_products(const float* a, int64_t lda, const float* b, int64_t ldb, float* out, int64_t rows,
                            int64_t depth, int64_t columns) {
   using Vec = at::vec::Vectorized<float>;
   constexpr int64_t kCols = 2 * Vec::size();
+  constexpr int64_t kDepthChunk = 16;
+  constexpr int64_t kPrefetchAhead = 4 * kCols;  // floats ahead along a row of b
   TORCH_CHECK(rows <= kSmallProductRows, "small_products takes at most ", kSmallProductRows, " rows");
-  at::parallel_for(0, (columns + kCols - 1) / kCols, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t n0 = block * kCols;
-      const int64_t count0 = std::min<int64_t>(Vec::size(), columns - n0);
-      const int64_t count1 = std::max<int64_t>(0, std::min<int64_t>(Vec::size(), columns - n0 - Vec::size()));
-      Vec acc[kSmallProductRows][2];
-      for (int64_t r = 0; r < rows; ++r) acc[r][0] = acc[r][1] = Vec(0.f);
-      for (int64_t k = 0; k < depth; ++k) {
-        const float* bk = b + k * ldb + n0;
-        const Vec b0 = vload(bk, count0), b1 = count1 > 0 ? vload(bk + Vec::size(), count1) : Vec(0.f);
-        for (int64_t r = 0; r < rows; ++r) {
-          const Vec ak(a[r * lda + k]);
-          acc[r][0] = acc[r][0] + ak * b0;
-          acc[r][1] = acc[r][1] + ak * b1;
+  const int64_t blocks = (columns + kCols - 1) / kCols;
+  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+    const int64_t first = begin * kCols, last = std::min(columns, end * kCols);
+    for (int64_t r = 0; r < rows; ++r) std::fill(out + r * columns + first, out + r * columns + last, 0.f);
+    for (int64_t k0 = 0; k0 < depth; k0 += kDepthChunk) {
+      const int64_t chunk = std::min(kDepthChunk, depth - k0);
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t n0 = block * kCols;
+        const int64_t count0 = std::min<int64_t>(Vec::size(), columns - n0);
+        const int64_t count1 = std::max<int64_t>(0, std::min<int64_t>(Vec::size(), columns - n0 - Vec::size()));
+        Vec b0[kDepthChunk], b1[kDepthChunk];
+        for (int64_t k = 0; k < chunk; ++k) {
+          const float* bk = b + (k0 + k) * ldb + n0;
+          __builtin_prefetch(bk + kPrefetchAhead);  // a hint: past the row's end it faults nothing
+          b0[k] = vload(bk, count0);
+          b1[k] = count1 > 0 ? vload(bk + Vec::size(), count1) : Vec(0.f);
         }
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        vstore(out + r * columns + n0, count0, acc[r][0]);
-        if (count1 > 0) vstore(out + r * columns + n0 + Vec::size(), count1, acc[r][1]);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* o = out + r * columns + n0;
+          Vec sum0 = vload(o, count0), sum1 = count1 > 0 ? vload(o + Vec::size(), count1) : Vec(0.f);
+          const float* ar = a + r * lda + k0;
+          for (int64_t k = 0; k < chunk; ++k) {
+            const Vec ak(ar[k]);
+            sum0 = sum0 + ak * b0[k];
+            sum1 = sum1 + ak * b1[k];
+          }
+          vstore(o, count0, sum0);
+          if (count1 > 0) vstore(o + Vec::size(), count1, sum1);
+        }
       }
     }
   });
