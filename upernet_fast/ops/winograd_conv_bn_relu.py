@@ -6,7 +6,7 @@ autograd-free eval calls here (:func:`why_not` says why any other call keeps the
 
 BatchNorm is folded into the conv weight and bias (``_fold``, the same fold as the ATen path) and the folded
 weight is transformed once (U = G g G^T, (36, C_out, C_in)), then reused. The cache must never serve a
-stale transform: it is keyed on the conv and BN modules, and every call compares the current values of every
+stale transform: it is keyed on the conv weight tensor, and every call compares the current values of every
 input of the fold (conv weight and bias, BN weight, bias, running mean and variance, eps) bit for bit with a
 snapshot taken when the transform was made; any difference recomputes it. Version counters or data pointers
 would not do: writes through ``.data`` (EMA updates, some checkpoint loaders) change values without bumping
@@ -17,14 +17,19 @@ benchmarks/winograd_conv_bn_relu.py on a loaded 2-core machine: 9.5 ms against a
 there, before the transform's stores were blocked, which cut the transform alone ~2.7x); the
 snapshot costs one more copy of each cached weight in memory, the transform four, and the folded weight kept
 for the low-resolution split (:func:`lowres_first`) one more.
+
+Under ``torch.compile`` each block is one opaque custom op (end of module) that does the same lookup when it
+runs, so a compiled model keeps Winograd and still sees in-place parameter updates; ``torch.export`` keeps
+ATen's convolution (an exported program cannot carry this process's cache).
 """
 
 from __future__ import annotations
 
-import weakref
+from types import SimpleNamespace
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from upernet_fast import backend as _backend
 from upernet_fast.kernels._utils import is_channels_last, memory_format
@@ -81,7 +86,15 @@ def _fold_inputs(conv: nn.Conv2d, batch_norm: nn.Module) -> list[torch.Tensor | 
             batch_norm.running_var]
 
 
-_TRACING = "under torch.compile/export tracing (the filter cache compares tensor values in Python)"
+_EXPORTING = ("under torch.export (an exported program keeps ATen's convolution: the Winograd block's filter "
+              "cache lives in this process)")
+
+
+def _tracing_why_not() -> str | None:
+    # torch.compile traces the block as one opaque op (the custom ops at the end of this module, whose filter
+    # cache is looked up when they run); torch.export (which sets is_exporting in strict and non-strict mode)
+    # keeps ATen's convolution.
+    return _EXPORTING if torch.compiler.is_exporting() else None
 
 
 def why_not(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> str | None:
@@ -89,8 +102,9 @@ def why_not(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> str | No
 
     The caller has already chosen the cpp backend and seen BN use running statistics.
     """
-    if torch.compiler.is_compiling():  # first: reading sizes under tracing would add guards
-        return _TRACING
+    reason = _tracing_why_not()
+    if reason is not None:
+        return reason
     return _input_why_not("x", x) or _block_why_not((x.shape[2], x.shape[3]), [x], conv, batch_norm)
 
 
@@ -100,8 +114,9 @@ def concat_why_not(tensors, size, conv: nn.Module, batch_norm: nn.Module) -> str
     Beyond :func:`why_not`'s conditions, the inputs must be consistent (same batch, channels adding up to
     ``conv.in_channels``): an inconsistent call is left to the unfused path, which raises the op's own error.
     """
-    if torch.compiler.is_compiling():
-        return _TRACING
+    reason = _tracing_why_not()
+    if reason is not None:
+        return reason
     if not isinstance(tensors, (list, tuple)) or not tensors:
         return "tensors must be a non-empty list or tuple"
     for i, t in enumerate(tensors):
@@ -159,11 +174,14 @@ def _same(current: list[torch.Tensor | None], snapshot: list[torch.Tensor | None
 
 
 class _CachedFilter:
-    __slots__ = ("batch_norm", "eps", "snapshot", "filter", "bias", "weight")
+    __slots__ = ("eps", "snapshot", "filter", "bias", "weight")
 
 
-# conv module -> its cached transform (weak: dropping the model drops the cache).
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, _CachedFilter]" = weakref.WeakKeyDictionary()
+# conv weight -> its block's cached transform (weak, by identity: dropping the model drops the cache). Keyed on
+# the weight tensor rather than the module so that the custom ops below, which see tensors only, share it. A
+# weight used with another BN (or none) cannot be served the wrong transform: every input of the fold is
+# compared bit for bit with the snapshot, whatever tensor or module it now comes from.
+_CACHE: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
 
 
 def transformed_filter(conv: nn.Conv2d, batch_norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,27 +192,30 @@ def transformed_filter(conv: nn.Conv2d, batch_norm: nn.Module) -> tuple[torch.Te
 
 
 def _cached(conv: nn.Conv2d, batch_norm: nn.Module) -> _CachedFilter:
+    return _cached_fold(*_fold_inputs(conv, batch_norm), batch_norm.eps)
+
+
+def _cached_fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps: float) -> _CachedFilter:
     from upernet_fast.ops.conv_bn_relu import _fold  # the one fold of the eval path (circular import otherwise)
 
-    current = _fold_inputs(conv, batch_norm)
-    entry = _CACHE.get(conv)
-    if (
-        entry is not None
-        and entry.batch_norm() is batch_norm
-        and entry.eps == batch_norm.eps
-        and _same(current, entry.snapshot)
-    ):
+    current = [weight, bias, bn_weight, bn_bias, running_mean, running_var]
+    entry = _CACHE.get(weight)
+    if entry is not None and entry.eps == eps and _same(current, entry.snapshot):
         return entry
     with torch.no_grad():
         snapshot = [None if t is None else t.detach().clone() for t in current]
-        weight, bias = _fold(conv, batch_norm)
+        folded, folded_bias = _fold(
+            SimpleNamespace(weight=weight, bias=bias),
+            SimpleNamespace(weight=bn_weight, bias=bn_bias, running_mean=running_mean, running_var=running_var,
+                            eps=eps),
+        )
         entry = _CachedFilter()
-        entry.batch_norm, entry.eps, entry.snapshot = weakref.ref(batch_norm), batch_norm.eps, snapshot
-        entry.filter, entry.bias = winograd_filter_transform(weight.contiguous()), bias.contiguous()
+        entry.eps, entry.snapshot = eps, snapshot
+        entry.filter, entry.bias = winograd_filter_transform(folded.contiguous()), folded_bias.contiguous()
         # The folded weight for the low-resolution sources, (C_out, C_in, 3, 3) over (C_in, 3, 3, C_out)
         # storage: the C++ op reads it as a (C_in, 9 C_out) matrix without a copy (winograd_lowres.h).
-        entry.weight = weight.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
-    _CACHE[conv] = entry
+        entry.weight = folded.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+    _CACHE[weight] = entry
     return entry
 
 
@@ -204,6 +225,8 @@ def winograd_conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, batch_norm: nn.Modul
     x: (B, C_in, H, W) float32 CPU, any strides; returns (B, C_out, H, W) in x's layout (channels_last when x
     is, by PyTorch's suggest_memory_format rule, else NCHW).
     """
+    if torch.compiler.is_compiling():  # one opaque op in the graph; the cache is looked up when it runs
+        return compiled_block(x, *_fold_inputs(conv, batch_norm), float(batch_norm.eps))
     filter, bias = transformed_filter(conv, batch_norm)
     return winograd_conv_bias_relu(x, filter, bias)
 
@@ -214,7 +237,13 @@ def winograd_upsample_concat_conv_bn_relu(tensors, size, conv: nn.Conv2d, batch_
     checked :func:`concat_why_not`. Where :func:`lowres_first` splits the inputs, the trailing low-resolution
     ones are convolved at their own size and upsampled after (exact in real arithmetic, not bitwise the
     unfused result: judged against float64 by tests/test_winograd_conv_bn_relu.py)."""
-    entry = _cached(conv, batch_norm)
+    if torch.compiler.is_compiling():
+        return compiled_concat_block(list(tensors), list(size), *_fold_inputs(conv, batch_norm),
+                                     float(batch_norm.eps))
+    return _concat_block(tensors, size, _cached(conv, batch_norm))
+
+
+def _concat_block(tensors, size, entry: _CachedFilter) -> torch.Tensor:
     first = lowres_first(tensors, size)
     if first is None:
         return winograd_upsample_concat_conv_bias_relu(list(tensors), list(size), entry.filter, entry.bias)
@@ -244,3 +273,43 @@ def lowres_first(tensors, size) -> int | None:
     if first == len(tensors) or not concat_channels_last(tensors):
         return None
     return first
+
+
+# ------------------------------------------------------------------------------ the blocks under torch.compile
+# Dynamo cannot trace the filter cache (it compares tensor values, then keeps tensors across calls), so under
+# torch.compile each Winograd block is one opaque custom op taking the block's parameters as tensors: the
+# compiled graph calls it, and it looks up (or refreshes) the cache when it runs, as the eager path does, so
+# an in-place parameter update is seen by a compiled model too. torch.export keeps ATen (see _tracing_why_not).
+
+
+@torch.library.custom_op("upernet_fast::winograd_conv_bn_relu_eval", mutates_args=())
+def compiled_block(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float,
+) -> torch.Tensor:
+    entry = _cached_fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+    return winograd_conv_bias_relu(x, entry.filter, entry.bias)
+
+
+@compiled_block.register_fake
+def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
+    b, _, h, w = x.shape
+    return x.new_empty((b, weight.shape[0], h, w)).contiguous(memory_format=memory_format(is_channels_last(x)))
+
+
+@torch.library.custom_op("upernet_fast::winograd_upsample_concat_conv_bn_relu_eval", mutates_args=())
+def compiled_concat_block(
+    tensors: list[torch.Tensor], size: list[int], weight: torch.Tensor, bias: torch.Tensor | None,
+    bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None, running_mean: torch.Tensor,
+    running_var: torch.Tensor, eps: float,
+) -> torch.Tensor:
+    return _concat_block(tensors, size, _cached_fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps))
+
+
+@compiled_concat_block.register_fake
+def _(tensors, size, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
+    from upernet_fast.ops.upsample_concat import _new_output  # the concat's layout rule (circular import)
+
+    concat = _new_output(tensors, size)
+    b, _, h, w = concat.shape
+    return concat.new_empty((b, weight.shape[0], h, w)).contiguous(memory_format=memory_format(is_channels_last(concat)))
