@@ -22,11 +22,9 @@ specialised by Triton, so that dimension is accessed contiguously and vectorised
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from upernet_fast.kernels._utils import axis_inverse_scale, axis_scale
 
 MAX_TILE = 2048  # elements per program: enough work per program to stream, small enough for registers
 
@@ -121,19 +119,23 @@ def offsets(b, c, h, w, stride_b, stride_c, stride_h, stride_w, WIDE: tl.constex
 
 
 @triton.jit
+def split_program_id(pid, fastest, middle, slower):
+    """``pid`` as coordinates (a, b, c, rest) of a grid whose axes, fastest first, have ``fastest``, ``middle``
+    and ``slower`` programs, and then any number: pid = ((rest * slower + c) * middle + b) * fastest + a."""
+    a = pid % fastest
+    rest = pid // fastest
+    b = rest % middle
+    rest = rest // middle
+    return a, b, rest % slower, rest // slower
+
+
+@triton.jit
 def tile_coordinates(local_pid, channels, height, width, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
                      BLOCK_C: tl.constexpr):
     """(b, c [1,1,C], h [H,1,1], w [1,W,1], mask) of program ``local_pid`` over a (B, channels, height, width) grid
     of tiles, W tiles fastest, then H, C, B."""
-    tiles_w = tl.cdiv(width, BLOCK_W)
-    tiles_h = tl.cdiv(height, BLOCK_H)
-    tiles_c = tl.cdiv(channels, BLOCK_C)
-    tw = local_pid % tiles_w
-    rest = local_pid // tiles_w
-    th = rest % tiles_h
-    rest = rest // tiles_h
-    tc = rest % tiles_c
-    b = rest // tiles_c
+    tw, th, tc, b = split_program_id(local_pid, tl.cdiv(width, BLOCK_W), tl.cdiv(height, BLOCK_H),
+                                     tl.cdiv(channels, BLOCK_C))
     h = (th * BLOCK_H + tl.arange(0, BLOCK_H))[:, None, None]
     w = (tw * BLOCK_W + tl.arange(0, BLOCK_W))[None, :, None]
     c = (tc * BLOCK_C + tl.arange(0, BLOCK_C))[None, None, :]
@@ -187,57 +189,3 @@ def resize_backward_tile(grad_ptr, b, c, ih, iw, mask, out_h, out_w, in_h, in_w,
             row += gather_weight(e, iw, scale_w, in_w) * g.to(tl.float32)
         acc += gather_weight(d, ih, scale_h, in_h) * row
     return acc
-
-
-@triton.jit
-def _gather_range_kernel(n_in_ptr, n_out_ptr, i_ptr, scale_ptr, inverse_ptr, lo_ptr, hi_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < n
-    n_in = tl.load(n_in_ptr + offs, mask=ok, other=1)
-    n_out = tl.load(n_out_ptr + offs, mask=ok, other=1)
-    i = tl.load(i_ptr + offs, mask=ok, other=0)
-    scale = tl.load(scale_ptr + offs, mask=ok, other=1.0)
-    inverse = tl.load(inverse_ptr + offs, mask=ok, other=1.0)
-    lo, hi = gather_range(i, scale, inverse, n_in, n_out)
-    tl.store(lo_ptr + offs, lo, mask=ok)
-    tl.store(hi_ptr + offs, hi, mask=ok)
-
-
-@triton.jit
-def _source_index_kernel(i0_ptr, n_in, n_out, scale, BLOCK: tl.constexpr):
-    d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    i0, _, _, _ = source_index(d, scale, n_in)
-    tl.store(i0_ptr + d, i0, mask=d < n_out)
-
-
-def source_indices(n_in: int, n_out: int, device: torch.device | str) -> torch.Tensor:
-    """i0 of every output index of an axis resized n_in -> n_out, as the kernels compute it on ``device``.
-
-    Exposed for tests: on a GPU the compiler contracts ``(d + 0.5) * scale - 0.5`` into one fused multiply-add
-    (as nvcc does in PyTorch's own CUDA upsample kernels), which can move an output that sits exactly on an
-    input boundary (3 -> 19: output 9) to the neighbouring input; the gather ranges must follow the rule of the
-    device they run on, so tests build their brute force from this.
-    """
-    i0 = torch.empty(n_out, dtype=torch.int32, device=device)
-    block = 1024
-    _source_index_kernel[(triton.cdiv(n_out, block),)](i0, n_in, n_out, axis_scale(n_in, n_out), BLOCK=block)
-    return i0
-
-
-def gather_ranges(n_in: torch.Tensor, n_out: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernels' [lo, hi) output ranges for each (n_in, n_out, input index) triple (int32 1D tensors).
-
-    Exposed so that tests can check :func:`gather_range` against a brute force over the index rule.
-    """
-    scale = torch.tensor([axis_scale(a, b) for a, b in zip(n_in.tolist(), n_out.tolist())], dtype=torch.float32)
-    inverse = torch.tensor(
-        [axis_inverse_scale(a, b) for a, b in zip(n_in.tolist(), n_out.tolist())], dtype=torch.float32
-    )
-    scale, inverse = scale.to(n_in.device), inverse.to(n_in.device)
-    lo = torch.empty_like(index)
-    hi = torch.empty_like(index)
-    block = 1024
-    _gather_range_kernel[(triton.cdiv(index.numel(), block),)](
-        n_in, n_out, index, scale, inverse, lo, hi, index.numel(), BLOCK=block
-    )
-    return lo, hi

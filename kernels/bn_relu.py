@@ -56,21 +56,42 @@ def _bn_affine(x, mean, invstd, weight, bias):
 
 
 @triton.jit
+def _channel_block(C, BLOCK_C: tl.constexpr, AXIS: tl.constexpr):
+    """The channels of this program's block (its index along grid axis ``AXIS``) and their mask."""
+    c = tl.program_id(AXIS) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return c, c < C
+
+
+@triton.jit
+def _parts_tile(start, num_parts, C, c, c_mask, BLOCK_PARTS: tl.constexpr):
+    """Parts [start, start + BLOCK_PARTS) of a (parts, C) buffer of partial sums: their indices, the offsets of
+    the tile (parts x the channel block) and its mask: the finalize kernels' loop step."""
+    i = start + tl.arange(0, BLOCK_PARTS)
+    return i, i[:, None] * C + c[None, :], (i < num_parts)[:, None] & c_mask[None, :]
+
+
+@triton.jit
+def _part_tile(first, start, pixels_per_part, P, c_mask, BLOCK_P: tl.constexpr):
+    """Pixels [first + start, first + start + BLOCK_P) of the part that starts at pixel ``first``, masked to
+    the part and the map, and the tile's mask with the channel block's: the partial reductions' loop step."""
+    p = first + start + tl.arange(0, BLOCK_P)
+    p_mask = (p < P) & (p < first + pixels_per_part)
+    return p, p_mask, p_mask[:, None] & c_mask[None, :]
+
+
+@triton.jit
 def _stats_partial_kernel(
     x_ptr, part_mean_ptr, part_m2_ptr, C, HW, P, pixels_per_part,
     CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     part = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
+    c, c_mask = _channel_block(C, BLOCK_C, 1)
     run_n = tl.zeros([BLOCK_C], tl.float32)
     run_mean = tl.zeros([BLOCK_C], tl.float32)
     run_m2 = tl.zeros([BLOCK_C], tl.float32)
     first = part * pixels_per_part
     for start in range(0, pixels_per_part, BLOCK_P):
-        p = first + start + tl.arange(0, BLOCK_P)
-        p_mask = (p < P) & (p < first + pixels_per_part)
-        mask = p_mask[:, None] & c_mask[None, :]
+        p, p_mask, mask = _part_tile(first, start, pixels_per_part, P, c_mask, BLOCK_P)
         v = tl.load(x_ptr + _tile_offsets(p, c, C, HW, CHANNELS_LAST), mask=mask, other=0.0).to(tl.float32)
         tile_n = tl.sum(p_mask.to(tl.float32), axis=0)
         tile_mean = tl.sum(v, axis=0) / tl.maximum(tile_n, 1.0)
@@ -92,27 +113,22 @@ def _stats_finalize_kernel(
     part_mean_ptr, part_m2_ptr, mean_ptr, var_ptr, C, P, num_parts, pixels_per_part,
     BLOCK_PARTS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
+    c, c_mask = _channel_block(C, BLOCK_C, 0)
     # Pass 1: the mean, weighting each part by its pixel count (known from the fixed partition).
     acc = tl.zeros([BLOCK_C], tl.float32)
     for start in range(0, num_parts, BLOCK_PARTS):
-        i = start + tl.arange(0, BLOCK_PARTS)
-        i_mask = i < num_parts
+        i, offs, mask = _parts_tile(start, num_parts, C, c, c_mask, BLOCK_PARTS)
         count = tl.minimum(tl.maximum(P - i * pixels_per_part, 0), pixels_per_part).to(tl.float32)
-        mask = i_mask[:, None] & c_mask[None, :]
-        m = tl.load(part_mean_ptr + i[:, None] * C + c[None, :], mask=mask, other=0.0)
+        m = tl.load(part_mean_ptr + offs, mask=mask, other=0.0)
         acc += tl.sum(count[:, None] * m, axis=0)
     mean = acc / P
     # Pass 2: M2 about the global mean (every term non-negative: no cancellation).
     m2 = tl.zeros([BLOCK_C], tl.float32)
     for start in range(0, num_parts, BLOCK_PARTS):
-        i = start + tl.arange(0, BLOCK_PARTS)
-        i_mask = i < num_parts
+        i, offs, mask = _parts_tile(start, num_parts, C, c, c_mask, BLOCK_PARTS)
         count = tl.minimum(tl.maximum(P - i * pixels_per_part, 0), pixels_per_part).to(tl.float32)
-        mask = i_mask[:, None] & c_mask[None, :]
-        m = tl.load(part_mean_ptr + i[:, None] * C + c[None, :], mask=mask, other=0.0)
-        q = tl.load(part_m2_ptr + i[:, None] * C + c[None, :], mask=mask, other=0.0)
+        m = tl.load(part_mean_ptr + offs, mask=mask, other=0.0)
+        q = tl.load(part_m2_ptr + offs, mask=mask, other=0.0)
         d = m - mean[None, :]
         m2 += tl.sum(q + count[:, None] * d * d, axis=0)
     tl.store(mean_ptr + c, mean, mask=c_mask)
@@ -141,8 +157,7 @@ def _backward_partial_kernel(
     CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     part = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
+    c, c_mask = _channel_block(C, BLOCK_C, 1)
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
     invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
     w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
@@ -151,9 +166,7 @@ def _backward_partial_kernel(
     sum_gx = tl.zeros([BLOCK_C], tl.float32)
     first = part * pixels_per_part
     for start in range(0, pixels_per_part, BLOCK_P):
-        p = first + start + tl.arange(0, BLOCK_P)
-        p_mask = (p < P) & (p < first + pixels_per_part)
-        mask = p_mask[:, None] & c_mask[None, :]
+        p, p_mask, mask = _part_tile(first, start, pixels_per_part, P, c_mask, BLOCK_P)
         offs = _tile_offsets(p, c, C, HW, CHANNELS_LAST)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -170,15 +183,13 @@ def _backward_finalize_kernel(
     part_g_ptr, part_gx_ptr, invstd_ptr, sum_g_ptr, sum_gxhat_ptr, C, num_parts,
     BLOCK_PARTS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
+    c, c_mask = _channel_block(C, BLOCK_C, 0)
     acc_g = tl.zeros([BLOCK_C], tl.float32)
     acc_gx = tl.zeros([BLOCK_C], tl.float32)
     for start in range(0, num_parts, BLOCK_PARTS):
-        i = start + tl.arange(0, BLOCK_PARTS)
-        mask = (i < num_parts)[:, None] & c_mask[None, :]
-        acc_g += tl.sum(tl.load(part_g_ptr + i[:, None] * C + c[None, :], mask=mask, other=0.0), axis=0)
-        acc_gx += tl.sum(tl.load(part_gx_ptr + i[:, None] * C + c[None, :], mask=mask, other=0.0), axis=0)
+        _, offs, mask = _parts_tile(start, num_parts, C, c, c_mask, BLOCK_PARTS)
+        acc_g += tl.sum(tl.load(part_g_ptr + offs, mask=mask, other=0.0), axis=0)
+        acc_gx += tl.sum(tl.load(part_gx_ptr + offs, mask=mask, other=0.0), axis=0)
     invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
     tl.store(sum_g_ptr + c, acc_g, mask=c_mask)
     tl.store(sum_gxhat_ptr + c, acc_gx * invstd, mask=c_mask)

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from upernet_fast.kernels._bilinear import source_index
+from upernet_fast.kernels._bilinear import source_index, split_program_id
 from upernet_fast.kernels._utils import axis_scale, checked_grid, interpreting
 
 
@@ -152,13 +152,7 @@ def _backward_kernel(
 ):
     # Program: (batch b, input rows [i_lo, i_hi), cells j_first .. j_first + BLOCK_J - 1, class block); class
     # blocks vary fastest, so the programs that read the same labels run side by side.
-    pid = tl.program_id(0)
-    cb = pid % class_blocks
-    rest = pid // class_blocks
-    jb = rest % col_blocks
-    rest = rest // col_blocks
-    ib = rest % row_blocks
-    b = rest // row_blocks
+    cb, jb, ib, b = split_program_id(tl.program_id(0), class_blocks, col_blocks, row_blocks)
     cls = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cls_mask = cls < num_classes
     coff = cls.to(tl.int64)[:, None] * stride_c + b.to(tl.int64) * stride_b

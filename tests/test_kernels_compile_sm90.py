@@ -24,8 +24,7 @@ started without TRITON_INTERPRET:
    read with the bundled ``cuobjdump -res-usage`` (local memory is what Triton reports as ``n_spills``).
    Compiled kernels land in Triton's usual cache, so a second run is quick (about 70 s cold on 2 cores).
 
-Launchers that read tensor values (only ``_bilinear.gather_ranges``, a test helper) get small CPU tensors;
-every other launcher's CUDA path is reached with ``meta`` tensors, so no configuration is re-derived here by
+Every launcher's CUDA path is reached with ``meta`` tensors, so no configuration is re-derived here by
 hand: the block sizes, warps and flags compiled are the ones the launchers' own code picks.
 
 The tests read the children's results: one test per kernel file, failing with the specialisation, its workloads
@@ -203,21 +202,6 @@ UPSAMPLE_CONCAT_SCENARIOS = [
 ]
 
 
-# _bilinear: its test helper kernels (gather ranges, source indices), on CPU int32 tensors as its launcher reads their values
-
-
-def _gather_ranges(m):
-    n_in = torch.tensor([5, 16, 3, 7, 64], dtype=torch.int32)
-    n_out = torch.tensor([11, 32, 7, 3, 128], dtype=torch.int32)
-    m["_bilinear"].gather_ranges(n_in, n_out, torch.tensor([0, 3, 2, 6, 63], dtype=torch.int32))
-
-
-BILINEAR_SCENARIOS = [
-    ("gather_ranges on 5 index triples", _gather_ranges),
-    ("source_indices 3 -> 19", lambda m: m["_bilinear"].source_indices(3, 19, DEVICE)),
-]
-
-
 # upsample_cross_entropy: forward and backward kernels
 
 
@@ -300,7 +284,6 @@ FAMILIES = {
     "adaptive_avg_pool_multi": POOL_SCENARIOS,
     "upsample_add": UPSAMPLE_ADD_SCENARIOS,
     "upsample_concat": UPSAMPLE_CONCAT_SCENARIOS,
-    "_bilinear": BILINEAR_SCENARIOS,
     "upsample_cross_entropy": CROSS_ENTROPY_SCENARIOS,
     "bn_relu": BN_SCENARIOS,
 }

@@ -189,7 +189,7 @@ def test_gather_ranges_match_brute_force():
     # non-integer such as 7->13 and 5->11, borders clamped) and a few large ones.
     # The brute force takes i0 from the kernels' own index rule on this device (fused multiply-add on a GPU, see
     # source_indices); on the CPU that rule is checked against PyTorch's here as well.
-    from upernet_fast.kernels._bilinear import gather_ranges, source_indices
+    from bilinear_probes import gather_ranges, source_indices
 
     pairs = [(a, b) for a in range(1, 41) for b in range(1, 41)]
     pairs += [(7, 13), (5, 11), (64, 128), (128, 512), (300, 7), (999, 1000), (1000, 999), (1, 4096), (4096, 1)]

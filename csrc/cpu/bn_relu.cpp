@@ -11,6 +11,7 @@
 
 #include <torch/library.h>
 
+#include <array>
 #include <tuple>
 
 namespace upernet_fast_cpp {
@@ -122,24 +123,32 @@ void check_params(const Params& p, int64_t C) {
   check_per_channel(p.bias, "bias", C);
 }
 
-Tensor apply(const Tensor& x_in, const Tensor& mean, const Tensor& invstd, const Tensor& weight, const Tensor& bias) {
-  check_float_map(x_in, "x");
-  check_params({mean, invstd, weight, bias}, x_in.size(1));
+// y = relu(affine(x)) over a float map, in x's dtype and layout, the affine read per channel from `params`
+// (each as an opmath_t array, in order): the frame that apply and eval_forward share, each with its own affine
+// (the training one subtracts the mean first, as the reference does; the eval one is the folded form).
+template <size_t N, typename Affine>
+Tensor relu_of_channel_affine(const Tensor& x_in, const std::array<Tensor, N>& params, Affine affine) {
   DenseMap m;
   const Tensor x = dense_map(x_in, m);
   Tensor y = new_map_like(x, m);
-  UPERNET_FAST_DISPATCH(x.scalar_type(), "bn_relu_apply", [&] {
+  UPERNET_FAST_DISPATCH(x.scalar_type(), "bn_relu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const auto mu = per_channel<opmath_t>(mean), is = per_channel<opmath_t>(invstd);
-    const auto w = per_channel<opmath_t>(weight), b = per_channel<opmath_t>(bias);
+    std::array<std::vector<opmath_t>, N> p;
+    for (size_t i = 0; i < N; ++i) p[i] = per_channel<opmath_t>(params[i]);
     map_elementwise<scalar_t>(m, x.const_data_ptr<scalar_t>(), nullptr, nullptr, y.data_ptr<scalar_t>(),
                               [&](const Lanes<opmath_t>& l, Vec<opmath_t> v, Vec<opmath_t>, Vec<opmath_t>) {
-                                const auto z = bn_affine(v, l.get(mu.data()), l.get(is.data()), l.get(w.data()),
-                                                         l.get(b.data()));
-                                return at::vec::maximum(z, Vec<opmath_t>(0));
+                                return at::vec::maximum(affine(l, v, p), Vec<opmath_t>(0));
                               });
   });
   return y;
+}
+
+Tensor apply(const Tensor& x_in, const Tensor& mean, const Tensor& invstd, const Tensor& weight, const Tensor& bias) {
+  check_float_map(x_in, "x");
+  check_params({mean, invstd, weight, bias}, x_in.size(1));
+  return relu_of_channel_affine<4>(x_in, {mean, invstd, weight, bias}, [](const auto& l, auto v, const auto& p) {
+    return bn_affine(v, l.get(p[0].data()), l.get(p[1].data()), l.get(p[2].data()), l.get(p[3].data()));
+  });
 }
 
 std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_in, const Tensor& x_in, const Tensor& mean,
@@ -212,18 +221,9 @@ Tensor eval_forward(const Tensor& x_in, const Tensor& scale, const Tensor& shift
   check_float_map(x_in, "x");
   check_per_channel(scale, "scale", x_in.size(1));
   check_per_channel(shift, "shift", x_in.size(1));
-  DenseMap m;
-  const Tensor x = dense_map(x_in, m);
-  Tensor y = new_map_like(x, m);
-  UPERNET_FAST_DISPATCH(x.scalar_type(), "bn_relu_eval", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const auto s = per_channel<opmath_t>(scale), t = per_channel<opmath_t>(shift);
-    map_elementwise<scalar_t>(m, x.const_data_ptr<scalar_t>(), nullptr, nullptr, y.data_ptr<scalar_t>(),
-                              [&](const Lanes<opmath_t>& l, Vec<opmath_t> v, Vec<opmath_t>, Vec<opmath_t>) {
-                                return at::vec::maximum(v * l.get(s.data()) + l.get(t.data()), Vec<opmath_t>(0));
-                              });
+  return relu_of_channel_affine<2>(x_in, {scale, shift}, [](const auto& l, auto v, const auto& p) {
+    return v * l.get(p[0].data()) + l.get(p[1].data());
   });
-  return y;
 }
 
 // grad_x = (y > 0) * grad * scale; grad_scale = sum((y > 0) * grad * x), grad_shift = sum((y > 0) * grad)
