@@ -103,3 +103,20 @@ def test_export_keeps_atens_convolution():
     assert not any("winograd" in t for t in targets), sorted(targets)
     assert any("conv" in t for t in targets), sorted(targets)
     assert winograd._tracing_why_not() is None  # outside export: compile and eager may take Winograd
+
+
+def test_opcheck_of_the_compiled_block_ops():
+    # Schemas, fake kernels (shape and layout the compiled graph plans for) and dispatch of both custom ops,
+    # with and without the optional conv bias and BN affine parameters, in both layouts.
+    gen = torch.Generator().manual_seed(6)
+    weight = torch.randn(6, 9, 3, 3, generator=gen)
+    bn = [torch.rand(6, generator=gen) + 0.5, torch.randn(6, generator=gen), torch.randn(6, generator=gen),
+          torch.rand(6, generator=gen) + 0.5]  # weight, bias, running mean, running var
+    for conv_bias, bn_weight, bn_bias in ((torch.randn(6, generator=gen), bn[0], bn[1]), (None, None, None)):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(2, 9, 10, 11, generator=gen).contiguous(memory_format=fmt)
+            params = (weight, conv_bias, bn_weight, bn_bias, bn[2], bn[3], 1e-5)
+            torch.library.opcheck(winograd.compiled_block, (x, *params))
+            low = torch.randn(2, 4, 3, 4, generator=gen).contiguous(memory_format=fmt)
+            tensors = [x[:, :5].contiguous(memory_format=fmt), low]
+            torch.library.opcheck(winograd.compiled_concat_block, (tensors, [10, 11], *params))

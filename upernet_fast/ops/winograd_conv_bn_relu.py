@@ -303,7 +303,8 @@ def compiled_concat_block(
     bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None, running_mean: torch.Tensor,
     running_var: torch.Tensor, eps: float,
 ) -> torch.Tensor:
-    return _concat_block(tensors, size, _cached_fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps))
+    entry = _cached_fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+    return _concat_block(tensors, size, entry)
 
 
 @compiled_concat_block.register_fake
@@ -312,4 +313,5 @@ def _(tensors, size, weight, bias, bn_weight, bn_bias, running_mean, running_var
 
     concat = _new_output(tensors, size)
     b, _, h, w = concat.shape
-    return concat.new_empty((b, weight.shape[0], h, w)).contiguous(memory_format=memory_format(is_channels_last(concat)))
+    layout = memory_format(is_channels_last(concat))
+    return concat.new_empty((b, weight.shape[0], h, w)).contiguous(memory_format=layout)
