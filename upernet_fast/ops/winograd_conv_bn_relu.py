@@ -49,15 +49,24 @@ def _filter_fake(weight):
     return weight.new_empty((TRANSFORM_POINTS, weight.shape[0], weight.shape[1]))
 
 
-def _conv_fake(x, filter, bias):
+def _output_fake(x, out_channels):
+    """The block's output for input x: out_channels channels at x's size, in x's layout."""
     b, _, h, w = x.shape
-    return x.new_empty((b, filter.shape[1], h, w)).contiguous(memory_format=memory_format(is_channels_last(x)))
+    return x.new_empty((b, out_channels, h, w)).contiguous(memory_format=memory_format(is_channels_last(x)))
+
+
+def _concat_output_fake(tensors, size, out_channels):
+    from upernet_fast.ops.upsample_concat import _new_output  # the concat's layout rule (circular import)
+
+    return _output_fake(_new_output(tensors, size), out_channels)
+
+
+def _conv_fake(x, filter, bias):
+    return _output_fake(x, filter.shape[1])  # filter: (36, C_out, C_in)
 
 
 def _concat_conv_fake(tensors, size, filter, bias):
-    from upernet_fast.ops.upsample_concat import _new_output  # the concat's layout rule (circular import)
-
-    return _conv_fake(_new_output(tensors, size), filter, bias)
+    return _concat_output_fake(tensors, size, filter.shape[1])
 
 
 FILTER_TRANSFORM_OP = InferenceOp("winograd_filter_transform(Tensor weight) -> Tensor", _filter_fake, op_name=OP)
@@ -293,8 +302,7 @@ def compiled_block(
 
 @compiled_block.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
-    b, _, h, w = x.shape
-    return x.new_empty((b, weight.shape[0], h, w)).contiguous(memory_format=memory_format(is_channels_last(x)))
+    return _output_fake(x, weight.shape[0])  # weight: (C_out, C_in, 3, 3)
 
 
 @torch.library.custom_op("upernet_fast::winograd_upsample_concat_conv_bn_relu_eval", mutates_args=())
@@ -309,9 +317,4 @@ def compiled_concat_block(
 
 @compiled_concat_block.register_fake
 def _(tensors, size, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
-    from upernet_fast.ops.upsample_concat import _new_output  # the concat's layout rule (circular import)
-
-    concat = _new_output(tensors, size)
-    b, _, h, w = concat.shape
-    layout = memory_format(is_channels_last(concat))
-    return concat.new_empty((b, weight.shape[0], h, w)).contiguous(memory_format=layout)
+    return _concat_output_fake(tensors, size, weight.shape[0])
