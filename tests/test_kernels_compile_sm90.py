@@ -60,8 +60,7 @@ from upernet_fast.kernels._utils import is_channels_last  # noqa: E402 (imports 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 KERNEL_PACKAGE = "upernet_fast.kernels"
-KERNEL_MODULES = (
-    "_bilinear",
+KERNEL_MODULES = (  # _bilinear has no kernels of its own: its helpers compile inside these
     "adaptive_avg_pool_multi",
     "upsample_add",
     "upsample_concat",
