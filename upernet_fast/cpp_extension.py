@@ -8,7 +8,8 @@ Sources: ``csrc/`` next to the ``upernet_fast`` package in a source checkout (th
 ``.ci/setup`` makes), else ``upernet_fast/csrc`` in an installed wheel (package data, see pyproject.toml).
 
 Flags and cache key: ``-O3 -ffp-contract=off`` (no silent FMA contraction: the bits of a result are those of
-the expression as written, whatever the ISA) plus the vector ISA. ``at::vec::Vectorized`` picks its
+the expression as written, whatever the ISA), ``-fopenmp`` (``at::parallel_for`` is compiled into the
+extension: see ``_OPENMP_FLAGS``) plus the vector ISA. ``at::vec::Vectorized`` picks its
 instructions at compile time from the ``CPU_CAPABILITY_*`` macros, which only ATen's own build defines per
 kernel file; an extension gets the generic (scalar-array) implementation unless it defines them. So the
 ISA torch detects on this machine (``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2, else
@@ -71,9 +72,18 @@ def _isa() -> str:
     return "AVX2" if capability == "AVX2" else "DEFAULT"
 
 
+# OpenMP: ATen's at::parallel_for is a header template (ATen/ParallelOpenMP.h) whose `#pragma omp parallel`
+# is compiled into the extension itself, so without -fopenmp every at::parallel_for of csrc/ ran on one
+# thread (found 2026-11-28: `perf stat` showed 1.00 CPUs utilised by the Winograd products on 2 threads).
+# Linked with -fopenmp, the extension needs libgomp.so.1, which resolves to the copy libtorch_cpu has already
+# loaded (torch/lib/libgomp.so.1, the same soname): one OpenMP runtime, whose thread count
+# torch.set_num_threads sets.
+_OPENMP_FLAGS = ["-fopenmp"]
+
+
 def cflags() -> list[str]:
     """Compiler flags of the build (the cache key hashes them)."""
-    return ["-O3", "-ffp-contract=off", "-fno-math-errno", *(_ISA_FLAGS.get(_isa(), []))]
+    return ["-O3", "-ffp-contract=off", "-fno-math-errno", *_OPENMP_FLAGS, *(_ISA_FLAGS.get(_isa(), []))]
 
 
 def _compiler() -> str:
@@ -202,6 +212,7 @@ def load(*, announce: bool = True):
                 name=NAME,
                 sources=[str(p) for p in sources(source_dir())],
                 extra_cflags=cflags(),
+                extra_ldflags=_OPENMP_FLAGS,
                 extra_include_paths=[str(source_dir() / "cpu")],
                 build_directory=str(directory),
                 verbose=True,
