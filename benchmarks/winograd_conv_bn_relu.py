@@ -8,8 +8,11 @@ Rows (appended to ``benchmarks/results/winograd_cpu.csv``, table in ``winograd_c
 * ``cpp``: the block as the converted model calls it under ``torch.no_grad`` (``ConvBNReLU.forward_concat`` for
   the bottlenecks: the concat never built), the per-call check of the filter cache included, the one-off filter
   transform not (in the note);
-* op ``matmul_peak``: the sgemm ceiling (4096^3) measured in the same run, and per block the transform-domain
-  product's own rate (MKL batched matmul at one chunk's shape, 36 x [256, C_in] x [C_in, C_out]).
+* op ``matmul_peak``: the sgemm ceiling (4096^3) measured in the same run, and per block the rate of one chunk's
+  36 transform-domain products (36 x [tiles, C_in] x [C_in, C_out]; C_in the channels Winograd convolves, after
+  the low-resolution split) by the block's own packed kernel (provider ``cpp``,
+  ``winograd_transform_domain_products``) and by MKL's batched matmul (provider ``torch``), which the block
+  used before.
 
 Runs alternate (ATen, Winograd, ATen, ...) in one process, so both see the same machine load: the ratio of
 the medians is the number to read, never a time from another run. ``tflops`` is direct-convolution FLOPs
@@ -32,6 +35,7 @@ from benchmarks.plots import plot_file
 from benchmarks.results import DEFAULT_RESULTS_DIR, append_rows, csv_path, format_markdown, format_table, make_row
 from upernet_fast import reference
 from upernet_fast.backend import backend_unavailable
+from upernet_fast.ops import winograd_conv_bn_relu as winograd
 from upernet_fast.ops.conv_bn_relu import ConvBNReLU
 
 HIDDEN = 512
@@ -43,7 +47,13 @@ BLOCKS = [
     ("bottleneck (PPM)", [(768, 16, 16)] + [(HIDDEN, s, s) for s in (1, 2, 3, 6)]),
     ("fpn_bottleneck", [(HIDDEN, 128 >> k, 128 >> k) for k in range(4)]),
 ]
-CHUNK_TILES = 256  # tiles per transform-domain product in csrc/cpu/winograd_conv_bn_relu.cpp
+CHUNK_TILES = 256  # tiles per transform-domain product in csrc/cpu/winograd_conv_bn_relu.cpp (whole tile rows)
+
+
+def _chunk_tiles(height: int, width: int) -> int:
+    """Tiles of the first chunk of products at this map size (the .cpp's convolve, batch 1)."""
+    tiles_h, tiles_w = -(-height // 4), -(-width // 4)
+    return min(max(1, CHUNK_TILES // tiles_w), tiles_h) * tiles_w
 
 
 def _block(cin: int, cout: int) -> ConvBNReLU:
@@ -62,12 +72,12 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def _matmul_row(stamp: dict, shape: str, flop: float, fn, sgemm_gflops: float | None = None):
-    """(row, GFLOP/s) of a matmul ceiling: best of 3 calls after one warm-up."""
+def _matmul_row(stamp: dict, shape: str, flop: float, fn, sgemm_gflops: float | None = None, provider: str = "torch"):
+    """(row, GFLOP/s) of a matmul ceiling or of one chunk's products: best of 3 calls after one warm-up."""
     fn()
     best = min(_seconds(fn) for _ in range(3))
     gflops = flop / best / 1e9
-    row = make_row(stamp, suite="winograd", op="matmul_peak", provider="torch", mode="mm", shape=shape, dtype="fp32",
+    row = make_row(stamp, suite="winograd", op="matmul_peak", provider=provider, mode="mm", shape=shape, dtype="fp32",
                    layout="-", p20_ms=best * 1e3, p50_ms=best * 1e3, p80_ms=best * 1e3, tflops=gflops / 1e3,
                    pct_matmul=100.0 if sgemm_gflops is None else gflops / sgemm_gflops * 100,
                    note="best of 3; " + ("the ceiling of the pct_matmul column" if sgemm_gflops is None else
@@ -130,10 +140,19 @@ def main(argv=None) -> int:
             for _ in range(args.repeats):
                 times["eager"].append(_seconds(eager))
                 times["cpp"].append(_seconds(ours))
-        v, u = torch.randn(36, CHUNK_TILES, cin), torch.randn(36, HIDDEN, cin)
-        bmm_row, _ = _matmul_row(stamp, f"bmm 36x[{CHUNK_TILES},{cin}]x[{cin},{HIDDEN}] ({name})",
-                                 2 * 36 * CHUNK_TILES * cin * HIDDEN, lambda: torch.bmm(v, u.transpose(1, 2)), sgemm)
-        del v, u
+        # One chunk's products: the channels Winograd convolves (the rest go through the low-resolution split).
+        first = winograd.lowres_first(inputs, (height, width)) if len(inputs) > 1 else None
+        direct = sum(c for c, _, _ in shapes[:first])
+        tiles = _chunk_tiles(height, width)
+        v, u = torch.randn(36, tiles, direct), torch.randn(36, HIDDEN, direct)
+        packed = winograd.winograd_filter_transform(torch.randn(HIDDEN, direct, 3, 3))
+        product_shape = f"36x[{tiles},{direct}]x[{direct},{HIDDEN}] ({name})"
+        product_flop = 2 * 36 * tiles * direct * HIDDEN
+        bmm_row, _ = _matmul_row(stamp, f"bmm {product_shape}", product_flop,
+                                 lambda: torch.bmm(v, u.transpose(1, 2)), sgemm)
+        packed_row, _ = _matmul_row(stamp, f"packed products {product_shape}", product_flop,
+                                    lambda: winograd.winograd_transform_domain_products(v, packed), sgemm, "cpp")
+        del v, u, packed
         for provider, samples in times.items():
             p20, p50, p80 = measure.quantiles([s * 1e3 for s in samples])
             note = f"medians of {args.repeats}, alternating with the other provider"
@@ -144,8 +163,8 @@ def main(argv=None) -> int:
                                  dtype="fp32", layout=layout, p20_ms=p20, p50_ms=p50, p80_ms=p80,
                                  tflops=flop / (p50 * 1e-3) / 1e12, pct_matmul=flop / (p50 * 1e-3) / 1e9 / sgemm * 100,
                                  note=note))
-        rows.append(bmm_row)
-        print(format_table(rows[-3:]), flush=True)
+        rows += [packed_row, bmm_row]
+        print(format_table(rows[-4:]), flush=True)
     rows[0]["note"] += f"; load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}"
     path = csv_path(args.results_dir, "winograd", "cpu")
     append_rows(path, rows)

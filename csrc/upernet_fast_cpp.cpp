@@ -57,8 +57,12 @@ TORCH_LIBRARY(upernet_fast_cpp, m) {
   m.def("bn_relu_eval(Tensor x, Tensor scale, Tensor shift) -> Tensor");
   m.def("bn_relu_eval_backward(Tensor grad, Tensor y, Tensor x, Tensor scale) -> (Tensor, Tensor, Tensor)");
   // 3x3 stride-1 padding-1 convolution + bias + ReLU by Winograd F(4x4, 3x3), inference only (no backward):
-  // the filter transform (36, C_out, C_in), computed once per weight and cached by the caller, and the conv.
+  // the filter transform (36, C_out, C_in; values in the products' packed order), computed once per weight and
+  // cached by the caller, and the conv.
   m.def("winograd_filter_transform(Tensor weight) -> Tensor");
+  // The conv's 36 transform-domain products alone, v (36, tiles, C_in) @ U^T -> (36, tiles, C_out): for the
+  // products' own tests and benchmark rows.
+  m.def("winograd_transform_domain_products(Tensor v, Tensor filter) -> Tensor");
   m.def("winograd_conv_bias_relu(Tensor x, Tensor filter, Tensor bias) -> Tensor");
   // The same conv over upsample_concat(tensors, size) (bitwise), reading the inputs without building the concat.
   m.def("winograd_upsample_concat_conv_bias_relu(Tensor[] tensors, SymInt[] size, Tensor filter, Tensor bias) -> Tensor");

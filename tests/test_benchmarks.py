@@ -210,8 +210,11 @@ def test_winograd_bench_writes_rows_with_flop_rates_and_plots(tmp_path):
     assert winograd_conv_bn_relu.main(["--blocks", "fpn_convs.2", "--repeats", "1", "--results-dir", str(tmp_path)]) == 0
     rows = read_rows(tmp_path / "winograd_cpu.csv")
     by_provider = {(r["op"], r["provider"]): r for r in rows}
-    assert set(by_provider) == {("matmul_peak", "torch"), ("fpn_convs.2", "eager"), ("fpn_convs.2", "cpp")}
-    assert len([r for r in rows if r["op"] == "matmul_peak"]) == 2  # sgemm ceiling and the block's bmm
+    assert set(by_provider) == {("matmul_peak", "torch"), ("matmul_peak", "cpp"), ("fpn_convs.2", "eager"),
+                                ("fpn_convs.2", "cpp")}
+    # sgemm ceiling, and the block's chunk of products by MKL's bmm and by the packed kernel (32x32: 64 tiles)
+    assert len([r for r in rows if r["op"] == "matmul_peak"]) == 3
+    assert by_provider[("matmul_peak", "cpp")]["shape"] == "packed products 36x[64,512]x[512,512] (fpn_convs.2)"
     for r in rows:
         assert all(r[c] for c in ALWAYS_REQUIRED) and float(r["p50_ms"]) > 0
         assert float(r["tflops"]) > 0 and float(r["pct_matmul"]) > 0

@@ -109,6 +109,38 @@ def _judge(block, x, out):
 # ------------------------------------------------------------------------------------------------ accuracy
 
 
+# G of F(4x4, 3x3) at the points 0, 1, -1, 1/2, -2, infinity (filter_transform_1d in the .cpp): U = G g G^T.
+_G = torch.tensor([[1, 0, 0], [1 / 3, 1 / 3, 1 / 3], [-1 / 3, 1 / 3, -1 / 3], [-16 / 15, -8 / 15, -4 / 15],
+                   [1 / 15, -2 / 15, 4 / 15], [0, 0, 1]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("v_layout", ["tile-major", "channel-major"])
+@pytest.mark.parametrize("shape", [(64, 512, 512), (16, 768, 512), (7, 300, 40), (1, 3, 5)],
+                         ids=["fpn_convs.2", "PPM", "edges", "tiny"])
+def test_transform_domain_products_against_float64(ops, shape, v_layout):
+    # The packed products alone, against float64 products of the float64 transform, next to float32 products
+    # by at::bmm (MKL) of the same float32 operands: the whole-tensor (RMS) error within 1.5x MKL's (measured
+    # 1.13-1.28x over three seeds at each shape: depth blocks of 256 summed by chained multiply-adds, where MKL
+    # blocks more finely), the largest within the accuracy policy's 4x (one element of a small sample moves a
+    # lot: 1.1-2.6x at the edges shape). Shapes: the head's small maps (one and three depth blocks), and edges:
+    # a partial register block of rows (7 = 6 + 1), a partial depth block, a narrow last column panel
+    # (40 = 16 + 16 + 8), a single tile. Channel-major V is the NCHW path's.
+    tiles, cin, cout = shape
+    gen = torch.Generator().manual_seed(tiles + cin + cout)
+    weight = torch.randn(cout, cin, 3, 3, generator=gen) * (2.0 / (9 * cin)) ** 0.5
+    u64 = torch.einsum("ik,ockl,jl->ijoc", _G, weight.double(), _G).reshape(36, cout, cin)
+    if v_layout == "tile-major":
+        v = torch.randn(36, tiles, cin, generator=gen)
+    else:
+        v = torch.randn(36, cin, tiles, generator=gen).transpose(1, 2)
+    ours = ops.winograd_transform_domain_products(v, ops.winograd_filter_transform(weight))
+    truth = torch.bmm(v.double(), u64.transpose(1, 2))
+    mkl = torch.bmm(v, u64.float().transpose(1, 2))
+    assert ours.shape == truth.shape and ours.is_contiguous()
+    assert (ours - truth).norm() <= 1.5 * (mkl - truth).norm(), ((ours - truth).norm(), (mkl - truth).norm())
+    assert (ours - truth).abs().max() <= 4 * (mkl - truth).abs().max()
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", list(HEAD_SHAPES.values()), ids=list(HEAD_SHAPES))
 def test_head_shapes_within_4x_aten_error(ops, shape, layout):
@@ -173,19 +205,25 @@ def test_layouts_give_the_dense_layouts_bits_and_pytorchs_output_layout(ops, lay
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_bitwise_repeatable_and_thread_count_invariant(ops, layout):
-    # 40 x 70: 10 x 18 tiles in two chunks; 64 channels: whole and partial vectors of both kinds.
-    block = _block(64, 72, seed=9)
-    x = in_layout(_input(2, 64, 40, 70, seed=10), layout)
+    # 40 x 70: 10 x 18 tiles in two chunks; 64 channels: whole and partial vectors of both kinds; 72 output
+    # channels: four whole column panels of the products and a narrow one. 300 input channels: two depth
+    # blocks of the products, the second partial. 12 threads (oversubscribed here): the products split each
+    # point's column panels between threads, which fewer threads never do.
+    block = _block(300, 72, seed=9)
+    x = in_layout(_input(2, 300, 40, 70, seed=10), layout)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
         first = _winograd_run(block, x)
         assert torch.equal(first, _winograd_run(block, x))
-        torch.set_num_threads(1)
-        single = _winograd_run(block, x)
+        others = []
+        for n in (1, 12):
+            torch.set_num_threads(n)
+            others.append(_winograd_run(block, x))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(first.view(torch.int32), single.view(torch.int32))
+    for other in others:
+        assert torch.equal(first.view(torch.int32), other.view(torch.int32))
 
 
 # ------------------------------------------------------------------------------- routing: what runs it
@@ -461,6 +499,8 @@ def test_opcheck(ops):
     weight = torch.randn(6, 5, 3, 3, generator=gen)
     torch.library.opcheck(ops.winograd_filter_transform, (weight,))
     filter = ops.winograd_filter_transform(weight)
+    for v in (torch.randn(36, 7, 5, generator=gen), torch.randn(36, 5, 7, generator=gen).transpose(1, 2)):
+        torch.library.opcheck(ops.winograd_transform_domain_products, (v, filter))
     bias = torch.randn(6, generator=gen)
     for x in (torch.randn(2, 5, 7, 9, generator=gen),
               torch.randn(2, 5, 7, 9, generator=gen).contiguous(memory_format=torch.channels_last)):
@@ -489,6 +529,8 @@ def test_bad_inputs_raise_clear_errors(ops):
         (lambda: ops.winograd_conv_bias_relu(x[0], filter, bias), "x must be a 4D"),
         (lambda: ops.winograd_conv_bias_relu(torch.randn(1, 4, 4, 4), filter, bias), "C_in = x.size"),
         (lambda: ops.winograd_conv_bias_relu(x, filter, torch.randn(5)), "bias must have shape"),
+        (lambda: ops.winograd_conv_bias_relu(x, filter.transpose(1, 2).contiguous().transpose(1, 2), bias),
+         "filter must be contiguous"),
         (lambda: ops.winograd_conv_bias_relu(torch.randn(0, 5, 4, 4), filter, bias), "no empty dimension"),
         (lambda: concat([x, x[:, :0]], [4, 4], filter, bias), r"tensors\[1\] must have no empty dimension"),
         (lambda: concat([x, x[:1, :1].expand(2, 1, 4, 4)], [4, 4], filter, bias), r"tensors\[1\] has batch size 2"),

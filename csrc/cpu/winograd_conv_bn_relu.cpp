@@ -28,8 +28,7 @@
 // Built with -ffp-contract=off like the rest of the extension: no multiply-add is fused.
 #include "bilinear.h"
 #include "winograd_lowres.h"
-
-#include <ATen/ops/bmm.h>
+#include "winograd_products.h"
 
 #include <torch/library.h>
 
@@ -131,7 +130,8 @@ inline void output_transform_2d(const Vec m[kPoints], const Vec& bias, Vec out[1
   }
 }
 
-// ---- the filter transform: U[p][co][ci], p = 6 * row + column of G g G^T
+// ---- the filter transform: U[p][co][ci], p = 6 * row + column of G g G^T, its values stored in column panels
+// for the products (winograd_products.h).
 
 Tensor winograd_filter_transform(const Tensor& weight) {
   TORCH_CHECK(weight.defined() && weight.device().is_cpu(), "weight must be a CPU tensor");
@@ -139,34 +139,41 @@ Tensor winograd_filter_transform(const Tensor& weight) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
               "weight must have shape (C_out, C_in, 3, 3), got ", weight.sizes());
   const Tensor w = weight.contiguous();
-  const int64_t out_channels = w.size(0), in_channels = w.size(1), pairs = out_channels * in_channels;
+  const int64_t out_channels = w.size(0), in_channels = w.size(1);
+  const int64_t panels = winograd::column_panels(out_channels);
   Tensor transformed = at::empty({kPoints, out_channels, in_channels}, w.options());
   const float* src = w.data_ptr<float>();
   float* dst = transformed.data_ptr<float>();
-  // Blocks of pairs transformed into a local [36][block] buffer, then written as 36 contiguous runs: one
-  // pair at a time would scatter its 36 values `pairs` apart, 36 write streams that measured several times
-  // slower than the arithmetic.
-  constexpr int64_t kPairBlock = 256;
-  at::parallel_for(0, (pairs + kPairBlock - 1) / kPairBlock, 1, [&](int64_t block_begin, int64_t block_end) {
-    std::vector<float> buffer(kPoints * kPairBlock);
-    for (int64_t block = block_begin; block < block_end; ++block) {
-      const int64_t first = block * kPairBlock, count = std::min(kPairBlock, pairs - first);
-      for (int64_t k = 0; k < count; ++k) {
-        const float* g = src + (first + k) * 9;
-        double rows[6][3], row[3], out[6], column[3];  // rows: G g (6x3)
-        for (int j = 0; j < 3; ++j) {
-          for (int i = 0; i < 3; ++i) column[i] = g[i * 3 + j];
-          filter_transform_1d(column, out);
-          for (int i = 0; i < 6; ++i) rows[i][j] = out[i];
-        }
-        for (int i = 0; i < 6; ++i) {
-          for (int j = 0; j < 3; ++j) row[j] = rows[i][j];
-          filter_transform_1d(row, out);
-          for (int j = 0; j < 6; ++j) buffer[(i * 6 + j) * kPairBlock + k] = static_cast<float>(out[j]);
+  // Blocks of one panel's output x kDepth input channels transformed into a local [36][depth][panel] buffer,
+  // then written as 36 contiguous runs: one pair at a time would scatter its 36 values a whole point's matrix
+  // apart, 36 write streams that measured several times slower than the arithmetic.
+  constexpr int64_t kDepth = 16, kBlock = kDepth * winograd::kPanel;
+  const int64_t depth_blocks = (in_channels + kDepth - 1) / kDepth;
+  at::parallel_for(0, panels * depth_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(kPoints * kBlock);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t panel = item / depth_blocks, ci0 = (item % depth_blocks) * kDepth;
+      const int64_t depth = std::min(kDepth, in_channels - ci0);
+      const int64_t width = std::min(winograd::kPanel, out_channels - panel * winograd::kPanel);
+      for (int64_t k = 0; k < depth; ++k) {
+        for (int64_t n = 0; n < width; ++n) {
+          const float* g = src + ((panel * winograd::kPanel + n) * in_channels + ci0 + k) * 9;
+          double rows[6][3], row[3], out[6], column[3];  // rows: G g (6x3)
+          for (int j = 0; j < 3; ++j) {
+            for (int i = 0; i < 3; ++i) column[i] = g[i * 3 + j];
+            filter_transform_1d(column, out);
+            for (int i = 0; i < 6; ++i) rows[i][j] = out[i];
+          }
+          for (int i = 0; i < 6; ++i) {
+            for (int j = 0; j < 3; ++j) row[j] = rows[i][j];
+            filter_transform_1d(row, out);
+            for (int j = 0; j < 6; ++j) buffer[(i * 6 + j) * kBlock + k * width + n] = static_cast<float>(out[j]);
+          }
         }
       }
       for (int64_t p = 0; p < kPoints; ++p) {
-        std::copy_n(buffer.data() + p * kPairBlock, count, dst + p * pairs + first);
+        std::copy_n(buffer.data() + p * kBlock, depth * width,
+                    dst + winograd::packed_offset(p, panel * winograd::kPanel, ci0, out_channels, in_channels));
       }
     }
   });
@@ -377,7 +384,8 @@ void transform_output_nchw(const float* m, const float* bias, const Geometry& g,
   });
 }
 
-// in_channels_name: what in_channels is, for the error ("x.size(1)", "the concat's channels").
+// in_channels_name: what in_channels is, for the error ("x.size(1)", "the concat's channels"). The bias gives
+// the output channels (the packed filter rounds them up to whole panels).
 void check_filter_and_bias(const Tensor& filter, const Tensor& bias, const char* in_channels_name,
                            int64_t in_channels) {
   TORCH_CHECK(filter.defined() && filter.device().is_cpu() && filter.scalar_type() == at::kFloat,
@@ -386,6 +394,8 @@ void check_filter_and_bias(const Tensor& filter, const Tensor& bias, const char*
               "filter must have shape (36, C_out, C_in) with C_in = ", in_channels_name, " = ", in_channels, ", got ",
               filter.sizes());
   TORCH_CHECK(filter.size(1) > 0, "filter must have at least one output channel, got ", filter.sizes());
+  // Its values are in the products' packed order, which only a dense tensor of that shape keeps.
+  TORCH_CHECK(filter.is_contiguous(), "filter must be contiguous (winograd_filter_transform's output as it is)");
   TORCH_CHECK(bias.defined() && bias.device().is_cpu() && bias.scalar_type() == at::kFloat,
               "bias must be a float32 CPU tensor");
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == filter.size(1), "bias must have shape (", filter.size(1),
@@ -393,8 +403,8 @@ void check_filter_and_bias(const Tensor& filter, const Tensor& bias, const char*
 }
 
 // The convolution of the concatenation of `inputs` (each dense in the given layout) at size height x width,
-// plus, channels_last only, that of the low-resolution sources `lowres` (channels after the inputs'; filter
-// then holds the inputs' channels only, a view of the whole transform).
+// plus, channels_last only, that of the low-resolution sources `lowres` (channels after the inputs', whose part
+// of the filter the products skip).
 Tensor convolve(const std::vector<Tensor>& inputs, int64_t height, int64_t width, bool channels_last,
                 const Tensor& filter, const Tensor& bias, const std::vector<LowResSource>& lowres = {}) {
   std::vector<Source> sources;
@@ -404,8 +414,6 @@ Tensor convolve(const std::vector<Tensor>& inputs, int64_t height, int64_t width
     in_channels += t.size(1);
   }
   const int64_t out_channels = filter.size(1);
-  // A view narrowed to the first input channels keeps its row stride: at::bmm reads it in place.
-  const Tensor weights = filter.stride(2) == 1 ? filter : filter.contiguous();
   const Tensor shift = bias.contiguous();
   Geometry g{inputs[0].size(0), in_channels, out_channels, height, width, 0, 0};
   g.tiles_h = (g.height + kTile - 1) / kTile;
@@ -426,23 +434,47 @@ Tensor convolve(const std::vector<Tensor>& inputs, int64_t height, int64_t width
     const int64_t tiles = (row1 - row0) * g.tiles_w;
     const int64_t v_stride = padded_point_stride(tiles * g.in_channels);
     const int64_t m_stride = padded_point_stride(tiles * out_channels);
+    float* v = v_buffer.data_ptr<float>();
+    float* m = m_buffer.data_ptr<float>();
+    // M[p] (tiles x C_out) = V[p] (tiles x C_in) @ U[p]^T: V and M tile-major (channels_last) or channel-major
+    // (NCHW), as the transforms write and read them.
+    const winograd::Matrix v_matrix = channels_last ? winograd::Matrix{v, g.in_channels, 1, v_stride}
+                                                    : winograd::Matrix{v, 1, tiles, v_stride};
+    const winograd::Matrix m_matrix = channels_last ? winograd::Matrix{m, out_channels, 1, m_stride}
+                                                    : winograd::Matrix{m, 1, tiles, m_stride};
     if (channels_last) {
-      // M[p] (tiles x C_out) = V[p] (tiles x C_in) @ U[p]^T (C_in x C_out)
-      transform_input_channels_last(sources, g, row0, row1, v_buffer.data_ptr<float>());
-      Tensor m3 = m_buffer.as_strided({kPoints, tiles, out_channels}, {m_stride, out_channels, 1});
-      at::bmm_out(m3, v_buffer.as_strided({kPoints, tiles, g.in_channels}, {v_stride, g.in_channels, 1}),
-                  weights.transpose(1, 2));
-      transform_output_channels_last(m_buffer.data_ptr<float>(), bias_ptr, g, row0, row1, dst, lowres);
+      transform_input_channels_last(sources, g, row0, row1, v);
     } else {
       TORCH_CHECK(lowres.empty(), "low-resolution sources need a channels_last output");
-      // M[p] (C_out x tiles) = U[p] (C_out x C_in) @ V[p] (C_in x tiles)
-      transform_input_nchw(sources, g, row0, row1, v_buffer.data_ptr<float>());
-      Tensor m3 = m_buffer.as_strided({kPoints, out_channels, tiles}, {m_stride, tiles, 1});
-      at::bmm_out(m3, weights, v_buffer.as_strided({kPoints, g.in_channels, tiles}, {v_stride, tiles, 1}));
-      transform_output_nchw(m_buffer.data_ptr<float>(), bias_ptr, g, row0, row1, dst);
+      transform_input_nchw(sources, g, row0, row1, v);
+    }
+    winograd::transform_domain_products(v_matrix, filter.const_data_ptr<float>(), filter.size(2), m_matrix, tiles,
+                                        g.in_channels, out_channels);
+    if (channels_last) {
+      transform_output_channels_last(m, bias_ptr, g, row0, row1, dst, lowres);
+    } else {
+      transform_output_nchw(m, bias_ptr, g, row0, row1, dst);
     }
   }
   return out;
+}
+
+// The 36 products alone: v (36, tiles, C_in), any strides, @ U^T -> (36, tiles, C_out) dense.
+Tensor winograd_transform_domain_products(const Tensor& v, const Tensor& filter) {
+  TORCH_CHECK(v.defined() && v.device().is_cpu() && v.scalar_type() == at::kFloat, "v must be a float32 CPU tensor");
+  TORCH_CHECK(v.dim() == 3 && v.size(0) == kPoints && v.size(1) > 0 && v.size(2) > 0,
+              "v must have shape (36, tiles, C_in) with no empty dimension, got ", v.sizes());
+  TORCH_CHECK(filter.defined() && filter.device().is_cpu() && filter.scalar_type() == at::kFloat,
+              "filter must be a float32 CPU tensor (winograd_filter_transform's output)");
+  TORCH_CHECK(filter.dim() == 3 && filter.size(0) == kPoints && filter.size(2) == v.size(2) && filter.size(1) > 0,
+              "filter must have shape (36, C_out, C_in) with C_in = v.size(2) = ", v.size(2), ", got ", filter.sizes());
+  TORCH_CHECK(filter.is_contiguous(), "filter must be contiguous (winograd_filter_transform's output as it is)");
+  Tensor m = at::empty({kPoints, v.size(1), filter.size(1)}, v.options());
+  const winograd::Matrix v_matrix{const_cast<float*>(v.const_data_ptr<float>()), v.stride(1), v.stride(2), v.stride(0)};
+  const winograd::Matrix m_matrix{m.data_ptr<float>(), m.stride(1), 1, m.stride(0)};
+  winograd::transform_domain_products(v_matrix, filter.const_data_ptr<float>(), filter.size(2), m_matrix, v.size(1),
+                                      v.size(2), filter.size(1));
+  return m;
 }
 
 Tensor winograd_conv_bias_relu(const Tensor& x, const Tensor& filter, const Tensor& bias) {
@@ -523,13 +555,14 @@ Tensor winograd_upsample_concat_conv_bias_relu_lowres(at::TensorList tensors, c1
     lowres.emplace_back(inputs.tensors[k], taps, first, size[0], size[1]);
   }
   const std::vector<Tensor> direct(inputs.tensors.begin(), inputs.tensors.begin() + first_lowres);
-  return convolve(direct, size[0], size[1], true, filter.narrow(2, 0, direct_channels), bias, lowres);
+  return convolve(direct, size[0], size[1], true, filter, bias, lowres);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(upernet_fast_cpp, CPU, m) {
   m.impl("winograd_filter_transform", &winograd_filter_transform);
+  m.impl("winograd_transform_domain_products", &winograd_transform_domain_products);
   m.impl("winograd_conv_bias_relu", &winograd_conv_bias_relu);
   m.impl("winograd_upsample_concat_conv_bias_relu", &winograd_upsample_concat_conv_bias_relu);
   m.impl("winograd_upsample_concat_conv_bias_relu_lowres", &winograd_upsample_concat_conv_bias_relu_lowres);

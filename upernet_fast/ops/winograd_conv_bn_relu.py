@@ -5,7 +5,8 @@ Inference only, CPU, float32, 3x3 convolutions with stride 1, padding 1, dilatio
 autograd-free eval calls here (:func:`why_not` says why any other call keeps the folded ATen convolution).
 
 BatchNorm is folded into the conv weight and bias (``_fold``, the same fold as the ATen path) and the folded
-weight is transformed once (U = G g G^T, (36, C_out, C_in)), then reused. The cache must never serve a
+weight is transformed once (U = G g G^T, (36, C_out, C_in), its values stored in the order the C++ products
+read them), then reused. The cache must never serve a
 stale transform: it is keyed on the conv weight tensor, and every call compares the current values of every
 input of the fold (conv weight and bias, BN weight, bias, running mean and variance, eps) bit for bit with a
 snapshot taken when the transform was made; any difference recomputes it. Version counters or data pointers
@@ -70,6 +71,12 @@ def _concat_conv_fake(tensors, size, filter, bias):
 
 
 FILTER_TRANSFORM_OP = InferenceOp("winograd_filter_transform(Tensor weight) -> Tensor", _filter_fake, op_name=OP)
+# The conv's 36 transform-domain products alone (tests and benchmark rows of the products).
+PRODUCTS_OP = InferenceOp(
+    "winograd_transform_domain_products(Tensor v, Tensor filter) -> Tensor",
+    lambda v, filter: v.new_empty((TRANSFORM_POINTS, v.shape[1], filter.shape[1])),
+    op_name=OP,
+)
 CONV_OP = InferenceOp("winograd_conv_bias_relu(Tensor x, Tensor filter, Tensor bias) -> Tensor", _conv_fake, op_name=OP)
 CONCAT_CONV_OP = InferenceOp(
     "winograd_upsample_concat_conv_bias_relu(Tensor[] tensors, SymInt[] size, Tensor filter, Tensor bias) -> Tensor",
@@ -85,6 +92,7 @@ LOWRES_CONCAT_CONV_OP = InferenceOp(
     op_name=OP,
 )
 winograd_filter_transform = FILTER_TRANSFORM_OP.in_extension(_backend.CPP_NAMESPACE)
+winograd_transform_domain_products = PRODUCTS_OP.in_extension(_backend.CPP_NAMESPACE)
 winograd_conv_bias_relu = CONV_OP.in_extension(_backend.CPP_NAMESPACE)
 winograd_upsample_concat_conv_bias_relu = CONCAT_CONV_OP.in_extension(_backend.CPP_NAMESPACE)
 winograd_upsample_concat_conv_bias_relu_lowres = LOWRES_CONCAT_CONV_OP.in_extension(_backend.CPP_NAMESPACE)
