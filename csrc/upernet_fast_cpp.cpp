@@ -26,6 +26,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <string>
+#include <vector>
 
 TORCH_LIBRARY(upernet_fast_cpp, m) {
   // adaptive_avg_pool_multi: one (B, C, s, s) map per scale, in x's memory format (suggest_memory_format).
@@ -90,6 +91,20 @@ std::string vec_isa() {
 #endif
 }
 
+// How many threads one at::parallel_for of this extension really runs on. Why: at::parallel_for is a header
+// template compiled into the extension, parallel only when the extension itself is built with OpenMP; built
+// without it (as this project's extension was until 2026-11-28) every kernel silently ran on one thread.
+int parallel_for_threads() {
+  std::vector<int> ran(at::get_num_threads(), 0);
+  at::parallel_for(0, static_cast<int64_t>(ran.size()), 1, [&](int64_t begin, int64_t end) {
+    const int thread = at::get_thread_num();
+    if (thread >= 0 && thread < static_cast<int>(ran.size())) ran[thread] = 1;
+  });
+  int count = 0;
+  for (int r : ran) count += r;
+  return count;
+}
+
 pybind11::dict build_info() {
   pybind11::dict info;
 #if defined(__clang__)
@@ -103,6 +118,12 @@ pybind11::dict build_info() {
   info["vec_isa"] = vec_isa();
   info["vec_float_lanes"] = static_cast<int>(at::vec::Vectorized<float>::size());
   info["num_threads"] = at::get_num_threads();
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  info["parallel_for_threads"] = parallel_for_threads();
 #ifdef UPERNET_FAST_CFLAGS
   info["flags"] = std::string(UPERNET_FAST_STR(UPERNET_FAST_CFLAGS));
 #endif

@@ -21,6 +21,22 @@ def test_builds_loads_and_registers_every_op():
     info = module.build_info()
     assert info["torch_version"] == torch.__version__.split("+")[0]
     assert info["vec_float_lanes"] >= 4 and info["num_threads"] >= 1
+    assert info["openmp"]
+
+
+def test_kernels_run_on_every_thread_torch_allows():
+    # at::parallel_for compiles into the extension and is parallel only when the extension is built with
+    # OpenMP (it was not until 2026-11-28: every kernel ran on one thread). The extension's own
+    # parallel_for must run on as many threads as torch.set_num_threads gives it (the runtime torch uses).
+    module = cpp_extension.load()
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            info = module.build_info()
+            assert info["num_threads"] == n and info["parallel_for_threads"] == n, (n, info)
+    finally:
+        torch.set_num_threads(threads)
     for name in ("adaptive_avg_pool_multi", "adaptive_avg_pool_multi_backward", "upsample_add",
                  "upsample_add_backward", "upsample_concat", "upsample_concat_backward", "upsample_cross_entropy",
                  "upsample_cross_entropy_backward", "bn_relu_channel_stats", "bn_relu_apply",

@@ -55,7 +55,8 @@ def _build(args) -> int:
     info = cpp_extension.build_info()
     print(f"C++ extension built: {cpp_extension.status()['path']} ({seconds:.1f} s)")
     print(f"  {info['compiler']} | torch {info['torch_version']} | at::vec {info['vec_isa']} "
-          f"({info['vec_float_lanes']} float lanes) | {info['num_threads']} threads")
+          f"({info['vec_float_lanes']} float lanes) | {info['num_threads']} threads "
+          f"(OpenMP {'on' if info.get('openmp') else 'OFF: kernels run on one thread'})")
     print(f"  flags: {info['flags']}")
     return 0
 

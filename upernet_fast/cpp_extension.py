@@ -78,7 +78,7 @@ def _isa() -> str:
 # Linked with -fopenmp, the extension needs libgomp.so.1, which resolves to the copy libtorch_cpu has already
 # loaded (torch/lib/libgomp.so.1, the same soname): one OpenMP runtime, whose thread count
 # torch.set_num_threads sets.
-_OPENMP_FLAGS = ["-fopenmp"]
+_OPENMP_FLAGS = ("-fopenmp",)
 
 
 def cflags() -> list[str]:
@@ -212,7 +212,7 @@ def load(*, announce: bool = True):
                 name=NAME,
                 sources=[str(p) for p in sources(source_dir())],
                 extra_cflags=cflags(),
-                extra_ldflags=_OPENMP_FLAGS,
+                extra_ldflags=list(_OPENMP_FLAGS),  # a copy: torch's load appends its own flags to the list
                 extra_include_paths=[str(source_dir() / "cpu")],
                 build_directory=str(directory),
                 verbose=True,
