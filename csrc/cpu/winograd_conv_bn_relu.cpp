@@ -11,21 +11,25 @@
 //
 // with the interpolation points 0, 1, -1, 1/2, -2 and infinity (see below why not Lavin and Gray's). The 36
 // element-wise products summed over input channels are 36 independent matrix products
-// [tiles x C_in] x [C_in x C_out], done by at::bmm (MKL; measured here at ~77 GFLOP/s for 256-512 tiles,
-// against ~70 at 128 or 1024, which is why tiles are processed in chunks of ~256).
+// [tiles x C_in] x [C_in x C_out], done by the packed-filter kernel of winograd_products.h (the filter transform
+// stored in its panel order once per cached weight), in chunks of ~256 tiles (the V and M buffers stay a few MB).
+// It replaced at::bmm (MKL), which re-packed the whole filter transform on every call: on the small maps that
+// copy was a quarter of the block (32x32: 64 tiles; 2 threads, 36 x [64 x 512] x [512 x 512]: 12.3 ms packed
+// against 18.3 ms by bmm, and about equal at 256 tiles, 2026-11-28).
 //
 // Layouts: the transforms are vectorised (at::vec::Vectorized<float>) along whichever dimension is
 // contiguous: channels for channels_last maps, tiles of one tile row for NCHW maps. The transform-domain
-// matrices are laid out to match (tile-major or channel-major), and at::bmm takes either form through its
-// transpose flags, so no layout conversion pass is ever made on dense inputs.
+// matrices are laid out to match (tile-major or channel-major), and the products read and write either form
+// (winograd::Matrix's strides), so no layout conversion pass is ever made on dense inputs.
 //
 // Determinism: every output element is computed by the same sequence of float operations whatever the
 // thread count or the split of work (vector lanes are independent; a partial vector runs the same code on
-// zero-padded lanes), the chunking of tiles is fixed by the shapes alone, and at::bmm (MKL sgemm) gave
-// bitwise the same products with 1 and 2 threads at these shapes (tests/test_winograd_conv_bn_relu.py
-// checks the whole op). The low-resolution sources' products (winograd_lowres.h) keep that property: at::mm
+// zero-padded lanes; the products' summation order is fixed by the shapes, see winograd_products.h), and the
+// chunking of tiles is fixed by the shapes alone (tests/test_winograd_conv_bn_relu.py checks the whole op on
+// 1, 2 and 12 threads). The low-resolution sources' products (winograd_lowres.h) keep that property: at::mm
 // where MKL measured thread-count invariant, a kernel of their own where it did not.
-// Built with -ffp-contract=off like the rest of the extension: no multiply-add is fused.
+// Built with -ffp-contract=off like the rest of the extension: no multiply-add is fused implicitly (the
+// products' explicit ones are the exception, see winograd_products.h).
 #include "bilinear.h"
 #include "winograd_lowres.h"
 #include "winograd_products.h"
@@ -40,7 +44,7 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kTile = 4;        // output tile side (m of F(m x m, 3 x 3))
 constexpr int64_t kPatch = 6;       // input tile side, m + 3 - 1
 constexpr int64_t kPoints = 36;     // kPatch^2: transform-domain positions = independent matrix products
-constexpr int64_t kChunkTiles = 256;  // tiles per matrix product (see the header: best measured bmm rate)
+constexpr int64_t kChunkTiles = 256;  // tiles per chunk of products (whole tile rows; see the header)
 
 // Channels of a channels_last tile gathered per step (transform_input_channels_last): 36 x 64 floats, 9 KB.
 constexpr int64_t kChannelBlock = 64;
@@ -50,13 +54,13 @@ constexpr int64_t kChannelBlock = 64;
 // With dense matrices of a power-of-two size (256 tiles x 2048 channels: 2 MiB) all 36 addresses share their
 // low 12+ bits, so they compete for one set of the L1 and L2 caches (8 ways) and alias in the store buffer;
 // the extra line spreads them over 36 sets. Measured single-threaded, 2048 -> 512 at 128x128: the input
-// transform took as long as a third of the matrix products. at::bmm takes the padded batch stride as it is.
+// transform took as long as a third of the matrix products. The products take the padded point stride as it is.
 inline int64_t padded_point_stride(int64_t matrix_size) { return matrix_size + 64 / sizeof(float); }
 
 // ---- 1D transforms, each a fixed sequence of adds and multiplies by constants (any T: float, double, Vec)
 //
 // Interpolation points 0, 1, -1, 1/2, -2 and infinity rather than Lavin and Gray's 0, +-1, +-2: measured here
-// (float32 products through at::bmm, float64 reference, 512 -> 512 channels) the maximum error drops from
+// (float32 products through at::bmm then, float64 reference, 512 -> 512 channels) the maximum error drops from
 // ~3x to ~1.2x that of ATen's direct convolution; with +-2 the weights 8 and 64 of the output transform
 // amplify the products' rounding (the point choice of Barabasz, Anderson, Soodhalter and Gregg, "Error
 // analysis and improving the accuracy of Winograd convolution for deep neural networks", 2020).

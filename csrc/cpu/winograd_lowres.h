@@ -36,7 +36,7 @@ namespace upernet_fast_cpp {
 // place. Few rows (the PPM's branches: 1 to 36 pixels per image) go through the small kernel below, many (the
 // FPN's levels) through at::mm (MKL). Why: MKL splits small products by thread count, and gave different bits
 // with 1 and 2 threads for 9 x 512 @ 512 x 4608 (the 3x3 branch, batch 1); at 36 rows and more, and at the
-// FPN's 256 and 1024, it gave the same bits (as at::bmm does at the Winograd products, see the .cpp's header),
+// FPN's 256 and 1024, it gave the same bits (as at::bmm did at the Winograd products before their own kernel),
 // so the whole op's bits stay independent of the thread count. At few rows the product is memory-bound
 // (the weight slice is read once), so the small kernel loses nothing to MKL there.
 constexpr int64_t kSmallProductRows = 32;
@@ -47,8 +47,8 @@ constexpr int64_t kSmallProductRows = 32;
 // (L1/L2-resident: at most 32 rows of the thread's columns) between chunks. Why: b is read exactly once, each
 // of its rows streamed in order with a software prefetch 4 blocks ahead; the first version walked one column
 // block down all K rows (one cache line per row, 9 C_out floats apart, a new page each time) and streamed
-// b at 2-4 GB/s, 2-4x slower than this (1, 4, 9 rows @ 512 x 4608: 3.3, 4.6, 5.2 ms -> 0.7, 1.2, 2.2 ms, 2
-// threads; MKL 0.7, 2.6, 2.8). Each output element is summed over k in order from zero, the same bits for any
+// b at 2-4 GB/s, 2-4x slower than this (1, 4, 9 rows @ 512 x 4608: 3.3, 4.6, 5.2 ms -> 0.7, 1.2, 2.2 ms on one
+// thread: the extension was built without OpenMP then; MKL on 2 threads 0.7, 2.6, 2.8). Each output element is summed over k in order from zero, the same bits for any
 // thread count (and the same as that first version). Separate multiply and add, as everywhere in the extension.
 inline void small_products(const float* a, int64_t lda, const float* b, int64_t ldb, float* out, int64_t rows,
                            int64_t depth, int64_t columns) {
