@@ -6,6 +6,10 @@ per-channel statistics. The FPN concat is saved by ``fpn_bottleneck``'s convolut
 resize and a copy of four such BN+ReLU outputs. Saving both is what makes the head's training memory: at batch
 2, 256x256 on ConvNeXt-T, the concat alone is 64 MiB, more than a tenth of the step's peak.
 
+The same holds one step up the FPN: each top-down sum (``upsample_add`` of two such outputs) and the NCHW copy
+of it that an ``fpn_convs`` convolution reads (``conv_bn_relu.cpu_training_conv_input``) are rebuilt from
+recipes too (:func:`remember_from_recipes`), 21 MiB at that size.
+
 While :func:`recomputing` is active (the heads wrap their training forward in it), the ops that make such
 tensors record how to rebuild them (:func:`remember`: the same kernel on tensors autograd keeps anyway), and a
 ``saved_tensors_hooks`` pair saves that recipe instead of the tensor; the backward reruns it. The rebuilt tensor
@@ -42,7 +46,7 @@ class Recipe:
         self.build = build
         # An input that has a recipe itself is kept as that recipe, never as the tensor: holding the tensor
         # would keep alive exactly what recomputation is meant to free.
-        self.inputs = [_recipes.get(t, t) if isinstance(t, torch.Tensor) else t for t in inputs]
+        self.inputs = [(_recipe_of(t) or t) if isinstance(t, torch.Tensor) else t for t in inputs]
         self.input_versions = [t._version if isinstance(t, torch.Tensor) else None for t in self.inputs]
         self.version = made._version
 
@@ -65,6 +69,13 @@ class Recipe:
         return out
 
 
+def _recipe_of(tensor: torch.Tensor) -> Recipe | None:
+    """The tensor's recipe, unless the tensor was modified in place since it was made (the recipe would then
+    rebuild the values it had before)."""
+    recipe = _recipes.get(tensor)
+    return recipe if recipe is not None and recipe.version == tensor._version else None
+
+
 def _active() -> bool:
     return getattr(_state, "depth", 0) > 0 and not getattr(_state, "disabled", 0)
 
@@ -75,18 +86,28 @@ def remember(made: torch.Tensor, build: Callable[..., torch.Tensor], inputs: Seq
     ``inputs`` must be tensors that autograd saves anyway (or that have recipes), so that keeping them costs
     nothing; ``build`` must be the kernel that made ``made``, so that the rebuilt tensor has the same bits.
     """
-    # is_compiling stays first (under torch.compile nothing else is looked at); then the cheapest test: outside
-    # training nothing requires grad, and the thread-local state need not be read.
-    if torch.compiler.is_compiling() or not made.requires_grad or not _active():
+    # is_compiling stays first (under torch.compile nothing else is looked at). ``made`` need not require grad
+    # to be saved: with a frozen backbone, a convolution still saves its input for its weight's gradient.
+    if torch.compiler.is_compiling() or not _active():
+        return
+    _recipes[made] = Recipe(made, build, inputs)
+
+
+def remember_from_recipes(
+    made: torch.Tensor, build: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]
+) -> None:
+    """:func:`remember`, but only when every input has a recipe itself (and is unmodified since it was made).
+
+    For ops whose backward saves none of their inputs (``upsample_add``, a layout copy): a recipe holding such
+    an input as a tensor would keep alive what autograd had let go, costing memory instead of saving it.
+    """
+    if torch.compiler.is_compiling() or not _active() or not all(_recipe_of(t) for t in inputs):
         return
     _recipes[made] = Recipe(made, build, inputs)
 
 
 def _pack(tensor: torch.Tensor):
-    recipe = _recipes.get(tensor)
-    if recipe is not None and recipe.version == tensor._version:
-        return recipe
-    return tensor
+    return _recipe_of(tensor) or tensor
 
 
 def _unpack(saved):

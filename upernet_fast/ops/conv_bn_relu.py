@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from upernet_fast import backend as _backend
-from upernet_fast import reference
+from upernet_fast import recompute, reference
 from upernet_fast._checks import check_tensor
 from upernet_fast.ops.bn_relu import (
     batch_norm_why_not,
@@ -91,7 +91,12 @@ class ConvBNReLU(nn.Module):
         return conv_bn_relu(input, self.conv, self.batch_norm, backend=getattr(self, "backend", "auto"))
 
     def forward_concat(
-        self, tensors: Sequence[torch.Tensor], size: Sequence[int], *, concat_backend: str = "auto"
+        self,
+        tensors: Sequence[torch.Tensor],
+        size: Sequence[int],
+        *,
+        concat_backend: str = "auto",
+        release: bool = False,
     ) -> torch.Tensor:
         """``self(upsample_concat(tensors, size, backend=concat_backend))``, the bottlenecks' input and block.
 
@@ -99,6 +104,9 @@ class ConvBNReLU(nn.Module):
         of the Winograd block), one fused op computes it without building the concat: the Winograd input
         transform reads each tensor where it is and resizes it on the fly, bitwise the unfused result. Anywhere
         else, and whenever a hook on this module is there to see its input, exactly the two calls.
+
+        ``release=True`` (``tensors`` must then be a list): the list is emptied once the concat is built, so
+        that the maps only it still held are freed before the convolution runs instead of after it.
         """
         backend = getattr(self, "backend", "auto")
         if (
@@ -111,7 +119,10 @@ class ConvBNReLU(nn.Module):
             return winograd.winograd_upsample_concat_conv_bn_relu(tensors, size, self.conv, self.batch_norm)
         from upernet_fast.ops.upsample_concat import upsample_concat  # imports this module's package
 
-        return self(upsample_concat(tensors, size, backend=concat_backend))
+        concat = upsample_concat(tensors, size, backend=concat_backend)
+        if release:
+            tensors.clear()
+        return self(concat)
 
 
 def _has_forward_hooks(module: nn.Module) -> bool:
@@ -226,8 +237,21 @@ def cpu_training_conv_input(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         and (x.requires_grad or conv.weight.requires_grad)
         and not x.is_contiguous()
     ):
-        return x.contiguous()
+        copy = x.contiguous()
+        if not torch.compiler.is_compiling():  # (recipes are not made under torch.compile)
+            _remember_copy(copy, x)
+        return copy
     return x
+
+
+def _remember_copy(copy: torch.Tensor, x: torch.Tensor) -> None:
+    """The copy is what the convolution saves for its backward; it is rebuilt there from ``x`` instead
+    (upernet_fast.recompute) where keeping ``x`` costs nothing more: ``x`` rebuilt itself (the FPN sums), or ``x``
+    dense, the copy's size, and usually kept anyway (the auxiliary head's input, which a lateral conv saves)."""
+    if x.untyped_storage().nbytes() == x.numel() * x.element_size():
+        recompute.remember(copy, torch.Tensor.contiguous, (x,))
+    else:  # a view into a larger storage: keeping x would keep all of it
+        recompute.remember_from_recipes(copy, torch.Tensor.contiguous, (x,))
 
 
 def _cpp_conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, batch_norm: nn.Module) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from upernet_fast import backend as _backend
-from upernet_fast import reference
+from upernet_fast import recompute, reference
 from upernet_fast._checks import (
     check_feature_map,
     check_same_placement,
@@ -38,7 +38,11 @@ def upsample_add(low: torch.Tensor, lateral: torch.Tensor, *, backend: str = "au
         )
     impl = _backend.select(OP, backend, low, lateral)
     low, lateral = promote_for_kernels(impl.backend, (low, lateral))
-    return impl.fn(low, lateral)
+    out = impl.fn(low, lateral)
+    # In the FPN both inputs are rebuilt in the backward anyway (BN+ReLU outputs, earlier sums), and the sum is
+    # what fpn_convs' convolutions save: rebuilt from them instead of kept (upernet_fast.recompute).
+    recompute.remember_from_recipes(out, impl.fn, (low, lateral))
+    return out
 
 
 # ---- kernel backends: one declaration (schemas, fakes, autograd) for the Triton and the C++ kernels --------
