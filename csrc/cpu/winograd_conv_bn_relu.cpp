@@ -43,7 +43,8 @@ using Vec = at::vec::Vectorized<float>;
 
 constexpr int64_t kTile = 4;        // output tile side (m of F(m x m, 3 x 3))
 constexpr int64_t kPatch = 6;       // input tile side, m + 3 - 1
-constexpr int64_t kPoints = 36;     // kPatch^2: transform-domain positions = independent matrix products
+using winograd::kPoints;  // kPatch^2: transform-domain positions = independent matrix products
+static_assert(kPoints == kPatch * kPatch, "F(4x4, 3x3) has 6 x 6 transform-domain positions");
 constexpr int64_t kChunkTiles = 256;  // tiles per chunk of products (whole tile rows; see the header)
 
 // Channels of a channels_last tile gathered per step (transform_input_channels_last): 36 x 64 floats, 9 KB.
@@ -388,10 +389,9 @@ void transform_output_nchw(const float* m, const float* bias, const Geometry& g,
   });
 }
 
-// in_channels_name: what in_channels is, for the error ("x.size(1)", "the concat's channels"). The bias gives
-// the output channels (the packed filter rounds them up to whole panels).
-void check_filter_and_bias(const Tensor& filter, const Tensor& bias, const char* in_channels_name,
-                           int64_t in_channels) {
+// The filter as winograd_filter_transform made it, for in_channels input channels; in_channels_name: what
+// in_channels is, for the error ("x.size(1)", "the concat's channels").
+void check_filter(const Tensor& filter, const char* in_channels_name, int64_t in_channels) {
   TORCH_CHECK(filter.defined() && filter.device().is_cpu() && filter.scalar_type() == at::kFloat,
               "filter must be a float32 CPU tensor (winograd_filter_transform's output)");
   TORCH_CHECK(filter.dim() == 3 && filter.size(0) == kPoints && filter.size(2) == in_channels,
@@ -400,6 +400,11 @@ void check_filter_and_bias(const Tensor& filter, const Tensor& bias, const char*
   TORCH_CHECK(filter.size(1) > 0, "filter must have at least one output channel, got ", filter.sizes());
   // Its values are in the products' packed order, which only a dense tensor of that shape keeps.
   TORCH_CHECK(filter.is_contiguous(), "filter must be contiguous (winograd_filter_transform's output as it is)");
+}
+
+void check_filter_and_bias(const Tensor& filter, const Tensor& bias, const char* in_channels_name,
+                           int64_t in_channels) {
+  check_filter(filter, in_channels_name, in_channels);
   TORCH_CHECK(bias.defined() && bias.device().is_cpu() && bias.scalar_type() == at::kFloat,
               "bias must be a float32 CPU tensor");
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == filter.size(1), "bias must have shape (", filter.size(1),
@@ -468,11 +473,7 @@ Tensor winograd_transform_domain_products(const Tensor& v, const Tensor& filter)
   TORCH_CHECK(v.defined() && v.device().is_cpu() && v.scalar_type() == at::kFloat, "v must be a float32 CPU tensor");
   TORCH_CHECK(v.dim() == 3 && v.size(0) == kPoints && v.size(1) > 0 && v.size(2) > 0,
               "v must have shape (36, tiles, C_in) with no empty dimension, got ", v.sizes());
-  TORCH_CHECK(filter.defined() && filter.device().is_cpu() && filter.scalar_type() == at::kFloat,
-              "filter must be a float32 CPU tensor (winograd_filter_transform's output)");
-  TORCH_CHECK(filter.dim() == 3 && filter.size(0) == kPoints && filter.size(2) == v.size(2) && filter.size(1) > 0,
-              "filter must have shape (36, C_out, C_in) with C_in = v.size(2) = ", v.size(2), ", got ", filter.sizes());
-  TORCH_CHECK(filter.is_contiguous(), "filter must be contiguous (winograd_filter_transform's output as it is)");
+  check_filter(filter, "v.size(2)", v.size(2));
   Tensor m = at::empty({kPoints, v.size(1), filter.size(1)}, v.options());
   const winograd::Matrix v_matrix{const_cast<float*>(v.const_data_ptr<float>()), v.stride(1), v.stride(2), v.stride(0)};
   const winograd::Matrix m_matrix{m.data_ptr<float>(), m.stride(1), 1, m.stride(0)};

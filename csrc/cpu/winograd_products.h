@@ -43,7 +43,7 @@ namespace winograd {
 
 constexpr int64_t kPanel = 16;        // output channels per packed column panel (the filter's last dimension)
 constexpr int64_t kDepthBlock = 256;  // depth per pass: a column panel's block is 16 KB (L1)
-constexpr int64_t kPoints = 36;
+constexpr int64_t kPoints = 36;       // transform-domain positions of F(4x4, 3x3): 6 x 6 independent products
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVecsPerRow = kPanel / Vec::size();  // 2 on AVX2 and NEON, 1 on AVX-512
@@ -53,7 +53,6 @@ constexpr int64_t kRows = kVecsPerRow >= 2 ? 6 : 12;
 static_assert(kPanel % Vec::size() == 0, "a panel must be whole vectors");
 
 inline int64_t column_panels(int64_t out_channels) { return (out_channels + kPanel - 1) / kPanel; }
-
 
 // Where an operand or result matrix lies: element (row, column) at data[row * row_stride + column *
 // column_stride]. The products' V and M are row-major (channels_last: tile-major) or column-major (NCHW:
@@ -139,7 +138,6 @@ inline int64_t packed_offset(int64_t p, int64_t co, int64_t ci, int64_t out_chan
 inline void transform_domain_products(const Matrix& v, const float* filter, int64_t filter_depth, const Matrix& m,
                                       int64_t rows, int64_t depth, int64_t out_channels) {
   const int64_t panels = column_panels(out_channels);
-  const int64_t last_width = out_channels - (panels - 1) * kPanel;
   // Work items: (point, group of column panels). One group per point unless there are few points per thread:
   // each item packs its point's rows once per depth block, so fewer groups pack less.
   const int64_t threads = at::get_num_threads();
@@ -158,7 +156,7 @@ inline void transform_domain_products(const Matrix& v, const float* filter, int6
         pack_rows(v, p, rows, k0, block, packed.data());
         for (int64_t panel = first_panel; panel < last_panel; ++panel) {
           const int64_t columns = std::min(kPanel, out_channels - panel * kPanel);
-          const float* b = filter + (p * out_channels + panel * kPanel) * filter_depth + k0 * columns;
+          const float* b = filter + packed_offset(p, panel * kPanel, k0, out_channels, filter_depth);
           if (columns < kPanel) {
             narrow_panel.assign(block * kPanel, 0.f);
             for (int64_t k = 0; k < block; ++k) std::copy_n(b + k * columns, columns, &narrow_panel[k * kPanel]);
