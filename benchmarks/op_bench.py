@@ -28,7 +28,7 @@ class Built:
     """One case's inputs and the ways to run it."""
 
     args: tuple  # tensors handed to both the public op and the reference
-    leaves: list  # tensors whose .grad a backward writes (reset between calls)
+    leaves: list  # the tensors a backward differentiates (its gradients are returned, see ops_suite)
     public: Callable  # public(*args, backend=name)
     reference: Callable  # reference(*args), compiled for the "compile" provider
     select_args: tuple  # the arguments upernet_fast.backend.select gets for this call

@@ -38,16 +38,26 @@ std::vector<Tensor> pool(const Tensor& x, c10::IntArrayRef scales) {
       // NCHW: one (b, block of L = Vec::size() channels) per work item. The block's planes are transposed
       // once into a pixel-major buffer (lane = channel), then every bin of every scale is a run of vector
       // adds: the same additions per channel, in the same order, as a scalar loop, L channels at a time.
-      const int64_t L = Vec::size(), cblocks = (C + L - 1) / L;
+      constexpr int64_t L = Vec::size();
+      const int64_t cblocks = (C + L - 1) / L;
+      const bool dense_planes = sw == 1 && sh == W;
       at::parallel_for(0, B * cblocks, kGrain, [&](int64_t begin, int64_t end) {
         std::vector<opmath_t> buf(H * W * L), lanes(L);
+        const scalar_t* planes[L];
         for (int64_t item = begin; item < end; ++item) {
           const int64_t b = item / cblocks, c0 = (item % cblocks) * L, n = std::min(L, C - c0);
-          for (int64_t lane = 0; lane < L; ++lane) {
-            const scalar_t* p = xp + b * sb + (c0 + std::min(lane, n - 1)) * sc;
+          // Lanes past the last channel re-read it: their sums are computed but never stored.
+          for (int64_t lane = 0; lane < L; ++lane) planes[lane] = xp + b * sb + (c0 + std::min(lane, n - 1)) * sc;
+          if (dense_planes) {
+            for (int64_t i = 0; i < H * W; ++i) {
+              for (int64_t lane = 0; lane < L; ++lane) buf[i * L + lane] = static_cast<opmath_t>(planes[lane][i]);
+            }
+          } else {
             for (int64_t ih = 0; ih < H; ++ih) {
               for (int64_t iw = 0; iw < W; ++iw) {
-                buf[(ih * W + iw) * L + lane] = lane < n ? static_cast<opmath_t>(p[ih * sh + iw * sw]) : opmath_t(0);
+                for (int64_t lane = 0; lane < L; ++lane) {
+                  buf[(ih * W + iw) * L + lane] = static_cast<opmath_t>(planes[lane][ih * sh + iw * sw]);
+                }
               }
             }
           }
@@ -159,39 +169,60 @@ Tensor pool_backward(at::TensorList grads, c10::IntArrayRef input_shape, bool ch
       const int64_t L = Vec::size(), cblocks = (C + L - 1) / L;
       std::vector<int64_t> first_bin{0};
       for (const int64_t s : scales) first_bin.push_back(first_bin.back() + s * s);
+      // The bins each input pixel sums, in that order, as offsets into the scaled bins (CSR over pixels): the
+      // same for every work item, so built once instead of walking the scales' bin ranges per pixel.
+      std::vector<int64_t> pixel_start{0}, pixel_bins;
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t w = 0; w < W; ++w) {
+          for (size_t k = 0; k < K; ++k) {
+            const int64_t s = scales[k];
+            for (int64_t oh = ax_h[k].lo[h]; oh <= ax_h[k].hi[h]; ++oh) {
+              for (int64_t ow = ax_w[k].lo[w]; ow <= ax_w[k].hi[w]; ++ow) {
+                pixel_bins.push_back((first_bin[k] + oh * s + ow) * L);
+              }
+            }
+          }
+          pixel_start.push_back(static_cast<int64_t>(pixel_bins.size()));
+        }
+      }
       at::parallel_for(0, B * cblocks, kGrain, [&](int64_t begin, int64_t end) {
-        std::vector<opmath_t> scaled(first_bin.back() * L), res(H * W * L);
+        std::vector<opmath_t> scaled(first_bin.back() * L), res(H * W * L), lanes(L);
         for (int64_t item = begin; item < end; ++item) {
           const int64_t b = item / cblocks, c0 = (item % cblocks) * L, n = std::min(L, C - c0);
           for (size_t k = 0; k < K; ++k) {
             const Strided& g = gs[k];
             const int64_t s = scales[k];
             for (int64_t oh = 0; oh < s; ++oh) {
-              const opmath_t kh = static_cast<opmath_t>(ax_h[k].size[oh]);
+              const Vec kh(static_cast<opmath_t>(ax_h[k].size[oh]));
               for (int64_t ow = 0; ow < s; ++ow) {
-                const opmath_t kw = static_cast<opmath_t>(ax_w[k].size[ow]);
-                opmath_t* dst = scaled.data() + (first_bin[k] + oh * s + ow) * L;
+                const Vec kw(static_cast<opmath_t>(ax_w[k].size[ow]));
+                const scalar_t* src = g.p + b * g.sb + c0 * g.sc + oh * g.sh + ow * g.sw;
                 for (int64_t lane = 0; lane < L; ++lane) {
-                  const opmath_t v = lane < n ? static_cast<opmath_t>(
-                                                    g.p[b * g.sb + (c0 + lane) * g.sc + oh * g.sh + ow * g.sw])
-                                              : opmath_t(0);
-                  dst[lane] = v / kh / kw;
+                  lanes[lane] = lane < n ? static_cast<opmath_t>(src[lane * g.sc]) : opmath_t(0);
                 }
+                (Vec::loadu(lanes.data()) / kh / kw).store(scaled.data() + (first_bin[k] + oh * s + ow) * L);
               }
             }
           }
-          for (int64_t h = 0; h < H; ++h) {
-            for (int64_t w = 0; w < W; ++w) {
-              Vec acc(0);
-              for (size_t k = 0; k < K; ++k) {
-                const int64_t s = scales[k];
-                for (int64_t oh = ax_h[k].lo[h]; oh <= ax_h[k].hi[h]; ++oh) {
-                  for (int64_t ow = ax_w[k].lo[w]; ow <= ax_w[k].hi[w]; ++ow) {
-                    acc = acc + Vec::loadu(scaled.data() + (first_bin[k] + oh * s + ow) * L);
-                  }
-                }
+          // Four pixels at a time, each with its own accumulator and its own bins in its own order: the four
+          // chains of dependent adds overlap instead of running one after another.
+          const opmath_t* bins = scaled.data();
+          constexpr int64_t kPixels = 4;
+          for (int64_t p0 = 0; p0 < H * W; p0 += kPixels) {
+            const int64_t np = std::min(kPixels, H * W - p0);
+            Vec acc[kPixels] = {Vec(0), Vec(0), Vec(0), Vec(0)};
+            int64_t shared = pixel_start[p0 + 1] - pixel_start[p0];
+            for (int64_t k = 1; k < np; ++k) shared = std::min(shared, pixel_start[p0 + k + 1] - pixel_start[p0 + k]);
+            for (int64_t t = 0; t < shared; ++t) {
+              for (int64_t k = 0; k < kPixels; ++k) {
+                if (k < np) acc[k] = acc[k] + Vec::loadu(bins + pixel_bins[pixel_start[p0 + k] + t]);
               }
-              acc.store(res.data() + (h * W + w) * L);
+            }
+            for (int64_t k = 0; k < np; ++k) {
+              for (int64_t q = pixel_start[p0 + k] + shared; q < pixel_start[p0 + k + 1]; ++q) {
+                acc[k] = acc[k] + Vec::loadu(bins + pixel_bins[q]);
+              }
+              acc[k].store(res.data() + (p0 + k) * L);
             }
           }
           for (int64_t lane = 0; lane < n; ++lane) {

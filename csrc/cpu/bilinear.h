@@ -250,39 +250,52 @@ void resize_backward(const Tensor& grad, int64_t c_offset, const Tensor& grad_in
   const View4<scalar_t> o(grad_in.data_ptr<scalar_t>(), grad_in);
 
   if (!is_channels_last_layout(grad_in)) {
-    // One input row (b, c, i) per work item. The output rows it gathers, reduced along W to the w input
-    // columns, are kept in a ring of max_readers slots keyed by (plane, output row): the next input row
-    // reuses the ones it shares. Per-task memory: (max_readers + 2) rows of w values and one of W.
+    // One input row (b, c..c+L-1, i) of L = Vec::size() planes per work item, one plane per vector lane, so
+    // that the reduction along W (a few weights per input column, at an irregular offset) runs on whole
+    // vectors instead of one scalar per product: each lane performs exactly the scalar operations, in the
+    // same order, for its own plane (the last group's unused lanes compute zeros and are never stored).
+    // The output rows an input row gathers, reduced along W to the w input columns, are kept in a ring of
+    // max_readers slots keyed by (plane group, output row): the next input row reuses the ones it shares.
+    // Per-task memory: (max_readers + 1) rows of w vectors and one of W (the L planes' output row, columns
+    // as vectors).
+    constexpr int64_t L = Vec::size();
+    const int64_t groups = (C + L - 1) / L;
     const int64_t ring = std::max<int64_t>(ah.max_readers, 1);
-    at::parallel_for(0, B * C * h, kGrain, [&](int64_t begin, int64_t end) {
-      std::vector<opmath_t> slots(ring * w), acc(w), tmp_g(W), tmp_out(w);
+    at::parallel_for(0, B * groups * h, kGrain, [&](int64_t begin, int64_t end) {
+      std::vector<Vec> slots(ring * w), acc(w), cols(W, Vec(0));
       std::vector<int64_t> keys(ring, -1);
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t plane = r / h, i = r % h, b = plane / C, c = plane % C;
-        std::fill(acc.begin(), acc.end(), opmath_t(0));
+        const int64_t group = r / h, i = r % h, b = group / groups, c0 = (group % groups) * L;
+        const int64_t planes = std::min(L, C - c0);
+        std::fill(acc.begin(), acc.end(), Vec(0));
         const int64_t n_rows = ah.readers(i);
         for (int64_t t = 0; t < n_rows; ++t) {
           const int64_t d = ah.lo[i] + t;
-          opmath_t* hrow = slots.data() + (d % ring) * w;
-          const int64_t key = plane * H + d;
+          Vec* hrow = slots.data() + (d % ring) * w;
+          const int64_t key = group * H + d;
           if (keys[d % ring] != key) {
-            const opmath_t* gr = row_in(g.at(b, c + c_offset, d, 0), g.sw, W, tmp_g.data());
+            opmath_t* col_lanes = reinterpret_cast<opmath_t*>(cols.data());  // [W][L]
+            for (int64_t p = 0; p < planes; ++p) {
+              const scalar_t* gr = g.at(b, c0 + p + c_offset, d, 0);
+              for (int64_t e = 0; e < W; ++e) col_lanes[e * L + p] = static_cast<opmath_t>(gr[e * g.sw]);
+            }
             for (int64_t j = 0; j < w; ++j) {
               const opmath_t* wj = aw.gw.data() + aw.start[j];
-              const opmath_t* ge = gr + aw.lo[j];
-              opmath_t sum(0);
-              for (int64_t e = 0, n = aw.readers(j); e < n; ++e) sum += wj[e] * ge[e];
+              const Vec* ge = cols.data() + aw.lo[j];
+              Vec sum(0);
+              for (int64_t e = 0, n = aw.readers(j); e < n; ++e) sum = sum + Vec(wj[e]) * ge[e];
               hrow[j] = sum;
             }
             keys[d % ring] = key;
           }
           const Vec wd(ah.gw[ah.start[i] + t]);
-          vec_for<opmath_t>(w, [&](int64_t k, int64_t n) {
-            vstore(acc.data() + k, n, vload(acc.data() + k, n) + wd * vload(hrow + k, n));
-          });
+          for (int64_t j = 0; j < w; ++j) acc[j] = acc[j] + wd * hrow[j];
         }
-        scalar_t* out_row = o.at(b, c, i, 0);
-        row_out(out_row, o.sw, w, acc.data());
+        const opmath_t* acc_lanes = reinterpret_cast<const opmath_t*>(acc.data());  // [w][L]
+        for (int64_t p = 0; p < planes; ++p) {
+          scalar_t* out_row = o.at(b, c0 + p, i, 0);
+          for (int64_t j = 0; j < w; ++j) out_row[j * o.sw] = static_cast<scalar_t>(acc_lanes[j * L + p]);
+        }
       }
     });
     return;
