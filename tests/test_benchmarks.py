@@ -272,6 +272,36 @@ def test_quantiles_interpolate_linearly():
     assert quantiles([7.0]) == [7.0, 7.0, 7.0]
 
 
+def test_cpu_peak_memory_is_the_true_peak_of_live_tensors():
+    """The CPU peak follows each allocation and free as it happens (not each op's net amount at its start), above
+    what was live before, and a second profiler session in the same process gives the same answer."""
+    from upernet_fast.measure import peak_memory_mb
+
+    mib = 2**20 // 4  # float32 elements in one MiB
+
+    def sequence():
+        a = torch.empty(4 * mib)
+        b = torch.empty(2 * mib)  # 6 MiB live: the peak
+        del a
+        c = torch.empty(1 * mib)
+        del b, c
+
+    x = torch.randn(8 * mib, requires_grad=True)
+
+    def exp_backward():
+        # exp's output (8 MiB, saved for the backward) and then the incoming gradient times it (8 MiB, stolen as
+        # x.grad) are live together: 16 MiB, inside the backward.
+        x.exp().sum().backward()
+
+    for fn, expected in ((sequence, 6.0), (exp_backward, 16.0)):
+        for _ in range(2):
+            x.grad = None
+            peak, base = peak_memory_mb(fn, "cpu")
+            assert base is None
+            assert peak == pytest.approx(expected, abs=0.01), (fn.__name__, peak)
+    assert peak_memory_mb(sequence, "cpu", cpu=False) == (None, None)
+
+
 # --------------------------------------------------------------------------------------- bytes model by hand
 def test_bytes_model_hand_computed():
     f32, bf16 = 4, 2
