@@ -54,6 +54,10 @@ TORCH_LIBRARY(upernet_fast_cpp, m) {
   m.def(
       "bn_relu_backward_input(Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, "
       "Tensor sum_g, Tensor sum_gxhat, float count) -> Tensor");
+  // Both in one pass per channel (NCHW, no process group): (grad_x, sum_g, sum_gxhat), the same bits.
+  m.def(
+      "bn_relu_backward_fused(Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias) "
+      "-> (Tensor, Tensor, Tensor)");
   // BatchNorm + ReLU, eval (running statistics folded into a per-channel affine).
   m.def("bn_relu_eval(Tensor x, Tensor scale, Tensor shift) -> Tensor");
   m.def("bn_relu_eval_backward(Tensor grad, Tensor y, Tensor x, Tensor scale) -> (Tensor, Tensor, Tensor)");

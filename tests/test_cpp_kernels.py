@@ -380,6 +380,58 @@ def test_bn_relu_matches_triton(ops, layout):
                       kernels.bn_relu_backward_input(grad, x, t_mean, invstd, weight, bias, *t_sums, 126.0))
 
 
+@pytest.mark.parametrize("shape", BN_SHAPES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16))
+def test_bn_relu_backward_fused_is_reduce_then_input_bitwise(ops, shape, dtype):
+    """The one-pass NCHW backward gives exactly the two-op backward's bits (sums and grad_x), for 1, 2 and 3
+    threads; channels_last is refused with a message naming the two ops to use."""
+    n, c, h, w = BN_SHAPES[shape]
+    x = (_randn((n, c, h, w), seed=1) * 3 + 1).to(dtype)
+    weight, bias, grad = _randn((c,), seed=2), _randn((c,), seed=3), _randn((n, c, h, w), seed=4).to(dtype)
+    mean, var = ops.bn_relu_channel_stats(x)
+    invstd = torch.rsqrt(var + 1e-5)
+    sum_g, sum_gxhat = ops.bn_relu_backward_reduce(grad, x, mean, invstd, weight, bias)
+    dx = ops.bn_relu_backward_input(grad, x, mean, invstd, weight, bias, sum_g, sum_gxhat, float(n * h * w))
+    fused = _with_threads(2, lambda: ops.bn_relu_backward_fused(grad, x, mean, invstd, weight, bias))
+    _assert_same_bits(list(fused), [dx, sum_g, sum_gxhat])
+    _deterministic(lambda: ops.bn_relu_backward_fused(grad, x, mean, invstd, weight, bias))
+    if c > 1 and h * w > 1:
+        cl = x.contiguous(memory_format=torch.channels_last)
+        with pytest.raises(RuntimeError, match="x must be NCHW .*bn_relu_backward_reduce"):
+            ops.bn_relu_backward_fused(grad, cl, mean, invstd, weight, bias)
+
+
+def test_bn_relu_training_backward_takes_the_fused_kernel_for_nchw_only(ops, monkeypatch):
+    """The public op's cpp backward calls the one-pass kernel on NCHW maps and the two-op pair on channels_last
+    ones (call recording: a silent fallback would pass every parity test)."""
+    import importlib
+
+    from upernet_fast import ops as public
+
+    bn_module = importlib.import_module("upernet_fast.ops.bn_relu")  # the module (the package exports the function)
+    calls = []
+    real = bn_module._cpp_kernels
+
+    def recording():
+        kernels = real()
+        for name in ("bn_relu_backward_fused", "bn_relu_backward_reduce", "bn_relu_backward_input"):
+            setattr(kernels, name, (lambda f, name: lambda *a: calls.append(name) or f(*a))(getattr(kernels, name), name))
+        return kernels
+
+    monkeypatch.setattr(bn_module, "_cpp_kernels", recording)
+    for fmt, expected in ((torch.contiguous_format, ["bn_relu_backward_fused"]),
+                          (torch.channels_last, ["bn_relu_backward_reduce", "bn_relu_backward_input"])):
+        calls.clear()
+        bn = torch.nn.BatchNorm2d(6).train()
+        y = _randn((2, 6, 9, 7), seed=1).contiguous(memory_format=fmt).requires_grad_()
+        out = public.bn_relu(y, bn, backend="cpp")
+        (grad_y,) = torch.autograd.grad(out, y, _randn(out.shape, seed=2))
+        expected_grad = torch.autograd.grad(reference.bn_relu(y, torch.nn.BatchNorm2d(6).train()), y,
+                                            _randn(out.shape, seed=2))[0]
+        _assert_grad_close(grad_y, expected_grad)
+        assert calls == expected, (fmt, calls)
+
+
 @pytest.mark.parametrize("layout", ("contiguous", "channels_last", "sliced"))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
 def test_bn_relu_eval_matches_eager(ops, layout, dtype):

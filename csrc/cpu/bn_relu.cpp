@@ -216,6 +216,77 @@ Tensor backward_input(const Tensor& grad_in, const Tensor& x_in, const Tensor& m
   return dx;
 }
 
+// The backward without a process group, NCHW, one channel per work item: the channel's two sums over the same
+// fixed chunks combined in the same order as backward_reduce, then its grad_x exactly as backward_input computes
+// it (count = N*H*W), while the channel's planes of x and grad are still in cache (128 KB for a 128x128 map): x
+// and grad come from memory once instead of twice. The same bits as backward_reduce followed by
+// backward_input, for any number of threads. channels_last maps have no contiguous channel to walk: the caller
+// uses the two ops there (and wherever the sums must be all-reduced between them).
+std::tuple<Tensor, Tensor, Tensor> backward_fused(const Tensor& grad_in, const Tensor& x_in, const Tensor& mean,
+                                                  const Tensor& invstd, const Tensor& weight, const Tensor& bias) {
+  check_grad_of(grad_in, x_in);
+  check_params({mean, invstd, weight, bias}, x_in.size(1));
+  DenseMap m;
+  const Tensor x = dense_map(x_in, m);
+  TORCH_CHECK(!m.cl, "x must be NCHW (contiguous) for bn_relu_backward_fused, got strides ", x_in.strides(),
+              " (channels_last maps take bn_relu_backward_reduce and bn_relu_backward_input)");
+  TORCH_CHECK(m.P() > 0, "x must have at least one value per channel, got shape ", x_in.sizes());
+  const Tensor grad = like_map(grad_in, m);
+  Tensor dx = new_map_like(x, m);
+  Tensor sum_g = at::empty({m.C}, x.options().dtype(opmath_dtype(x)));
+  Tensor sum_gxhat = at::empty({m.C}, sum_g.options());
+  UPERNET_FAST_DISPATCH(x.scalar_type(), "bn_relu_backward_fused", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const auto mu = per_channel<opmath_t>(mean), is = per_channel<opmath_t>(invstd);
+    const auto w = per_channel<opmath_t>(weight), b = per_channel<opmath_t>(bias);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    scalar_t* dp = dx.data_ptr<scalar_t>();
+    opmath_t* sg = sum_g.data_ptr<opmath_t>();
+    opmath_t* sgx = sum_gxhat.data_ptr<opmath_t>();
+    const opmath_t inv_count = static_cast<opmath_t>(1.0 / static_cast<double>(m.P()));  // backward_input's
+    const int64_t chunks = m.chunks();
+    at::parallel_for(0, m.C, kGrain, [&](int64_t begin, int64_t end) {
+      Scratch<opmath_t> tmp(std::min<int64_t>(kChunkPixels, m.HW));
+      std::vector<opmath_t> tx(m.HW), tg(m.HW), to(m.HW);
+      for (int64_t c = begin; c < end; ++c) {
+        const Vec<opmath_t> mean_v(mu[c]), is_v(is[c]), w_v(w[c]), b_v(b[c]);
+        // backward_reduce's two sums (channel_sums2: chunk partials added in chunk order).
+        auto f = [&](const Lanes<opmath_t>&, Vec<opmath_t> v, Vec<opmath_t> g, Vec<opmath_t>) {
+          const auto g_relu = where_positive(bn_affine(v, mean_v, is_v, w_v, b_v), g);
+          return std::array<Vec<opmath_t>, 2>{g_relu, g_relu * (v - mean_v)};
+        };
+        opmath_t a(0), q(0);
+        for (int64_t i = 0; i < chunks; ++i) {
+          const int64_t p0 = i * kChunkPixels, p1 = std::min(p0 + kChunkPixels, m.P());
+          opmath_t pair[2];
+          chunk_sums<2>(m, xp, gp, static_cast<const scalar_t*>(nullptr), p0, p1, c, f, pair, tmp);
+          a += pair[0];
+          q += pair[1];
+        }
+        sg[c] = a;
+        sgx[c] = q * is[c];
+        // backward_input's elementwise pass over the channel's planes (map_elementwise's rows).
+        const Vec<opmath_t> mean_g(sg[c] * inv_count), mean_gx(sgx[c] * inv_count);
+        for (int64_t n = 0; n < m.N; ++n) {
+          const int64_t off = (n * m.C + c) * m.HW;
+          const opmath_t* xr = row_in(xp + off, 1, m.HW, tx.data());
+          const opmath_t* gr = row_in(gp + off, 1, m.HW, tg.data());
+          opmath_t* o = row_buffer<scalar_t, opmath_t>(dp + off, 1, to.data());
+          vec_for<opmath_t>(m.HW, [&](int64_t i, int64_t cnt) {
+            const auto v = vload(xr + i, cnt);
+            const auto g_relu = where_positive(bn_affine(v, mean_v, is_v, w_v, b_v), vload(gr + i, cnt));
+            const auto xhat = (v - mean_v) * is_v;
+            vstore(o + i, cnt, w_v * is_v * (g_relu - mean_g - xhat * mean_gx));
+          });
+          row_out(dp + off, 1, m.HW, o);
+        }
+      }
+    });
+  });
+  return {dx, sum_g, sum_gxhat};
+}
+
 // Eval mode, BatchNorm folded into a per-channel affine: y = relu(x * scale + shift).
 Tensor eval_forward(const Tensor& x_in, const Tensor& scale, const Tensor& shift) {
   check_float_map(x_in, "x");
@@ -277,6 +348,7 @@ TORCH_LIBRARY_IMPL(upernet_fast_cpp, CPU, m) {
   m.impl("bn_relu_apply", &apply);
   m.impl("bn_relu_backward_reduce", &backward_reduce);
   m.impl("bn_relu_backward_input", &backward_input);
+  m.impl("bn_relu_backward_fused", &backward_fused);
   m.impl("bn_relu_eval", &eval_forward);
   m.impl("bn_relu_eval_backward", &eval_backward);
 }
