@@ -253,7 +253,7 @@ void resize_backward(const Tensor& grad, int64_t c_offset, const Tensor& grad_in
     // One input row (b, c..c+L-1, i) of L = Vec::size() planes per work item, one plane per vector lane, so
     // that the reduction along W (a few weights per input column, at an irregular offset) runs on whole
     // vectors instead of one scalar per product: each lane performs exactly the scalar operations, in the
-    // same order, for its own plane (the last group's unused lanes compute zeros and are never stored).
+    // same order, for its own plane (the last group's unused lanes hold stale values and are never stored).
     // The output rows an input row gathers, reduced along W to the w input columns, are kept in a ring of
     // max_readers slots keyed by (plane group, output row): the next input row reuses the ones it shares.
     // Per-task memory: (max_readers + 1) rows of w vectors and one of W (the L planes' output row, columns
