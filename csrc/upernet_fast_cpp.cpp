@@ -13,7 +13,8 @@
 // SymInt; tests/test_cpp_extension.py compares them); the C++ kernels take plain int64_t / IntArrayRef, which
 // the dispatcher converts (concrete sizes only, as any CPU kernel).
 //
-// Fake (Meta) kernels and autograd are registered from Python (upernet_fast/ops), shared with the Triton ops.
+// Fake (Meta) kernels and autograd are registered from Python (upernet_fast/ops), shared with the Triton ops,
+// except for bn_relu_train_step, whose autograd is C++ (csrc/autograd/): it exists to take Python off the call.
 //
 // This is the only file with Python bindings. It includes pybind11 itself rather than torch/extension.h
 // (which pulls in the whole C++ frontend, torch/all.h, and made this file take 3x longer to compile than any
@@ -58,6 +59,11 @@ TORCH_LIBRARY(upernet_fast_cpp, m) {
   m.def(
       "bn_relu_backward_fused(Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias) "
       "-> (Tensor, Tensor, Tensor)");
+  // The training forward in one call (statistics, y, running-statistics update in place): (y, mean, invstd).
+  // Its autograd is C++ (csrc/autograd/bn_relu_autograd.cpp), its backward the kernel ops above; no Python per call.
+  m.def(
+      "bn_relu_train_step(Tensor x, Tensor weight, Tensor bias, Tensor(a!) running_mean, Tensor(b!) running_var, "
+      "Tensor(c!) num_batches_tracked, float? momentum, float eps) -> (Tensor, Tensor, Tensor)");
   // BatchNorm + ReLU, eval (running statistics folded into a per-channel affine).
   m.def("bn_relu_eval(Tensor x, Tensor scale, Tensor shift) -> Tensor");
   m.def("bn_relu_eval_backward(Tensor grad, Tensor y, Tensor x, Tensor scale) -> (Tensor, Tensor, Tensor)");

@@ -402,8 +402,10 @@ def test_bn_relu_backward_fused_is_reduce_then_input_bitwise(ops, shape, dtype):
 
 
 def test_bn_relu_training_backward_takes_the_fused_kernel_for_nchw_only(ops, monkeypatch):
-    """The public op's cpp backward calls the one-pass kernel on NCHW maps and the two-op pair on channels_last
-    ones (call recording: a silent fallback would pass every parity test)."""
+    """The composite's cpp backward (the Python path: SyncBatchNorm, or buffers the one-call op does not take,
+    here none tracked) calls the one-pass kernel on NCHW maps and the two-op pair on channels_last ones (call
+    recording: a silent fallback would pass every parity test). The one-call op's C++ backward is checked the
+    same way in test_bn_relu_train_step.py."""
     import importlib
 
     from upernet_fast import ops as public
@@ -422,7 +424,7 @@ def test_bn_relu_training_backward_takes_the_fused_kernel_for_nchw_only(ops, mon
     for fmt, expected in ((torch.contiguous_format, ["bn_relu_backward_fused"]),
                           (torch.channels_last, ["bn_relu_backward_reduce", "bn_relu_backward_input"])):
         calls.clear()
-        bn = torch.nn.BatchNorm2d(6).train()
+        bn = torch.nn.BatchNorm2d(6, track_running_stats=False).train()
         y = _randn((2, 6, 9, 7), seed=1).contiguous(memory_format=fmt).requires_grad_()
         out = public.bn_relu(y, bn, backend="cpp")
         (grad_y,) = torch.autograd.grad(out, y, _randn(out.shape, seed=2))

@@ -55,7 +55,9 @@ def source_dir() -> Path | None:
 
 
 def sources(root: Path) -> list[Path]:
-    return [root / "upernet_fast_cpp.cpp", *sorted((root / "cpu").glob("*.cpp"))]
+    # csrc/cpu: the CPU kernels; csrc/autograd: autograd formulas written in C++ (device-independent).
+    kernels, autograd = sorted((root / "cpu").glob("*.cpp")), sorted((root / "autograd").glob("*.cpp"))
+    return [root / "upernet_fast_cpp.cpp", *kernels, *autograd]
 
 
 def _isa() -> str:

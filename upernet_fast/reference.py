@@ -105,12 +105,13 @@ def update_running_stats(batch_norm: torch.nn.Module, mean: torch.Tensor, var_un
         if batch_norm.momentum is None:  # cumulative moving average; a tensor factor avoids a host sync
             factor = 1.0 / batch_norm.num_batches_tracked.to(torch.float64)
             keep = 1.0 - factor
-            factor, keep = factor.to(torch.float32), keep.to(torch.float32)
+            factor, keep = factor.to(mean.dtype), keep.to(mean.dtype)
         else:
             factor, keep = batch_norm.momentum, 1.0 - batch_norm.momentum
+        # In the statistics' dtype (float32; float64 for float64 maps, as nn.BatchNorm2d updates float64 buffers).
         rm, rv = batch_norm.running_mean, batch_norm.running_var
-        rm.copy_((mean * factor + rm.float() * keep).to(rm.dtype))
-        rv.copy_((var_unbiased * factor + rv.float() * keep).to(rv.dtype))
+        rm.copy_((mean * factor + rm.to(mean.dtype) * keep).to(rm.dtype))
+        rv.copy_((var_unbiased * factor + rv.to(mean.dtype) * keep).to(rv.dtype))
 
 
 def _cpu_sync_batch_norm_relu(y: torch.Tensor, batch_norm: torch.nn.Module, group) -> torch.Tensor:

@@ -12,7 +12,10 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cmath>
+#include <optional>
 #include <tuple>
+#include <utility>
 
 namespace upernet_fast_cpp {
 namespace {
@@ -37,6 +40,28 @@ inline Vec<opmath_t> where_positive(const Vec<opmath_t>& z, const Vec<opmath_t>&
   return Vec<opmath_t>::blendv(Vec<opmath_t>(0), v, z > Vec<opmath_t>(0));
 }
 
+// The backward's two per-pixel terms, summed per channel: {g_relu, g_relu * (x - mean)} (the second sum times
+// invstd is sum(g_relu * xhat)). One definition for backward_reduce and backward_fused: the same bits.
+template <typename opmath_t>
+inline std::array<Vec<opmath_t>, 2> bn_backward_terms(const Vec<opmath_t>& x, const Vec<opmath_t>& g,
+                                                      const Vec<opmath_t>& mean, const Vec<opmath_t>& invstd,
+                                                      const Vec<opmath_t>& weight, const Vec<opmath_t>& bias) {
+  const auto g_relu = where_positive(bn_affine(x, mean, invstd, weight, bias), g);
+  return {g_relu, g_relu * (x - mean)};
+}
+
+// grad_x = weight * invstd * (g_relu - mean(g_relu) - xhat * mean(g_relu * xhat)), the means over the batch:
+// one definition for backward_input and backward_fused.
+template <typename opmath_t>
+inline Vec<opmath_t> bn_grad_input(const Vec<opmath_t>& x, const Vec<opmath_t>& g, const Vec<opmath_t>& mean,
+                                   const Vec<opmath_t>& invstd, const Vec<opmath_t>& weight,
+                                   const Vec<opmath_t>& bias, const Vec<opmath_t>& mean_g,
+                                   const Vec<opmath_t>& mean_gx) {
+  const auto g_relu = where_positive(bn_affine(x, mean, invstd, weight, bias), g);
+  const auto xhat = (x - mean) * invstd;
+  return weight * invstd * (g_relu - mean_g - xhat * mean_gx);
+}
+
 // grad must be a float map of x's shape and dtype (the backward kernels' incoming gradient).
 void check_grad_of(const Tensor& grad_in, const Tensor& x_in) {
   check_float_map(x_in, "x");
@@ -51,6 +76,49 @@ Tensor new_map_like(const Tensor& x, const DenseMap& m) {
   return huge_pages(at::empty(x.sizes(), x.options().memory_format(memory_format(m.cl))));
 }
 
+// One chunk's exact two-pass moments, pixels [p0, p1): its mean, then M2, the sum of squared deviations from that
+// mean. NCHW: channel c, into mean_out[0] and m2_out[0]; channels_last: every channel, into [0, C).
+template <typename scalar_t, typename opmath_t>
+void chunk_moments(const DenseMap& m, const scalar_t* xp, int64_t p0, int64_t p1, int64_t c, opmath_t* mean_out,
+                   opmath_t* m2_out, Scratch<opmath_t>& tmp) {
+  const scalar_t* none = nullptr;
+  const opmath_t count = static_cast<opmath_t>(p1 - p0);
+  auto sum_x = [](const Lanes<opmath_t>&, Vec<opmath_t> v, Vec<opmath_t>, Vec<opmath_t>) {
+    return std::array<Vec<opmath_t>, 1>{v};
+  };
+  chunk_sums<1>(m, xp, none, none, p0, p1, c, sum_x, mean_out, tmp);
+  for (int64_t k = 0, n = m.cl ? m.C : 1; k < n; ++k) mean_out[k] = mean_out[k] / count;
+  const bool cl = m.cl;
+  auto sum_sq = [mean_out, cl](const Lanes<opmath_t>& lanes, Vec<opmath_t> v, Vec<opmath_t>, Vec<opmath_t>) {
+    const Vec<opmath_t> d = v - (cl ? lanes.get(mean_out) : Vec<opmath_t>(mean_out[0]));
+    return std::array<Vec<opmath_t>, 1>{d * d};
+  };
+  chunk_sums<1>(m, xp, none, none, p0, p1, c, sum_sq, m2_out, tmp);
+}
+
+// A channel's (mean, biased variance) from its chunks' moments (part_mean[i * stride], part_m2[i * stride]),
+// combined in chunk order, two-pass (kernels/conv_bn_relu.py's _stats_finalize_kernel): the global mean from
+// the count-weighted chunk means, then M2 = sum(M2_i + n_i * (mean_i - mean)^2).
+template <typename opmath_t>
+std::pair<opmath_t, opmath_t> combine_moments(const DenseMap& m, const opmath_t* part_mean, const opmath_t* part_m2,
+                                              int64_t stride) {
+  const int64_t chunks = m.chunks();
+  const opmath_t P = static_cast<opmath_t>(m.P());
+  opmath_t acc(0);
+  for (int64_t i = 0; i < chunks; ++i) {
+    const opmath_t n = static_cast<opmath_t>(std::min(kChunkPixels, m.P() - i * kChunkPixels));
+    acc += n * part_mean[i * stride];
+  }
+  const opmath_t mu = acc / P;
+  opmath_t m2(0);
+  for (int64_t i = 0; i < chunks; ++i) {
+    const opmath_t n = static_cast<opmath_t>(std::min(kChunkPixels, m.P() - i * kChunkPixels));
+    const opmath_t d = part_mean[i * stride] - mu;
+    m2 += part_m2[i * stride] + n * d * d;
+  }
+  return {mu, m2 / P};
+}
+
 std::tuple<Tensor, Tensor> channel_stats(const Tensor& x_in) {
   check_float_map(x_in, "x");
   DenseMap m;
@@ -60,49 +128,19 @@ std::tuple<Tensor, Tensor> channel_stats(const Tensor& x_in) {
   Tensor var = at::empty({m.C}, mean.options());
   UPERNET_FAST_DISPATCH(x.scalar_type(), "bn_relu_channel_stats", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const int64_t chunks = m.chunks(), C = m.C;
-    // Per chunk and channel: the chunk's exact two-pass mean and M2 (sum of squared deviations from it).
-    std::vector<opmath_t> part_mean(chunks * C), part_m2(chunks * C);
+    const int64_t C = m.C;
+    // Per chunk and channel: [chunk][c].
+    std::vector<opmath_t> part_mean(m.chunks() * C), part_m2(m.chunks() * C);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     for_each_chunk<opmath_t>(m, [&](int64_t chunk, int64_t c, int64_t p0, int64_t p1, Scratch<opmath_t>& tmp) {
-      opmath_t* pm = part_mean.data() + chunk * C;
-      opmath_t* pq = part_m2.data() + chunk * C;
-      const opmath_t count = static_cast<opmath_t>(p1 - p0);
-      auto sum_x = [](const Lanes<opmath_t>&, Vec<opmath_t> v, Vec<opmath_t>, Vec<opmath_t>) {
-        return std::array<Vec<opmath_t>, 1>{v};
-      };
-      auto sum_sq = [pm](const Lanes<opmath_t>& lanes, Vec<opmath_t> v, Vec<opmath_t>, Vec<opmath_t>) {
-        const Vec<opmath_t> d = v - lanes.get(pm);
-        return std::array<Vec<opmath_t>, 1>{d * d};
-      };
-      opmath_t* mean_out = m.cl ? pm : pm + c;
-      chunk_sums<1>(m, xp, static_cast<const scalar_t*>(nullptr), static_cast<const scalar_t*>(nullptr), p0, p1, c,
-                    sum_x, mean_out, tmp);
-      for (int64_t k = 0, n = m.cl ? C : 1; k < n; ++k) mean_out[k] = mean_out[k] / count;
-      chunk_sums<1>(m, xp, static_cast<const scalar_t*>(nullptr), static_cast<const scalar_t*>(nullptr), p0, p1, c,
-                    sum_sq, m.cl ? pq : pq + c, tmp);
+      const int64_t at = chunk * C + (m.cl ? 0 : c);
+      chunk_moments(m, xp, p0, p1, c, part_mean.data() + at, part_m2.data() + at, tmp);
     });
-    // Combine the chunks in order, two-pass (kernels/conv_bn_relu.py's _stats_finalize_kernel): the global
-    // mean from the count-weighted chunk means, then M2 = sum(M2_i + n_i * (mean_i - mean)^2).
     opmath_t* mean_p = mean.data_ptr<opmath_t>();
     opmath_t* var_p = var.data_ptr<opmath_t>();
-    const opmath_t P = static_cast<opmath_t>(m.P());
     at::parallel_for(0, C, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        opmath_t acc(0);
-        for (int64_t i = 0; i < chunks; ++i) {
-          const opmath_t n = static_cast<opmath_t>(std::min(kChunkPixels, m.P() - i * kChunkPixels));
-          acc += n * part_mean[i * C + c];
-        }
-        const opmath_t mu = acc / P;
-        opmath_t m2(0);
-        for (int64_t i = 0; i < chunks; ++i) {
-          const opmath_t n = static_cast<opmath_t>(std::min(kChunkPixels, m.P() - i * kChunkPixels));
-          const opmath_t d = part_mean[i * C + c] - mu;
-          m2 += part_m2[i * C + c] + n * d * d;
-        }
-        mean_p[c] = mu;
-        var_p[c] = m2 / P;
+        std::tie(mean_p[c], var_p[c]) = combine_moments(m, part_mean.data() + c, part_m2.data() + c, C);
       }
     });
   });
@@ -151,6 +189,115 @@ Tensor apply(const Tensor& x_in, const Tensor& mean, const Tensor& invstd, const
   });
 }
 
+// BatchNorm2d's running-statistics update of channel c, as upernet_fast.reference.update_running_stats computes
+// it: running = mean * factor + running * keep, each product rounded in the statistics' dtype, then the sum.
+template <typename opmath_t>
+inline void update_running(opmath_t* running, int64_t c, opmath_t batch_value, opmath_t factor, opmath_t keep) {
+  const opmath_t a = batch_value * factor;
+  const opmath_t b = running[c] * keep;
+  running[c] = a + b;
+}
+
+// Training forward in one call: the batch statistics (channel_stats' chunks, combined in the same order), the
+// normalise+affine+ReLU pass (apply's expression) and BatchNorm2d's running-statistics update, in place. Returns
+// (y, mean, invstd): the same bits as channel_stats, then invstd = 1 / sqrt(var + eps), apply, and the update
+// of the Python composite (upernet_fast/ops/bn_relu.py), for any number of threads.
+//
+// Why one call: on the pyramid pooling module's small maps (512 channels at 6x6 or 16x16) the composite's
+// Python glue and its ten small tensor ops cost several times the kernels. NCHW maps take one parallel pass
+// over channels: each channel's planes are read for the statistics and read again, still in cache, for y.
+// running_mean and running_var must have the statistics' dtype (float32, or float64 for float64 x): the caller
+// takes the composite otherwise. momentum None is BatchNorm's cumulative average, 1 / num_batches_tracked.
+std::tuple<Tensor, Tensor, Tensor> train_step(const Tensor& x_in, const Tensor& weight, const Tensor& bias,
+                                              const Tensor& running_mean, const Tensor& running_var,
+                                              const Tensor& num_batches_tracked, std::optional<double> momentum,
+                                              double eps) {
+  check_float_map(x_in, "x");
+  const int64_t C = x_in.size(1);
+  check_per_channel(weight, "weight", C);
+  check_per_channel(bias, "bias", C);
+  const auto stats_type = opmath_dtype(x_in);
+  for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{running_mean, "running_mean"},
+                                {running_var, "running_var"}}) {
+    check_per_channel(t, name, C);
+    TORCH_CHECK(t.scalar_type() == stats_type && t.is_contiguous(), name, " must be a contiguous ", stats_type,
+                " tensor (the statistics' dtype for ", x_in.scalar_type(), " x), got ", t.scalar_type());
+  }
+  TORCH_CHECK(num_batches_tracked.device().is_cpu() && num_batches_tracked.scalar_type() == at::kLong &&
+                  num_batches_tracked.numel() == 1,
+              "num_batches_tracked must be a one-element int64 CPU tensor, got ", num_batches_tracked.scalar_type(),
+              " of shape ", num_batches_tracked.sizes());
+  TORCH_CHECK(eps >= 0, "eps must be non-negative, got ", eps);
+  DenseMap m;
+  const Tensor x = dense_map(x_in, m);
+  TORCH_CHECK(m.P() > 0, "x must have at least one value per channel, got shape ", x_in.sizes());
+  Tensor y = new_map_like(x, m);
+  Tensor mean = at::empty({C}, x.options().dtype(stats_type));
+  Tensor invstd = at::empty({C}, mean.options());
+  int64_t& batches = *num_batches_tracked.data_ptr<int64_t>();
+  batches += 1;
+  UPERNET_FAST_DISPATCH(x.scalar_type(), "bn_relu_train_step", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    // The composite's scalars, rounded as there: Python floats (doubles) cast to the statistics' dtype.
+    const double factor_d = momentum.has_value() ? *momentum : 1.0 / static_cast<double>(batches);
+    const opmath_t factor = static_cast<opmath_t>(factor_d), keep = static_cast<opmath_t>(1.0 - factor_d);
+    const int64_t count = m.P();
+    const opmath_t unbias = static_cast<opmath_t>(static_cast<double>(count) / std::max<int64_t>(count - 1, 1));
+    const opmath_t eps_v = static_cast<opmath_t>(eps);
+    const auto w = per_channel<opmath_t>(weight), b = per_channel<opmath_t>(bias);
+    opmath_t* mean_p = mean.data_ptr<opmath_t>();
+    opmath_t* invstd_p = invstd.data_ptr<opmath_t>();
+    opmath_t* rm = running_mean.data_ptr<opmath_t>();
+    opmath_t* rv = running_var.data_ptr<opmath_t>();
+    // Per channel from its biased variance: invstd, and the running statistics (unbiased variance).
+    auto finish_channel = [&](int64_t c, opmath_t mu, opmath_t var) {
+      mean_p[c] = mu;
+      invstd_p[c] = opmath_t(1) / std::sqrt(var + eps_v);  // torch.rsqrt's float and vector paths: the same
+      update_running(rm, c, mu, factor, keep);
+      update_running(rv, c, var * unbias, factor, keep);
+    };
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    if (m.cl) {  // no contiguous channel to walk: channel_stats' chunks over every channel, then apply's pass
+      const auto [mean_cl, var_cl] = channel_stats(x);
+      const opmath_t* mv = mean_cl.const_data_ptr<opmath_t>();
+      const opmath_t* vv = var_cl.const_data_ptr<opmath_t>();
+      for (int64_t c = 0; c < C; ++c) finish_channel(c, mv[c], vv[c]);
+      map_elementwise<scalar_t>(m, xp, nullptr, nullptr, yp,
+                                [&](const Lanes<opmath_t>& l, Vec<opmath_t> v, Vec<opmath_t>, Vec<opmath_t>) {
+                                  return at::vec::maximum(bn_affine(v, l.get(mean_p), l.get(invstd_p),
+                                                                    l.get(w.data()), l.get(b.data())),
+                                                          Vec<opmath_t>(0));
+                                });
+      return;
+    }
+    const int64_t chunks = m.chunks();
+    at::parallel_for(0, C, kGrain, [&](int64_t begin, int64_t end) {
+      Scratch<opmath_t> tmp(std::min<int64_t>(kChunkPixels, m.HW));
+      std::vector<opmath_t> part_mean(chunks), part_m2(chunks), tx(m.HW), to(m.HW);
+      for (int64_t c = begin; c < end; ++c) {
+        for (int64_t i = 0; i < chunks; ++i) {
+          const int64_t p0 = i * kChunkPixels, p1 = std::min(p0 + kChunkPixels, m.P());
+          chunk_moments(m, xp, p0, p1, c, &part_mean[i], &part_m2[i], tmp);
+        }
+        const auto [mu, var] = combine_moments(m, part_mean.data(), part_m2.data(), 1);
+        finish_channel(c, mu, var);
+        const Vec<opmath_t> mean_v(mean_p[c]), is_v(invstd_p[c]), w_v(w[c]), b_v(b[c]);
+        for (int64_t n = 0; n < m.N; ++n) {
+          const int64_t off = (n * m.C + c) * m.HW;
+          const opmath_t* xr = row_in(xp + off, 1, m.HW, tx.data());
+          opmath_t* o = row_buffer<scalar_t, opmath_t>(yp + off, 1, to.data());
+          vec_for<opmath_t>(m.HW, [&](int64_t i, int64_t cnt) {
+            vstore(o + i, cnt, at::vec::maximum(bn_affine(vload(xr + i, cnt), mean_v, is_v, w_v, b_v), Vec<opmath_t>(0)));
+          });
+          row_out(yp + off, 1, m.HW, o);
+        }
+      }
+    });
+  });
+  return {y, mean, invstd};
+}
+
 std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_in, const Tensor& x_in, const Tensor& mean,
                                            const Tensor& invstd, const Tensor& weight, const Tensor& bias) {
   check_grad_of(grad_in, x_in);
@@ -166,9 +313,7 @@ std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_in, const Tensor& 
     const auto w = per_channel<opmath_t>(weight), b = per_channel<opmath_t>(bias);
     // k = 0: sum(g_relu), k = 1: sum(g_relu * (x - mean)) (times invstd below: sum(g_relu * xhat)).
     auto f = [&](const Lanes<opmath_t>& l, Vec<opmath_t> v, Vec<opmath_t> g, Vec<opmath_t>) {
-      const auto mean_v = l.get(mu.data());
-      const auto g_relu = where_positive(bn_affine(v, mean_v, l.get(is.data()), l.get(w.data()), l.get(b.data())), g);
-      return std::array<Vec<opmath_t>, 2>{g_relu, g_relu * (v - mean_v)};
+      return bn_backward_terms(v, g, l.get(mu.data()), l.get(is.data()), l.get(w.data()), l.get(b.data()));
     };
     const auto sums = channel_sums2<scalar_t, opmath_t>(m, x.const_data_ptr<scalar_t>(),
                                                         grad.const_data_ptr<scalar_t>(), nullptr, f);
@@ -207,10 +352,8 @@ Tensor backward_input(const Tensor& grad_in, const Tensor& x_in, const Tensor& m
     map_elementwise<scalar_t>(
         m, x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), nullptr, dx.data_ptr<scalar_t>(),
         [&](const Lanes<opmath_t>& l, Vec<opmath_t> v, Vec<opmath_t> g, Vec<opmath_t>) {
-          const auto mean_v = l.get(mu.data()), is_v = l.get(is.data()), w_v = l.get(w.data());
-          const auto g_relu = where_positive(bn_affine(v, mean_v, is_v, w_v, l.get(b.data())), g);
-          const auto xhat = (v - mean_v) * is_v;
-          return w_v * is_v * (g_relu - l.get(mean_g.data()) - xhat * l.get(mean_gx.data()));
+          return bn_grad_input(v, g, l.get(mu.data()), l.get(is.data()), l.get(w.data()), l.get(b.data()),
+                               l.get(mean_g.data()), l.get(mean_gx.data()));
         });
   });
   return dx;
@@ -253,8 +396,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_fused(const Tensor& grad_in, const T
         const Vec<opmath_t> mean_v(mu[c]), is_v(is[c]), w_v(w[c]), b_v(b[c]);
         // backward_reduce's two sums (channel_sums2: chunk partials added in chunk order).
         auto f = [&](const Lanes<opmath_t>&, Vec<opmath_t> v, Vec<opmath_t> g, Vec<opmath_t>) {
-          const auto g_relu = where_positive(bn_affine(v, mean_v, is_v, w_v, b_v), g);
-          return std::array<Vec<opmath_t>, 2>{g_relu, g_relu * (v - mean_v)};
+          return bn_backward_terms(v, g, mean_v, is_v, w_v, b_v);
         };
         opmath_t a(0), q(0);
         for (int64_t i = 0; i < chunks; ++i) {
@@ -274,10 +416,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_fused(const Tensor& grad_in, const T
           const opmath_t* gr = row_in(gp + off, 1, m.HW, tg.data());
           opmath_t* o = row_buffer<scalar_t, opmath_t>(dp + off, 1, to.data());
           vec_for<opmath_t>(m.HW, [&](int64_t i, int64_t cnt) {
-            const auto v = vload(xr + i, cnt);
-            const auto g_relu = where_positive(bn_affine(v, mean_v, is_v, w_v, b_v), vload(gr + i, cnt));
-            const auto xhat = (v - mean_v) * is_v;
-            vstore(o + i, cnt, w_v * is_v * (g_relu - mean_g - xhat * mean_gx));
+            vstore(o + i, cnt, bn_grad_input(vload(xr + i, cnt), vload(gr + i, cnt), mean_v, is_v, w_v, b_v, mean_g,
+                                             mean_gx));
           });
           row_out(dp + off, 1, m.HW, o);
         }
@@ -349,6 +489,7 @@ TORCH_LIBRARY_IMPL(upernet_fast_cpp, CPU, m) {
   m.impl("bn_relu_backward_reduce", &backward_reduce);
   m.impl("bn_relu_backward_input", &backward_input);
   m.impl("bn_relu_backward_fused", &backward_fused);
+  m.impl("bn_relu_train_step", &train_step);
   m.impl("bn_relu_eval", &eval_forward);
   m.impl("bn_relu_eval_backward", &eval_backward);
 }

@@ -103,8 +103,10 @@ inline void check_per_channel(const Tensor& t, const char* name, int64_t channel
 // A (C,) tensor of any floating dtype as a vector of opmath values (parameters and statistics are small).
 template <typename opmath_t>
 std::vector<opmath_t> per_channel(const Tensor& t) {
-  const Tensor c = t.to(c10::CppTypeToScalarType<opmath_t>::value).contiguous();
-  const opmath_t* p = c.data_ptr<opmath_t>();
+  constexpr auto dtype = c10::CppTypeToScalarType<opmath_t>::value;
+  // Read in place when it already is a dense opmath vector: no dispatcher call (microseconds on small maps).
+  const Tensor c = t.scalar_type() == dtype && t.is_contiguous() ? t : t.to(dtype).contiguous();
+  const opmath_t* p = c.const_data_ptr<opmath_t>();
   return std::vector<opmath_t>(p, p + c.numel());
 }
 

@@ -145,17 +145,13 @@ class KernelOp:
         self._attached.add(namespace)
 
 
-class InferenceOp:
-    """An inference-only op that a compiled extension defines: its schema and fake kernel, and no backward.
+class ExtensionOp:
+    """An op that a compiled extension defines, with its autograd (if any) in C++: only its fake kernel is
+    registered here, so that ``torch.compile`` and ``opcheck`` can trace it (a C++ autograd formula's forward and
+    backward call such ops through the dispatcher)."""
 
-    :meth:`attach` registers the fake (so ``torch.compile`` and ``opcheck`` can trace it) and an autograd
-    formula whose forward refuses, with the reason, any call where autograd would need its gradient: a clear
-    error at the call rather than a silent missing gradient or a generic one at ``backward()``.
-    """
-
-    def __init__(self, schema: str, fake: Callable, *, op_name: str) -> None:
-        self.schema, self.fake = schema, fake
-        self.name, self.op_name = _name(schema), op_name
+    def __init__(self, schema: str, fake: Callable) -> None:
+        self.schema, self.fake, self.name = schema, fake, _name(schema)
         self._attached: set[str] = set()
 
     in_extension = KernelOp.in_extension
@@ -164,9 +160,27 @@ class InferenceOp:
         if namespace in self._attached:
             return
         _check_extension_schema(namespace, self.schema)
-        qualified, lib = f"{namespace}::{self.name}", _library(namespace)
-        torch.library.register_fake(qualified, self.fake, lib=lib)
+        torch.library.register_fake(f"{namespace}::{self.name}", self.fake, lib=_library(namespace))
+        self._register_autograd(f"{namespace}::{self.name}", _library(namespace))
+        self._attached.add(namespace)
 
+    def _register_autograd(self, qualified: str, lib: torch.library.Library) -> None:
+        """Nothing here: the extension's own (C++) autograd, or none."""
+
+
+class InferenceOp(ExtensionOp):
+    """An inference-only op that a compiled extension defines: its schema and fake kernel, and no backward.
+
+    :meth:`attach` registers the fake (so ``torch.compile`` and ``opcheck`` can trace it) and an autograd
+    formula whose forward refuses, with the reason, any call where autograd would need its gradient: a clear
+    error at the call rather than a silent missing gradient or a generic one at ``backward()``.
+    """
+
+    def __init__(self, schema: str, fake: Callable, *, op_name: str) -> None:
+        super().__init__(schema, fake)
+        self.op_name = op_name
+
+    def _register_autograd(self, qualified: str, lib: torch.library.Library) -> None:
         def refuse(ctx, inputs, output):
             # Runs only when grad mode is on and an input requires grad (else the op is called directly).
             raise RuntimeError(
@@ -178,7 +192,6 @@ class InferenceOp:
             raise RuntimeError(f"upernet_fast: {qualified} has no backward")
 
         torch.library.register_autograd(qualified, no_backward, setup_context=refuse, lib=lib)
-        self._attached.add(namespace)
 
 
 _RESOLVED: dict[str, Callable] = {}

@@ -29,7 +29,7 @@ from upernet_fast import backend as _backend
 from upernet_fast import recompute, reference
 from upernet_fast._checks import check_tensor
 from upernet_fast.kernels._utils import is_channels_last, memory_format
-from upernet_fast.ops._kernel_op import KernelOp, stats_dtype
+from upernet_fast.ops._kernel_op import ExtensionOp, KernelOp, stats_dtype
 from upernet_fast.ops._triton_support import on_input_device
 
 OP = "bn_relu"
@@ -264,16 +264,69 @@ def running_stats_path(y: torch.Tensor, batch_norm: nn.Module) -> torch.Tensor:
     return _bn_relu_eval_cpp(y, scale, shift)
 
 
+# ---- training in one C++ call: statistics, y and the running-statistics update, autograd in C++ --------------
+
+
+def _map_like(x: torch.Tensor) -> torch.Tensor:
+    """The C++ kernels' output for map x (csrc/cpu/reduce.h dense_map): channels_last where x is channels_last
+    and not also NCHW-contiguous, else NCHW."""
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format(channels_last))
+
+
+def _per_channel(x: torch.Tensor, count: int) -> list[torch.Tensor]:
+    return [x.new_empty((x.shape[1],), dtype=stats_dtype(x)) for _ in range(count)]
+
+
+TRAIN_STEP_OP = ExtensionOp(
+    "bn_relu_train_step(Tensor x, Tensor weight, Tensor bias, Tensor(a!) running_mean, Tensor(b!) running_var, "
+    "Tensor(c!) num_batches_tracked, float? momentum, float eps) -> (Tensor, Tensor, Tensor)",
+    lambda x, *_: (_map_like(x), *_per_channel(x, 2)),
+)
+_bn_relu_train_step_cpp = TRAIN_STEP_OP.in_extension(_backend.CPP_NAMESPACE)
+# The kernel ops its C++ backward calls (through the dispatcher, so that tracing sees them): their fakes.
+for _schema, _fake_kernel in (
+    ("bn_relu_backward_fused(Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias) "
+     "-> (Tensor, Tensor, Tensor)", lambda grad, x, *_: (_map_like(x), *_per_channel(x, 2))),
+    ("bn_relu_backward_reduce(Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias) "
+     "-> (Tensor, Tensor)", lambda grad, x, *_: tuple(_per_channel(x, 2))),
+    ("bn_relu_backward_input(Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, "
+     "Tensor sum_g, Tensor sum_gxhat, float count) -> Tensor", lambda grad, x, *_: _map_like(x)),
+):
+    ExtensionOp(_schema, _fake_kernel).in_extension(_backend.CPP_NAMESPACE)
+
+
+def _takes_train_step(train_op, group, batch_norm: nn.Module, dense: torch.Tensor) -> bool:
+    """Whether the C++ backend's training call can be the one-call op (the same bits as its composite): no
+    process group, and running statistics to update, in the statistics' dtype (float32; float64 for float64)."""
+    if train_op is not bn_relu_train_cpp or group is not None:
+        return False
+    if not (batch_norm.training and batch_norm.track_running_stats) or batch_norm.num_batches_tracked is None:
+        return False
+    running_mean, running_var = batch_norm.running_mean, batch_norm.running_var
+    return running_mean is not None and running_mean.dtype == running_var.dtype == stats_dtype(dense)
+
+
 def batch_stats_path(train_op, y: torch.Tensor, batch_norm: nn.Module) -> torch.Tensor:
-    """relu(batch_norm(y)) normalising with y's batch statistics through ``train_op``; updates running stats."""
+    """relu(batch_norm(y)) normalising with y's batch statistics through ``train_op``; updates running stats.
+
+    On the C++ backend without a process group this is one op call, ``bn_relu_train_step`` (its autograd in
+    C++), wherever the running statistics have the statistics' dtype; elsewhere the composite ``train_op`` and
+    the update in Python. Both give the same bits (tests/test_bn_relu.py)."""
     group = reference.sync_group(batch_norm)
     if group is None:
         check_values_per_channel(y)
     weight, bias = affine_params(batch_norm, y)
-    group_name = "" if group is None else group.group_name
     dense = _dense(y)
-    out, mean, invstd, var_unbiased = train_op(dense, weight, bias, float(batch_norm.eps), group_name)
-    reference.update_running_stats(batch_norm, mean, var_unbiased)
+    if _takes_train_step(train_op, group, batch_norm, dense):
+        out, mean, invstd = _bn_relu_train_step_cpp(
+            dense, weight, bias, batch_norm.running_mean, batch_norm.running_var, batch_norm.num_batches_tracked,
+            batch_norm.momentum, float(batch_norm.eps),
+        )
+    else:
+        group_name = "" if group is None else group.group_name
+        out, mean, invstd, var_unbiased = train_op(dense, weight, bias, float(batch_norm.eps), group_name)
+        reference.update_running_stats(batch_norm, mean, var_unbiased)
     # The backward saves dense, mean and invstd: the next conv need not save out too (upernet_fast.recompute).
     recompute.remember(out, _APPLY_KERNEL[train_op], (dense, mean, invstd, weight, bias))
     return out
