@@ -1,6 +1,3 @@
-// (Named bn_relu_autograd.cpp, not bn_relu.cpp: torch.utils.cpp_extension names object files by the source's
-// base name alone, so two bn_relu.cpp files would build the same bn_relu.o.)
-//
 // Autograd of bn_relu_train_step (BatchNorm + ReLU in training, one call) in C++, after torchvision's
 // csrc/ops/autograd/: registered for the Autograd key, so one formula serves every device whose kernels the
 // dispatcher finds below it (the CPU's today).
@@ -14,8 +11,10 @@
 // bn_relu_backward_reduce then bn_relu_backward_input; weight and bias gradients are the per-channel sums in
 // the parameters' dtype. First-order only, as every kernel backward here: a backward that would itself be
 // differentiated (create_graph=True) is refused with what to do.
+//
+// Named bn_relu_autograd.cpp, not bn_relu.cpp: torch.utils.cpp_extension names object files by the source's
+// base name alone, so a second bn_relu.cpp would build the same bn_relu.o as csrc/cpu/bn_relu.cpp.
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
