@@ -467,3 +467,33 @@ def test_cpu_training_hands_spatial_convolutions_nchw_inputs(backend):
     with torch.no_grad(), _RecordConvInputs() as recorded:
         conv_bn_relu(x, block.conv, block.batch_norm, backend=backend)
     assert recorded.inputs[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_cpp_eval_keeps_bn_unfolded_where_the_weight_outnumbers_the_output():
+    """Eval on the cpp backend: a block whose weight outnumbers its output (the PPM's 1x1 convs on 1x1-6x6 maps;
+    here 24 -> 40 channels at 2x2) runs the conv, then the C++ relu(y * scale + shift) pass (no fold of the
+    weight); a block whose output outnumbers its weight folds BN. Which one ran is recorded by the profiler.
+    Both match the reference (fp32 rounding: the folded and unfolded forms round differently, 1e-5), with and
+    without autograd, gradients included, and see in-place changes of the running statistics."""
+    from op_testing import require_backend
+
+    require_backend("cpp")
+    for (cin, cout, size), unfolded in (((24, 40, 2), True), ((3, 5, 9), False)):
+        block = _make_block(cin, cout, 1, 0, bias=True, seed=8, device="cpu").eval()
+        ref = copy.deepcopy(block)
+        x = torch.randn(2, cin, size, size)
+        for change in (False, True):
+            if change:  # through .data: no version bump; the next call must still see it
+                for b in (block, ref):
+                    b.batch_norm.running_mean.data.add_(0.25)
+            with torch.no_grad(), torch.profiler.profile() as prof:
+                got = conv_bn_relu(x, block.conv, block.batch_norm, backend="cpp")
+            names = {event.name for event in prof.events()}
+            assert ("upernet_fast_cpp::bn_relu_eval" in names) == unfolded, names
+            with torch.no_grad():
+                _close(got, reference.conv_bn_relu(x, ref.conv, ref.batch_norm), rtol=1e-5, atol=1e-5,
+                       what=f"eval output, unfolded={unfolded}")
+        g = torch.randn_like(got)
+        for name, a, b in zip(("output", "grad x", "grad conv.weight", "grad bn.weight", "grad bn.bias"),
+                              _step(block, x, g, "cpp"), _step(ref, x, g, "eager")):
+            _close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().clamp_min(1.0), what=f"eval {name}")

@@ -34,6 +34,7 @@ from upernet_fast.ops.bn_relu import (
     bn_parameters,
     bn_relu_train,
     bn_relu_train_cpp,
+    running_stats_path,
 )
 from upernet_fast.ops import winograd_conv_bn_relu as winograd
 
@@ -255,11 +256,27 @@ def _remember_copy(copy: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def _cpp_conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, batch_norm: nn.Module) -> torch.Tensor:
-    """As the Triton backend's block, except that autograd-free eval calls of 3x3 stride-1 blocks on float32
-    CPU tensors run Winograd F(4x4, 3x3) with a cached filter transform (:mod:`.winograd_conv_bn_relu`)."""
-    if not reference.uses_batch_stats(batch_norm) and winograd.why_not(x, conv, batch_norm) is None:
-        return winograd.winograd_conv_bn_relu(x, conv, batch_norm)
+    """As the Triton backend's block, except in eval mode: autograd-free 3x3 stride-1 blocks on float32 CPU
+    tensors run Winograd F(4x4, 3x3) with a cached filter transform (:mod:`.winograd_conv_bn_relu`), and blocks
+    whose weight outnumbers their output (the pyramid pooling module's 1x1 convs on 1x1 to 6x6 maps) keep BN
+    unfolded: the conv, then one C++ pass of relu(y * scale + shift) over its small output, instead of
+    rewriting the whole weight on every call to fold BN into it."""
+    if not reference.uses_batch_stats(batch_norm):
+        if winograd.why_not(x, conv, batch_norm) is None:
+            return winograd.winograd_conv_bn_relu(x, conv, batch_norm)
+        if _weight_outnumbers_output(x, conv):
+            return running_stats_path(conv(x), batch_norm)
     return _kernels_conv_bn_relu(bn_relu_train_cpp, x, conv, batch_norm)
+
+
+def _weight_outnumbers_output(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """Whether folding BN into the weight (one pass over it) costs more than a pass over the conv's output
+    (sizes estimated from the strides: only the choice between two exact-semantics paths depends on it).
+    Never on symbolic sizes (a dynamic-shape trace): the comparison would guard on, and so specialise, them."""
+    if any(isinstance(d, torch.SymInt) for d in (x.shape[0], x.shape[-2], x.shape[-1])):
+        return False
+    out_pixels = (x.shape[-2] // conv.stride[0]) * (x.shape[-1] // conv.stride[1])
+    return conv.weight.numel() > x.shape[0] * conv.out_channels * out_pixels
 
 
 def _kernels_why_not(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> str | None:
