@@ -120,10 +120,104 @@ class ConvBNReLU(nn.Module):
             return winograd.winograd_upsample_concat_conv_bn_relu(tensors, size, self.conv, self.batch_norm)
         from upernet_fast.ops.upsample_concat import upsample_concat  # imports this module's package
 
+        if _takes_sliced_backward(self, tensors, backend, concat_backend):
+            conv = self.conv
+            geometry = (conv.stride, conv.padding, conv.dilation)
+            out = _ConcatConv.apply(geometry, tuple(size), conv.weight, conv.bias, *tensors)
+            if release:
+                tensors.clear()
+            return batch_stats_path(bn_relu_train_cpp, out, self.batch_norm)
         concat = upsample_concat(tensors, size, backend=concat_backend)
         if release:
             tensors.clear()
         return self(concat)
+
+
+# ------------------------------------------------ training: a bottleneck's conv over a concat, backward by slices
+
+
+def _takes_sliced_backward(block: ConvBNReLU, tensors, backend: str, concat_backend: str) -> bool:
+    """Whether a training call of ``block.forward_concat`` runs the concat and conv as :class:`_ConcatConv`: the
+    C++ backend for both ops, CPU float32 maps, grad mode, no hook on the block or its conv (one would see
+    the concat), not under torch.compile (Inductor plans its own memory)."""
+    conv = block.conv
+    return (
+        reference.uses_batch_stats(block.batch_norm)
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not _has_forward_hooks(block)
+        and not _has_forward_hooks(conv)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and len(tensors) > 1
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 for t in tensors)
+        and conv.weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and _backend.select(OP, backend, tensors[0], conv, block.batch_norm).backend == "cpp"
+        and _backend.select("upsample_concat", concat_backend, tuple(tensors), (1, 1)).backend == "cpp"
+    )
+
+
+class _ConcatConv(torch.autograd.Function):
+    """``conv(upsample_concat(tensors, size))`` computed one concatenated input at a time, forward and backward.
+
+    Why: the FPN bottleneck's conv reads a concat of four 512-channel maps (64 MiB at batch 2, 256x256). Built
+    whole, that concat sets the CPU training step's peak twice: in the forward conv, and in ATen's backward of
+    it, which holds the rebuilt concat, its 64 MiB gradient and the weight gradient at once. A convolution is
+    linear in its input channels, so each map's slice is done alone: the map resized to ``size`` (16 MiB), its
+    conv with that slice of the weight, added to the output in map order; in the backward, the gradient of that
+    slice (resized back to the map's size at once) and that slice of the weight gradient, exactly as ATen's
+    whole backward computes them per channel. No concat exists. The output sums the four partial convs: not
+    the bits of one conv over the concat (another summation order), within float32 rounding of it
+    (tests/test_conv_bn_relu.py judges both against float64). The maps are saved (under
+    upernet_fast.recompute, as their recipes) and each is resized again in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, geometry: tuple, size: tuple, weight, bias, *tensors: torch.Tensor) -> torch.Tensor:
+        from upernet_fast.ops.upsample_concat import upsample_concat
+
+        ctx.geometry, ctx.size, ctx.has_bias = geometry, size, bias is not None
+        ctx.save_for_backward(weight, *tensors)
+        stride, padding, dilation = geometry
+        out, start = None, 0
+        for tensor in tensors:
+            channels = tensor.shape[1]
+            # NCHW, as cpu_training_conv_input makes a CPU 3x3 conv's input (oneDNN's faster backward).
+            piece = upsample_concat([tensor], size, backend="cpp").contiguous()
+            part = F.conv2d(piece, weight[:, start:start + channels], bias if out is None else None, stride,
+                            padding, dilation)
+            del piece
+            out = part if out is None else out.add_(part)
+            start += channels
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        from upernet_fast.ops.upsample_concat import upsample_concat
+
+        stride, padding, dilation = ctx.geometry
+        weight, *tensors = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        weight_needed = ctx.needs_input_grad[2]
+        grads, weight_grads, start = [], [], 0
+        for index, tensor in enumerate(tensors):
+            channels = tensor.shape[1]
+            leaf = tensor.detach().requires_grad_(ctx.needs_input_grad[4 + index])
+            with torch.enable_grad():
+                piece = upsample_concat([leaf], ctx.size, backend="cpp")  # the concat's slice, bitwise
+            grad_piece, grad_weight, _ = torch.ops.aten.convolution_backward(
+                grad_out, piece.detach().contiguous(), weight[:, start:start + channels], None, stride, padding,
+                dilation, False, [0, 0], 1, [leaf.requires_grad, weight_needed, False],
+            )
+            weight_grads.append(grad_weight)
+            grads.append(torch.autograd.grad(piece, leaf, grad_piece)[0] if leaf.requires_grad else None)
+            del piece, grad_piece
+            start += channels
+        grad_weight = torch.cat(weight_grads, dim=1) if weight_needed else None
+        grad_bias = grad_out.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return (None, None, grad_weight, grad_bias, *grads)
 
 
 def _has_forward_hooks(module: nn.Module) -> bool:
