@@ -67,6 +67,10 @@ TORCH_LIBRARY(upernet_fast_cpp, m) {
   // BatchNorm + ReLU, eval (running statistics folded into a per-channel affine).
   m.def("bn_relu_eval(Tensor x, Tensor scale, Tensor shift) -> Tensor");
   m.def("bn_relu_eval_backward(Tensor grad, Tensor y, Tensor x, Tensor scale) -> (Tensor, Tensor, Tensor)");
+  // The same from BatchNorm's buffers and parameters, scale and shift computed in C++ (autograd-free calls only).
+  m.def(
+      "bn_relu_eval_from_buffers(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, Tensor? bias, "
+      "float eps) -> Tensor");
   // 3x3 stride-1 padding-1 convolution + bias + ReLU by Winograd F(4x4, 3x3), inference only (no backward):
   // the filter transform (36, C_out, C_in; values in the products' packed order), computed once per weight and
   // cached by the caller, and the conv.

@@ -172,3 +172,62 @@ def test_bn_relu_in_eval_mode_runs_the_reference():
     bn = nn.BatchNorm2d(4).to(DEV).eval()
     y = torch.randn(2, 4, 3, 3, device=DEV)
     torch.testing.assert_close(bn_relu(y, bn, backend="eager"), F.relu(bn(y)))
+
+
+# ------------------------------------------------------------- eval on the C++ backend, autograd-free, one call
+
+
+def _eval_batch_norm(dtype, affine):
+    generator = torch.Generator().manual_seed(31)
+    bn = nn.BatchNorm2d(5, affine=affine).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.rand(5, generator=generator) * 2 - 1)
+        bn.running_var.copy_(torch.rand(5, generator=generator) + 0.5)
+        if affine:
+            bn.weight.copy_(torch.rand(5, generator=generator) * 3 - 1)
+            bn.bias.copy_(torch.rand(5, generator=generator) * 2 - 1)
+    return bn.double() if dtype == torch.float64 else bn
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64))
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last", "sliced"))
+@pytest.mark.parametrize("affine", (True, False))
+def test_cpp_eval_without_autograd_is_one_call_with_the_same_bits(dtype, layout, affine):
+    """Autograd-free eval calls compute BN's scale and shift inside the C++ op (bn_relu_eval_from_buffers) with
+    exactly the bits of the differentiable path's tensor ops (that path is what runs when a gradient is needed);
+    the profiler records which op ran."""
+    from op_testing import require_backend
+
+    require_backend("cpp")
+    bn = _eval_batch_norm(dtype, affine)
+    y = in_layout(torch.randn(2, 5, 7, 3, generator=torch.Generator().manual_seed(32)).to(dtype), layout)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        fast = bn_relu(y, bn, backend="cpp")
+    assert "upernet_fast_cpp::bn_relu_eval_from_buffers" in {e.name for e in prof.events()}
+    with torch.profiler.profile() as prof:
+        differentiable = bn_relu(y.detach().requires_grad_(), bn, backend="cpp")
+    assert "upernet_fast_cpp::bn_relu_eval_from_buffers" not in {e.name for e in prof.events()}
+    assert torch.equal(fast, differentiable.detach()) and fast.stride() == differentiable.stride()
+    _close(fast, F.relu(bn(y)), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2 if dtype ==
+           torch.bfloat16 else 1e-6, what="eval against BatchNorm2d")
+
+
+def test_cpp_eval_from_buffers_opcheck_and_bad_arguments():
+    from op_testing import require_backend
+
+    require_backend("cpp")
+    op = torch.ops.upernet_fast_cpp.bn_relu_eval_from_buffers
+    for affine in (True, False):
+        bn = _eval_batch_norm(torch.float32, affine)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            y = torch.randn(2, 5, 4, 6).contiguous(memory_format=fmt)
+            params = (bn.weight.detach(), bn.bias.detach()) if affine else (None, None)  # nothing requires grad
+            torch.library.opcheck(op.default, (y, bn.running_mean, bn.running_var, *params, 1e-5))
+    bn = _eval_batch_norm(torch.float32, True)
+    y = torch.randn(2, 5, 4, 6)
+    with pytest.raises(RuntimeError, match="weight and bias must both be tensors or both be None"):
+        op(y, bn.running_mean, bn.running_var, bn.weight.detach(), None, 1e-5)
+    with pytest.raises(RuntimeError, match=r"running_var must have shape \(5,\)"):
+        op(y, bn.running_mean, bn.running_var[:4], None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        op(y.requires_grad_(), bn.running_mean, bn.running_var, None, None, 1e-5)

@@ -437,6 +437,48 @@ Tensor eval_forward(const Tensor& x_in, const Tensor& scale, const Tensor& shift
   });
 }
 
+// Eval mode from BatchNorm's own tensors, for autograd-free calls: the per-channel scale and shift computed as
+// upernet_fast/ops/bn_relu.py's running_stats_path computes them with tensor ops (rsqrt(running_var + eps), shift
+// = -running_mean * scale, then shift * weight + bias and scale * weight, each rounded in the statistics' dtype),
+// then eval_forward's pass: the same bits, without six tensor ops per call (most of the cost on the pyramid
+// pooling module's 1x1 to 6x6 maps).
+Tensor eval_from_buffers(const Tensor& x_in, const Tensor& running_mean, const Tensor& running_var,
+                         const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps) {
+  check_float_map(x_in, "x");
+  const int64_t C = x_in.size(1);
+  check_per_channel(running_mean, "running_mean", C);
+  check_per_channel(running_var, "running_var", C);
+  const bool affine = weight.has_value() && weight->defined();
+  TORCH_CHECK(affine == (bias.has_value() && bias->defined()),
+              "weight and bias must both be tensors or both be None (BatchNorm's affine parameters)");
+  if (affine) {
+    check_per_channel(*weight, "weight", C);
+    check_per_channel(*bias, "bias", C);
+  }
+  Tensor scale = at::empty({C}, x_in.options().dtype(opmath_dtype(x_in)));
+  Tensor shift = at::empty({C}, scale.options());
+  AT_DISPATCH_FLOATING_TYPES(scale.scalar_type(), "bn_relu_eval_from_buffers", [&] {
+    const auto rm = per_channel<scalar_t>(running_mean), rv = per_channel<scalar_t>(running_var);
+    const auto w = affine ? per_channel<scalar_t>(*weight) : std::vector<scalar_t>();
+    const auto b = affine ? per_channel<scalar_t>(*bias) : std::vector<scalar_t>();
+    scalar_t* sp = scale.data_ptr<scalar_t>();
+    scalar_t* hp = shift.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t s = scalar_t(1) / std::sqrt(rv[c] + static_cast<scalar_t>(eps));
+      const scalar_t h = -rm[c] * s;
+      if (affine) {
+        const scalar_t hw = h * w[c];
+        sp[c] = s * w[c];
+        hp[c] = hw + b[c];
+      } else {
+        sp[c] = s;
+        hp[c] = h;
+      }
+    }
+  });
+  return eval_forward(x_in, scale, shift);
+}
+
 // grad_x = (y > 0) * grad * scale; grad_scale = sum((y > 0) * grad * x), grad_shift = sum((y > 0) * grad)
 // per channel (fixed chunk partition), in scale's dtype.
 std::tuple<Tensor, Tensor, Tensor> eval_backward(const Tensor& grad_in, const Tensor& y_in, const Tensor& x_in,
@@ -491,6 +533,7 @@ TORCH_LIBRARY_IMPL(upernet_fast_cpp, CPU, m) {
   m.impl("bn_relu_backward_fused", &backward_fused);
   m.impl("bn_relu_train_step", &train_step);
   m.impl("bn_relu_eval", &eval_forward);
+  m.impl("bn_relu_eval_from_buffers", &eval_from_buffers);
   m.impl("bn_relu_eval_backward", &eval_backward);
 }
 

@@ -29,7 +29,7 @@ from upernet_fast import backend as _backend
 from upernet_fast import recompute, reference
 from upernet_fast._checks import check_tensor
 from upernet_fast.kernels._utils import is_channels_last, memory_format
-from upernet_fast.ops._kernel_op import ExtensionOp, KernelOp, stats_dtype
+from upernet_fast.ops._kernel_op import ExtensionOp, InferenceOp, KernelOp, stats_dtype
 from upernet_fast.ops._triton_support import on_input_device
 
 OP = "bn_relu"
@@ -252,9 +252,25 @@ EVAL_KERNEL_OP = KernelOp(
 _bn_relu_eval_cpp = EVAL_KERNEL_OP.in_extension(_backend.CPP_NAMESPACE)
 
 
+EVAL_FROM_BUFFERS_OP = InferenceOp(
+    "bn_relu_eval_from_buffers(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, Tensor? bias, "
+    "float eps) -> Tensor",
+    lambda x, *_: torch.empty_like(x, memory_format=memory_format(is_channels_last(x))),
+    op_name=OP,
+)
+_bn_relu_eval_from_buffers_cpp = EVAL_FROM_BUFFERS_OP.in_extension(_backend.CPP_NAMESPACE)
+
+
 def running_stats_path(y: torch.Tensor, batch_norm: nn.Module) -> torch.Tensor:
     """relu(batch_norm(y)) with the running statistics (eval mode), one C++ pass over y. The per-channel scale
-    and shift are computed in fp32 (at least) from BN's parameters, differentiably."""
+    and shift are computed in fp32 (at least) from BN's parameters, differentiably; where nothing needs a
+    gradient, by the C++ op itself, with the same bits (no tensor ops in Python)."""
+    weight, bias = batch_norm.weight, batch_norm.bias
+    if not torch.is_grad_enabled() or not (
+        y.requires_grad or any(p is not None and p.requires_grad for p in (weight, bias))
+    ):
+        return _bn_relu_eval_from_buffers_cpp(y, batch_norm.running_mean, batch_norm.running_var, weight, bias,
+                                              float(batch_norm.eps))
     acc = torch.promote_types(y.dtype, torch.float32)
     scale = torch.rsqrt(batch_norm.running_var.to(acc) + batch_norm.eps)
     shift = -batch_norm.running_mean.to(acc) * scale
@@ -296,10 +312,20 @@ for _schema, _fake_kernel in (
     ExtensionOp(_schema, _fake_kernel).in_extension(_backend.CPP_NAMESPACE)
 
 
+_CPP_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
 def _takes_train_step(train_op, group, batch_norm: nn.Module, dense: torch.Tensor) -> bool:
     """Whether the C++ backend's training call can be the one-call op (the same bits as its composite): no
-    process group, and running statistics to update, in the statistics' dtype (float32; float64 for float64)."""
-    if train_op is not bn_relu_train_cpp or group is not None:
+    process group, and running statistics to update, in the statistics' dtype (float32; float64 for float64).
+
+    Not under torch.compile: there the composite is traced, as before this op existed (Inductor fuses its small
+    ops itself), because Inductor failed to order the one-call op's symbolic output strides once a recompile made
+    the sizes dynamic (tests/test_model_compile.py after test_train_compile.py). ``opcheck`` still traces the
+    op, dynamic shapes included (tests/test_bn_relu_train_step.py)."""
+    if torch.compiler.is_compiling():
+        return False
+    if train_op is not bn_relu_train_cpp or group is not None or dense.dtype not in _CPP_DTYPES:
         return False
     if not (batch_norm.training and batch_norm.track_running_stats) or batch_norm.num_batches_tracked is None:
         return False

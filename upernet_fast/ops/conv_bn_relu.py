@@ -358,15 +358,24 @@ def _cpp_conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, batch_norm: nn.Module) -
     if not reference.uses_batch_stats(batch_norm):
         if winograd.why_not(x, conv, batch_norm) is None:
             return winograd.winograd_conv_bn_relu(x, conv, batch_norm)
-        if _weight_outnumbers_output(x, conv):
+        if _keeps_bn_unfolded(x, conv):
             return running_stats_path(conv(x), batch_norm)
     return _kernels_conv_bn_relu(bn_relu_train_cpp, x, conv, batch_norm)
 
 
-def _weight_outnumbers_output(x: torch.Tensor, conv: nn.Conv2d) -> bool:
-    """Whether folding BN into the weight (one pass over it) costs more than a pass over the conv's output
-    (sizes estimated from the strides: only the choice between two exact-semantics paths depends on it).
-    Never on symbolic sizes (a dynamic-shape trace): the comparison would guard on, and so specialise, them."""
+def _keeps_bn_unfolded(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """Whether the eval block runs the conv, then BN+ReLU in one C++ pass, rather than folding BN into the weight:
+    where folding (one pass over the weight) costs more than a pass over the conv's output (sizes estimated from
+    the strides: only the choice between two exact-semantics paths depends on it), and the conv's output is a
+    dtype the C++ kernels take (not under autocast, which makes it float16 or bfloat16).
+
+    Never under torch.compile (dynamo would guard, and recompile, on dynamic sizes; the fold is what it traced
+    before), nor on symbolic sizes in torch.export (the comparison would specialise them); a static export makes
+    the eager choice, so that its program is bitwise eager."""
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        return False
+    if torch.is_autocast_enabled(x.device.type) or x.dtype not in (torch.float32, torch.float64, torch.bfloat16):
+        return False
     if any(isinstance(d, torch.SymInt) for d in (x.shape[0], x.shape[-2], x.shape[-1])):
         return False
     out_pixels = (x.shape[-2] // conv.stride[0]) * (x.shape[-1] // conv.stride[1])
