@@ -320,9 +320,8 @@ def _takes_train_step(train_op, group, batch_norm: nn.Module, dense: torch.Tenso
     process group, and running statistics to update, in the statistics' dtype (float32; float64 for float64).
 
     Not under torch.compile: there the composite is traced, as before this op existed (Inductor fuses its small
-    ops itself), because Inductor failed to order the one-call op's symbolic output strides once a recompile made
-    the sizes dynamic (tests/test_model_compile.py after test_train_compile.py). ``opcheck`` still traces the
-    op, dynamic shapes included (tests/test_bn_relu_train_step.py)."""
+    ops itself). The op traces (``opcheck`` with dynamic shapes, an aot_eager training step: both in
+    tests/test_bn_relu_train_step.py), but it has not been through Inductor's code generation here."""
     if torch.compiler.is_compiling():
         return False
     if train_op is not bn_relu_train_cpp or group is not None or dense.dtype not in _CPP_DTYPES:
