@@ -133,7 +133,7 @@ class ConvBNReLU(nn.Module):
         return self(concat)
 
 
-# ------------------------------------------------ training: a bottleneck's conv over a concat, backward by slices
+# ------------------------------------------- training: a bottleneck's conv over a concat, one input map at a time
 
 
 def _takes_sliced_backward(block: ConvBNReLU, tensors, backend: str, concat_backend: str) -> bool:
@@ -167,8 +167,8 @@ class _ConcatConv(torch.autograd.Function):
     it, which holds the rebuilt concat, its 64 MiB gradient and the weight gradient at once. A convolution is
     linear in its input channels, so each map's slice is done alone: the map resized to ``size`` (16 MiB), its
     conv with that slice of the weight, added to the output in map order; in the backward, the gradient of that
-    slice (resized back to the map's size at once) and that slice of the weight gradient, exactly as ATen's
-    whole backward computes them per channel. No concat exists. The output sums the four partial convs: not
+    slice (resized back to the map's size at once) and that slice of the weight gradient, the quantities ATen's
+    whole backward computes for those channels. No concat exists. The output sums the four partial convs: not
     the bits of one conv over the concat (another summation order), within float32 rounding of it
     (tests/test_conv_bn_relu.py judges both against float64). The maps are saved (under
     upernet_fast.recompute, as their recipes) and each is resized again in the backward.
