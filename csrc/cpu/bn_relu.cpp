@@ -231,7 +231,7 @@ std::tuple<Tensor, Tensor, Tensor> train_step(const Tensor& x_in, const Tensor& 
   DenseMap m;
   const Tensor x = dense_map(x_in, m);
   TORCH_CHECK(m.P() > 0, "x must have at least one value per channel, got shape ", x_in.sizes());
-  Tensor y = new_map_like(x, m);
+  Tensor y;
   Tensor mean = at::empty({C}, x.options().dtype(stats_type));
   Tensor invstd = at::empty({C}, mean.options());
   int64_t& batches = *num_batches_tracked.data_ptr<int64_t>();
@@ -244,7 +244,6 @@ std::tuple<Tensor, Tensor, Tensor> train_step(const Tensor& x_in, const Tensor& 
     const int64_t count = m.P();
     const opmath_t unbias = static_cast<opmath_t>(static_cast<double>(count) / std::max<int64_t>(count - 1, 1));
     const opmath_t eps_v = static_cast<opmath_t>(eps);
-    const auto w = per_channel<opmath_t>(weight), b = per_channel<opmath_t>(bias);
     opmath_t* mean_p = mean.data_ptr<opmath_t>();
     opmath_t* invstd_p = invstd.data_ptr<opmath_t>();
     opmath_t* rm = running_mean.data_ptr<opmath_t>();
@@ -256,21 +255,18 @@ std::tuple<Tensor, Tensor, Tensor> train_step(const Tensor& x_in, const Tensor& 
       update_running(rm, c, mu, factor, keep);
       update_running(rv, c, var * unbias, factor, keep);
     };
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    if (m.cl) {  // no contiguous channel to walk: channel_stats' chunks over every channel, then apply's pass
+    if (m.cl) {  // no contiguous channel to walk: channel_stats over every channel, then apply itself
       const auto [mean_cl, var_cl] = channel_stats(x);
       const opmath_t* mv = mean_cl.const_data_ptr<opmath_t>();
       const opmath_t* vv = var_cl.const_data_ptr<opmath_t>();
       for (int64_t c = 0; c < C; ++c) finish_channel(c, mv[c], vv[c]);
-      map_elementwise<scalar_t>(m, xp, nullptr, nullptr, yp,
-                                [&](const Lanes<opmath_t>& l, Vec<opmath_t> v, Vec<opmath_t>, Vec<opmath_t>) {
-                                  return at::vec::maximum(bn_affine(v, l.get(mean_p), l.get(invstd_p),
-                                                                    l.get(w.data()), l.get(b.data())),
-                                                          Vec<opmath_t>(0));
-                                });
+      y = apply(x, mean, invstd, weight, bias);
       return;
     }
+    y = new_map_like(x, m);
+    const auto w = per_channel<opmath_t>(weight), b = per_channel<opmath_t>(bias);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
     const int64_t chunks = m.chunks();
     at::parallel_for(0, C, kGrain, [&](int64_t begin, int64_t end) {
       Scratch<opmath_t> tmp(std::min<int64_t>(kChunkPixels, m.HW));
