@@ -27,6 +27,10 @@ def test_inductor_training_step_gradients_match_transformers_eager():
     # 64x64 images put the last feature map at 2x2: pool scales above 2 would make Inductor's CPU code
     # generation fail on the backward of adaptive pooling with more bins than inputs (a PyTorch limitation
     # that transformers' model hits too), so the pyramid uses scales 1 and 2 here.
+    # A fresh dynamo state, as in a new process: code objects compiled earlier in this process at other sizes
+    # (tests/test_train_compile.py, when it runs first) would be recompiled here with automatic dynamic shapes,
+    # and torch 2.13's Inductor fails on those ("cannot determine truth value of Relational").
+    torch._dynamo.reset()
     reference = reference_model(pool_scales=[1, 2])
     converted = upernet_fast.convert(copy.deepcopy(reference))
     reference.train(), converted.train()
