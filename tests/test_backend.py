@@ -60,13 +60,57 @@ def test_auto_on_cpu_never_picks_triton(toy_op):
 
 def test_auto_fallback_on_cuda_inputs_warns_once(toy_op, monkeypatch):
     # Pretend the inputs live on CUDA: only the device type is consulted by the auto order.
-    monkeypatch.setattr(backend, "_device_type", lambda args, kwargs: "cuda")
+    monkeypatch.setattr(backend, "_device_kind", lambda t: "cuda")
     with pytest.warns(RuntimeWarning, match="toy falls back from triton to eager: float16 is not supported"):
         assert backend.select("toy", "auto", torch.ones(1, dtype=torch.float16)).backend == "eager"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second identical fallback is silent
         assert backend.select("toy", "auto", torch.ones(1, dtype=torch.float16)).backend == "eager"
     assert backend.select("toy", "auto", torch.ones(1)).backend == "triton"
+
+
+def test_eager_asked_for_reads_nothing_of_the_call(toy_op, monkeypatch):
+    # Eager takes every call: asked for by name, by set_backend or by the environment variable, it is chosen once
+    # per op, without the (device, dtypes) of the inputs (the dispatch cost of every eager op call).
+    def placement(*args):
+        raise AssertionError("the inputs' placement was read")
+
+    monkeypatch.setattr(backend, "_placement", placement)
+    assert backend.select("toy", "eager", torch.ones(1)).backend == "eager"
+    assert backend.select("toy", "eager", torch.ones(1, dtype=torch.float16)).backend == "eager"
+    upernet_fast.set_backend("eager")
+    assert backend.select("toy", "auto", torch.ones(1)).backend == "eager"
+    upernet_fast.set_backend(None)
+    monkeypatch.setenv(backend.ENV_VAR, "eager")
+    assert backend.select("toy", "auto", torch.ones(1)).backend == "eager"
+    monkeypatch.delenv(backend.ENV_VAR)
+    with pytest.raises(AssertionError, match="placement was read"):  # auto must read it
+        backend.select("toy", "auto", torch.ones(1))
+
+
+def test_a_cached_choice_still_runs_its_per_call_check(monkeypatch):
+    # auto's choice is cached per (op, device, dtypes); an op-specific check (here: at most two elements) still
+    # runs on every call, and a refusal falls back (warned once) without spoiling the cache for the next call.
+    checked = []
+
+    def why_not(x):
+        checked.append(x.numel())
+        return "more than two elements" if x.numel() > 2 else None
+
+    backend.register("toy_checked", "eager", lambda x: "eager")
+    backend.register("toy_checked", "triton", lambda x: "triton", why_not=why_not)
+    monkeypatch.setattr(backend, "_device_kind", lambda t: "cuda")
+    try:
+        assert backend.select("toy_checked", "auto", torch.ones(1)).backend == "triton"
+        assert backend.select("toy_checked", "auto", torch.ones(2)).backend == "triton"
+        with pytest.warns(RuntimeWarning, match="falls back from triton to eager: more than two elements"):
+            assert backend.select("toy_checked", "auto", torch.ones(3)).backend == "eager"
+        assert backend.select("toy_checked", "auto", torch.ones(1)).backend == "triton"
+        assert checked[1:] == [2, 3, 3, 1]  # the cached choice's check, then the full selection's for 3
+    finally:
+        del backend._REGISTRY["toy_checked"]
+        backend._warned.clear()
+        backend.clear_cache()
 
 
 def test_describe_lists_every_op_and_backend():

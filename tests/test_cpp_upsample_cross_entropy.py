@@ -1,7 +1,7 @@
 """The compiled CPU loss (torch.ops.upernet_fast_cpp.upsample_cross_entropy and its backward) called directly:
 against the eager reference (interpolate + F.cross_entropy) and the Triton kernels under the interpreter, every
 reduction, class weights, ignore_index, align_corners, odd sizes and down-sampling; float64 gradcheck; bitwise
-repeat and thread-count invariance; out-of-range labels never read out of bounds.
+repeat and thread-count invariance; out-of-range labels raise in the forward and are never read out of bounds.
 
 Tolerances:
 * float32 loss: the log-sum-exp uses the same exp (SLEEF, 1 ulp) and grouping as PyTorch's log_softmax, but the
@@ -140,16 +140,26 @@ def test_all_ignored_and_out_of_range_labels(ops):
     assert torch.isnan(loss) and den.item() == 0  # 0 / 0, as PyTorch
     grad = ops.upsample_cross_entropy_backward(torch.tensor(1.0), logits, ignored, None, _, den, 255, False)
     assert torch.equal(grad, torch.zeros_like(grad))  # no NaN from the 1 / 0 factor: ignored pixels are skipped
-    # Labels outside [0, C) (refused by the Python entry point) are masked in the kernel, never read: they
-    # count as ignored.
+    # Labels outside [0, C) that are not ignore_index: the forward raises, naming the first in (b, y, x) order
+    # whatever the thread count (the Python entry point leaves this check to the kernel); its pass and the
+    # backward's mask them (the backward counts them as ignored), never reading out of bounds.
     bad = labels.clone()
-    bad[0, 0, :3] = torch.tensor([-7, 5, 10**12])
+    bad[1, 3, 2], bad[0, 5, 4], bad[0, 9, 1] = -7, 5, 10**12
     as_ignored = bad.clone()
-    as_ignored[0, 0, :3] = 255
-    for reduction in ("mean", "sum"):
-        got = ops.upsample_cross_entropy(logits, bad, None, 255, reduction, False)
-        want = ops.upsample_cross_entropy(logits, as_ignored, None, 255, reduction, False)
-        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    as_ignored[(bad < 0) | (bad >= 5)] = 255
+    saved = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for reduction in ("mean", "none"):
+                with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\) or equal ignore_index=255; found 5$"):
+                    ops.upsample_cross_entropy(logits, bad, None, 255, reduction, False)
+    finally:
+        torch.set_num_threads(saved)
+    _, lse, den = ops.upsample_cross_entropy(logits, as_ignored, None, 255, "mean", False)
+    got = ops.upsample_cross_entropy_backward(torch.tensor(1.0), logits, bad, None, lse, den, 255, False)
+    want = ops.upsample_cross_entropy_backward(torch.tensor(1.0), logits, as_ignored, None, lse, den, 255, False)
+    assert torch.equal(got, want)
 
 
 def test_bitwise_deterministic_for_any_thread_count(ops):

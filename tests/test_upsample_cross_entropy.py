@@ -12,13 +12,14 @@ Tolerances:
 """
 
 import math
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TRITON_DEVICE
 from layouts import in_layout
-from op_testing import OpSpec, OpTests
+from op_testing import OpSpec, OpTests, require_backend
 
 from upernet_fast import backend as _backend
 from upernet_fast import reference
@@ -193,7 +194,7 @@ def test_every_output_element_written_over_nan():
 
 
 def test_out_of_range_labels_are_masked_in_the_kernels():
-    # The entry point raises on such labels (host sync); under torch.compile it skips that check, so the
+    # The entry point raises on such labels (a host sync); under torch.compile it skips that check, so the
     # kernels must not read out of bounds: a pixel with a label outside [0, C) counts as ignored.
     logits, labels, weight = _inputs(1, 4, 3, 3, 8, 8)
     bad = labels.clone()
@@ -207,6 +208,36 @@ def test_out_of_range_labels_are_masked_in_the_kernels():
         grad = kernels.backward(torch.tensor(1.0, device=DEV), logits, bad, w, lse, denominator, IGNORE, False)
         expected_grad = kernels.backward(torch.tensor(1.0, device=DEV), logits, masked, w, lse, denominator, IGNORE, False)
         assert torch.equal(grad, expected_grad)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+def test_out_of_range_labels_raise_the_same_error_on_every_backend(backend, monkeypatch):
+    # Where the labels are read by code that checks them (the C++ kernel's pass, PyTorch's CPU cross-entropy,
+    # whose IndexError is translated), the entry point runs no separate pass over them; elsewhere (Triton, eager
+    # on a GPU) it checks them first, a host sync. Every backend raises the same error, naming the first bad label
+    # in (b, y, x) order.
+    device = "cpu" if backend == "cpp" else DEV
+    if backend == "cpp":
+        require_backend("cpp")
+    module = sys.modules["upernet_fast.ops.upsample_cross_entropy"]
+    separate_checks = []
+    check = module._check_label_range
+    monkeypatch.setattr(module, "_check_label_range", lambda *args: (separate_checks.append(1), check(*args)))
+    logits, labels, _ = _inputs(2, 4, 3, 3, 6, 6)
+    logits, labels = logits.to(device), labels.to(device)
+    bad = labels.clone()
+    bad[1, 0, 0], bad[0, 4, 5], bad[0, 5, 1] = -1, 4, 1000
+    error = r"labels must lie in \[0, 4\) or equal ignore_index=255; found 4$"
+    for reduction in reference.REDUCTIONS:
+        with pytest.raises(ValueError, match=error):
+            upsample_cross_entropy(logits, bad, reduction=reduction, backend=backend)
+    if backend == "eager":  # the loss of logits already resized (a model returning full-resolution logits)
+        resized = F.interpolate(logits, size=(6, 6), mode="bilinear", align_corners=False)
+        with pytest.raises(ValueError, match=error):
+            upsample_cross_entropy(logits, bad, backend=backend, resized=resized)
+    upsample_cross_entropy(logits, labels, backend=backend)  # and good labels pass
+    checked_first = backend == "triton" or torch.device(device).type != "cpu"
+    assert bool(separate_checks) == checked_first, (backend, device, len(separate_checks))
 
 
 def test_none_reduction_with_expanded_upstream_gradient():

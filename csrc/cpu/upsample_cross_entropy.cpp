@@ -19,12 +19,14 @@
 // O(H * W)): 2 + 1 rows of C x (columns read by the tile) for the interpolated source rows and D, and
 // (max readers per row + 1) x C x kTileJ for the ring and the accumulator.
 //
-// Labels outside [0, C) that are not ignore_index are masked (loss 0, weight 0, no gradient): never read
-// out of bounds. The Python entry point refuses them before any kernel runs.
+// Labels outside [0, C) that are not ignore_index are never read out of bounds: masked (loss 0, weight 0, no
+// gradient) where they are met, and the forward raises ValueError once its pass is over (the Python entry point
+// leaves that check to this kernel, which reads every label anyway; the backward takes labels the forward took).
 #include "bilinear.h"
 
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -79,6 +81,23 @@ inline bool valid_label(int64_t label, int64_t ignore_index, int64_t C) {
   return label != ignore_index && label >= 0 && label < C;
 }
 
+// Raised once the forward pass has seen a label that is neither a class nor ignore_index: the Python entry point
+// leaves this check to the kernel, which reads every label anyway (the same message, and the first such label in
+// (b, y, x) order, as upernet_fast/ops/upsample_cross_entropy.py gives for the other backends).
+[[noreturn]] void raise_first_bad_label(const Tensor& labels, int64_t ignore_index, int64_t C) {
+  const int64_t* lab = labels.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < labels.size(0); ++b) {
+    for (int64_t y = 0; y < labels.size(1); ++y) {
+      for (int64_t x = 0; x < labels.size(2); ++x) {
+        const int64_t label = lab[b * labels.stride(0) + y * labels.stride(1) + x * labels.stride(2)];
+        TORCH_CHECK_VALUE(label == ignore_index || (label >= 0 && label < C), "labels must lie in [0, ", C,
+                          ") or equal ignore_index=", ignore_index, "; found ", label);
+      }
+    }
+  }
+  TORCH_CHECK(false, "upsample_cross_entropy: a bad label was seen but not found again");
+}
+
 std::tuple<Tensor, Tensor, Tensor> forward(const Tensor& logits, const Tensor& labels,
                                            const std::optional<Tensor>& weight, int64_t ignore_index,
                                            c10::string_view reduction, bool align_corners) {
@@ -105,9 +124,11 @@ std::tuple<Tensor, Tensor, Tensor> forward(const Tensor& logits, const Tensor& l
     scalar_t* loss_p = loss.defined() ? loss.data_ptr<scalar_t>() : nullptr;
     const int64_t tiles = (W + kTileX - 1) / kTileX;
     std::vector<double> partial(2 * B * tiles);  // per work item: sum of losses, sum of weights
+    std::atomic<bool> bad_label{false};
     at::parallel_for(0, B * tiles, kGrain, [&](int64_t begin, int64_t end) {
       RowPair<opmath_t> rows(C * kTileX);
       std::vector<opmath_t> val(C * kTileX), mx(kTileX), sum(kTileX);
+      bool bad = false;
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / tiles, x0 = (item % tiles) * kTileX, nx = std::min(kTileX, W - x0);
         rows.key[0] = rows.key[1] = -1;
@@ -142,6 +163,8 @@ std::tuple<Tensor, Tensor, Tensor> forward(const Tensor& logits, const Tensor& l
               nll = has_weight ? nll * wt : nll;
               loss_sum += static_cast<double>(nll);
               weight_sum += static_cast<double>(wt);
+            } else if (label != ignore_index) {
+              bad = true;
             }
             if (loss_p) loss_p[pix] = static_cast<scalar_t>(nll);
           }
@@ -149,7 +172,9 @@ std::tuple<Tensor, Tensor, Tensor> forward(const Tensor& logits, const Tensor& l
         partial[2 * item] = loss_sum;
         partial[2 * item + 1] = weight_sum;
       }
+      if (bad) bad_label.store(true, std::memory_order_relaxed);
     });
+    if (bad_label.load()) raise_first_bad_label(labels, ignore_index, C);
     double total = 0, weights = 0;
     for (int64_t item = 0; item < B * tiles; ++item) {  // item order: independent of the thread count
       total += partial[2 * item];

@@ -84,6 +84,7 @@ def _run(kernel_op, x: torch.Tensor, scales: Sequence[int]) -> tuple[torch.Tenso
     return tuple(kernel_op(x, list(scales)))
 
 
-_backend.register(OP, "eager", reference.adaptive_avg_pool_multi)
+# The tensors whose device and dtype select the backend (given here, every backend's: no scan of the arguments).
+_backend.register(OP, "eager", reference.adaptive_avg_pool_multi, tensors=lambda x, scales: (x,))
 _backend.register(OP, "triton", functools.partial(_run, KERNEL_OP.define("upernet_fast", _triton_forward, _triton_backward)))
 _backend.register(OP, "cpp", functools.partial(_run, KERNEL_OP.in_extension(_backend.CPP_NAMESPACE)))

@@ -100,6 +100,7 @@ def _triton_backward(grad: torch.Tensor, low_size: list[int], low_channels_last:
     return upsample_concat_backward(grad, [_new_grad(grad, low_size, low_channels_last)], [0])[0]
 
 
-_backend.register(OP, "eager", reference.upsample_add)
+# The tensors whose device and dtype select the backend (given here, every backend's: no scan of the arguments).
+_backend.register(OP, "eager", reference.upsample_add, tensors=lambda low, lateral: (low, lateral))
 _backend.register(OP, "triton", KERNEL_OP.define("upernet_fast", _triton_forward, _triton_backward))
 _backend.register(OP, "cpp", KERNEL_OP.in_extension(_backend.CPP_NAMESPACE))

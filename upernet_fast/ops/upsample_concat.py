@@ -161,6 +161,7 @@ def _run(kernel_op, tensors: Sequence[torch.Tensor], size: Sequence[int]) -> tor
     return kernel_op(list(tensors), list(size))
 
 
-_backend.register(OP, "eager", reference.upsample_concat)
+# The tensors whose device and dtype select the backend (given here, every backend's: no scan of the arguments).
+_backend.register(OP, "eager", reference.upsample_concat, tensors=lambda tensors, size: tensors)
 _backend.register(OP, "triton", functools.partial(_run, KERNEL_OP.define("upernet_fast", _triton_forward, _triton_backward)))
 _backend.register(OP, "cpp", functools.partial(_run, KERNEL_OP.in_extension(_backend.CPP_NAMESPACE)))

@@ -74,9 +74,6 @@ def upsample_cross_entropy(
             )
     # Decided in Python: int64 labels (the usual case) add no conversion node to a torch.compile graph.
     labels = labels if labels.dtype == torch.int64 else labels.long()
-    if not torch.compiler.is_compiling():
-        # Needs a host sync; under torch.compile the kernels' own masking still prevents out-of-bounds reads.
-        _check_label_range(labels, num_classes, ignore_index)
     if resized is not None:
         resized_shape = (*logits.shape[:2], *labels.shape[-2:])
         if tuple(resized.shape) != resized_shape or resized.device != logits.device:
@@ -85,7 +82,28 @@ def upsample_cross_entropy(
                 f"got {tuple(resized.shape)} on {resized.device}"
             )
     impl = _backend.select(OP, backend, logits, labels, ignore_index, reduction, weight, align_corners)
-    if impl.backend == "eager" and resized is not None:
+    compiling = torch.compiler.is_compiling()
+    # Labels are checked where they are read, when that is possible: by the C++ kernel in its pass over them, and by
+    # PyTorch's own CPU cross-entropy (its error translated below). Elsewhere (Triton, eager on a GPU) by a host
+    # sync before anything runs. Under torch.compile, not in Python: the kernels' masking still prevents
+    # out-of-bounds reads.
+    if not compiling and not (impl.backend == "cpp" or (impl.backend == "eager" and labels.is_cpu)):
+        _check_label_range(labels, num_classes, ignore_index)
+    if impl.backend != "eager":
+        return impl.fn(logits, labels, ignore_index, reduction, weight, align_corners)
+    if compiling or not labels.is_cpu:
+        return _eager_loss(impl, logits, labels, ignore_index, reduction, weight, align_corners, resized)
+    try:
+        return _eager_loss(impl, logits, labels, ignore_index, reduction, weight, align_corners, resized)
+    except IndexError:  # "Target N is out of bounds."
+        message = _first_bad_label(labels, num_classes, ignore_index)
+        if message is None:
+            raise
+    raise ValueError(message)
+
+
+def _eager_loss(impl, logits, labels, ignore_index, reduction, weight, align_corners, resized):
+    if resized is not None:
         return reference.cross_entropy(resized, labels, ignore_index, reduction, weight)
     return impl.fn(logits, labels, ignore_index, reduction, weight, align_corners)
 
@@ -108,16 +126,19 @@ def _check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int
     else:
         suspect = None  # an extreme is itself out of range: the test below finds the first bad label
     if suspect is None or bool(suspect.any()):
-        _raise_first_bad_label(labels, num_classes, ignore_index)
+        message = _first_bad_label(labels, num_classes, ignore_index)
+        if message is not None:
+            raise ValueError(message)
 
 
-def _raise_first_bad_label(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+def _first_bad_label(labels: torch.Tensor, num_classes: int, ignore_index: int) -> str | None:
+    """The error naming the first label (in (b, y, x) order) neither in [0, C) nor ignore_index, or None. The C++
+    kernel raises the same message (csrc/cpu/upsample_cross_entropy.cpp)."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
         value = int(labels[bad][0])
-        raise ValueError(
-            f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; found {value}"
-        )
+        return f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; found {value}"
+    return None
 
 
 # ---- kernel backends: one declaration (schemas, fakes, autograd) for the Triton and the C++ kernels --------
@@ -202,7 +223,13 @@ def _kernels_why_not(logits, labels, ignore_index, reduction, weight, align_corn
     return None
 
 
-_backend.register(OP, "eager", reference.upsample_cross_entropy)
+def _judged_tensors(logits, labels, ignore_index, reduction, weight, align_corners) -> tuple[torch.Tensor, ...]:
+    return (logits,) if weight is None else (logits, weight)
+
+
+# The tensors whose device and dtype select the backend (given here, every backend's: no scan of the arguments);
+# the labels are integers, and the logits' device is theirs (checked by the entry point).
+_backend.register(OP, "eager", reference.upsample_cross_entropy, tensors=_judged_tensors)
 _backend.register(
     OP,
     "triton",
