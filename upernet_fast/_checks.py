@@ -23,6 +23,19 @@ def tensors_in(values) -> list[torch.Tensor]:
     return found
 
 
+def module_tensor(module: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """``getattr(module, name, None)`` for a parameter or buffer, read from the module's own dicts first: the
+    selection reads BatchNorm's and the conv's tensors on every op call, and ``nn.Module.__getattr__`` (reached
+    only after the normal lookup fails) costs about 0.9 us a read on this project's CPU, against 0.1 us."""
+    parameters = module.__dict__.get("_parameters")
+    if parameters is not None and name in parameters:
+        return parameters[name]
+    buffers = module.__dict__.get("_buffers")
+    if buffers is not None and name in buffers:
+        return buffers[name]
+    return getattr(module, name, None)
+
+
 def check_tensor(name: str, value, ndim: int | None = None, floating: bool = False) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")

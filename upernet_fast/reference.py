@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from upernet_fast._checks import module_tensor
+
 REDUCTIONS = ("mean", "sum", "none", "mean_all")
 
 
@@ -83,7 +85,10 @@ def bn_relu(y: torch.Tensor, batch_norm: torch.nn.Module) -> torch.Tensor:
 
 def uses_batch_stats(batch_norm: torch.nn.Module) -> bool:
     """Whether BN normalises with the batch's statistics (as ``_BatchNorm.forward`` decides)."""
-    return batch_norm.training or (batch_norm.running_mean is None and batch_norm.running_var is None)
+    if batch_norm.training:
+        return True
+    # The buffers read from the module's dicts: this runs on every op call, where Module.__getattr__ is slow.
+    return module_tensor(batch_norm, "running_mean") is None and module_tensor(batch_norm, "running_var") is None
 
 
 def sync_group(batch_norm: torch.nn.Module):

@@ -27,7 +27,7 @@ from torch import nn
 
 from upernet_fast import backend as _backend
 from upernet_fast import recompute, reference
-from upernet_fast._checks import check_tensor
+from upernet_fast._checks import check_tensor, module_tensor
 from upernet_fast.kernels._utils import is_channels_last, memory_format
 from upernet_fast.ops._kernel_op import ExtensionOp, InferenceOp, KernelOp, stats_dtype
 from upernet_fast.ops._triton_support import on_input_device
@@ -377,7 +377,8 @@ def _train_why_not(y: torch.Tensor, batch_norm: nn.Module) -> str | None:
 
 def bn_parameters(y: torch.Tensor, batch_norm: nn.Module) -> list[torch.Tensor]:
     """The tensors whose device and dtype a backend must take: the map and BatchNorm's parameters and buffers."""
-    return [y] + [t for t in (batch_norm.weight, batch_norm.running_var) if t is not None]
+    return [y] + [t for t in (module_tensor(batch_norm, "weight"), module_tensor(batch_norm, "running_var"))
+                  if t is not None]
 
 
 def _cpp_bn_relu(y: torch.Tensor, batch_norm: nn.Module) -> torch.Tensor:

@@ -27,7 +27,7 @@ from torch import nn
 
 from upernet_fast import backend as _backend
 from upernet_fast import recompute, reference
-from upernet_fast._checks import check_tensor
+from upernet_fast._checks import check_tensor, module_tensor
 from upernet_fast.ops.bn_relu import (
     batch_norm_why_not,
     batch_stats_path,
@@ -401,7 +401,8 @@ def _cpp_why_not(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> str
 
 
 def _judged_tensors(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> list[torch.Tensor]:
-    weight = [conv.weight] if isinstance(getattr(conv, "weight", None), torch.Tensor) else []
+    conv_weight = module_tensor(conv, "weight") if isinstance(conv, nn.Module) else None
+    weight = [conv_weight] if isinstance(conv_weight, torch.Tensor) else []
     bn = bn_parameters(x, batch_norm)[1:] if isinstance(batch_norm, nn.Module) else []
     return [x, *weight, *bn]
 
