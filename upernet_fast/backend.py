@@ -208,10 +208,12 @@ _static_cache: dict[tuple, list[tuple[Implementation, str | None, bool]]] = {}
 # call (statically): on a hit only its own op-specific check, if any, runs; should that refuse, the full
 # selection runs. Cleared with the other.
 _chosen_cache: dict[tuple, Implementation] = {}
-# (op, backend asked for) -> the implementation, where nothing of the call can change the answer: a backend asked
-# for by name (or through the process-wide setting) that is always available, takes any device and dtype and has
-# no op-specific check, which is eager. Such calls skip reading the inputs' device and dtypes altogether.
-_unconditional_cache: dict[tuple[str, str], Implementation] = {}
+# (op, backend asked for by name or through the process-wide setting) -> the implementation where nothing of the
+# call can change the answer (a backend that is always available, takes any device and dtype and has no
+# op-specific check: eager), else None. Such calls skip reading the inputs' device and dtypes altogether; for
+# every name, its validity is checked once. "auto" is never a key.
+_fixed_choice: dict[tuple[str, str], Implementation | None] = {}
+_UNDECIDED = object()
 # op -> fn(*args) giving the tensors whose device and dtypes are judged (default: every tensor argument).
 _judged_tensors: dict[str, Callable[..., Sequence[torch.Tensor]]] = {}
 
@@ -246,7 +248,7 @@ def clear_cache() -> None:
     """Forget resolved selections (after changing what a backend's availability depends on, e.g. in tests)."""
     _static_cache.clear()
     _chosen_cache.clear()
-    _unconditional_cache.clear()
+    _fixed_choice.clear()
 
 
 def ops() -> list[str]:
@@ -392,10 +394,10 @@ def _candidates(key: tuple, impls: dict[str, Implementation]):
 def select(op: str, backend: str, *args, **kwargs) -> Implementation:
     """The implementation of ``op`` that runs for these inputs (see the module docstring for the rules)."""
     requested = get_backend() if backend == AUTO else backend
-    chosen = _unconditional_cache.get((op, requested))
-    if chosen is not None:
-        return chosen
-    if requested != AUTO:
+    fixed = _fixed_choice.get((op, requested), _UNDECIDED)
+    if fixed is not None and fixed is not _UNDECIDED:
+        return fixed
+    if fixed is _UNDECIDED and requested != AUTO:  # once per (op, name): is the name valid, is the choice fixed?
         _check_name(backend, "backend")
         impls = _implementations(op)
         if requested not in impls:
@@ -403,9 +405,9 @@ def select(op: str, backend: str, *args, **kwargs) -> Implementation:
                 f"backend={requested!r} was asked for, but {op} has no {requested} implementation "
                 f"(it has: {sorted(impls)})"
             )
-        if _unconditional(impls[requested]):
-            _unconditional_cache[(op, requested)] = impls[requested]
-            return impls[requested]
+        fixed = _fixed_choice[(op, requested)] = impls[requested] if _unconditional(impls[requested]) else None
+        if fixed is not None:
+            return fixed
     device, dtypes = _placement(op, args, kwargs)
     # The interpreter switch changes only triton's answer (its availability, and the devices it takes), so it is
     # read, an environment lookup, only where triton is a candidate: asked for by name, or auto on a device
@@ -415,8 +417,7 @@ def select(op: str, backend: str, *args, **kwargs) -> Implementation:
     chosen = _chosen_cache.get(key)
     if chosen is not None and (chosen.why_not is _never or chosen.why_not(*args, **kwargs) is None):
         return chosen
-    _check_name(backend, "backend")
-    impls = _implementations(op)
+    impls = _implementations(op)  # (a name asked for was checked on its first call, above)
     skipped: list[tuple[str, str]] = []
     refused_for_this_call = False
     for impl, static_reason, unavailable in _candidates(key, impls):

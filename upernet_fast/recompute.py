@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+
 class _ThreadState(threading.local):
     # Class-level defaults: a thread that never entered recomputing() reads these at the cost of an attribute
     # lookup (getattr(local, name, default) on a missing name raises and catches inside: 0.4 us each, on every
