@@ -14,6 +14,13 @@ Rows (appended to ``benchmarks/results/winograd_cpu.csv``, table in ``winograd_c
   ``winograd_transform_domain_products``) and by MKL's batched matmul (provider ``torch``), which the block
   used before.
 
+``--train`` (rows in ``winograd_train_cpu.csv`` / ``.md``): the training step of each block instead, forward and
+backward (``torch.autograd.grad`` of the inputs and the block's parameters for a fixed upstream gradient), BN
+normalising with batch statistics: ``eager`` is transformers' block (and resizes and concat) under ATen's
+autograd, ``cpp`` the converted block, whose conv forward and input gradient run by Winograd and whose weight
+gradient is ATen's (``winograd_conv_bn_relu.training_conv``; the bottlenecks by input map, ``_ConcatConv``).
+``--batch`` sets the batch (default 1).
+
 Runs alternate (ATen, Winograd, ATen, ...) in one process, so both see the same machine load: the ratio of
 the medians is the number to read, never a time from another run. ``tflops`` is direct-convolution FLOPs
 (2 * C_in * C_out * 9 * H * W) per second for both providers (Winograd does ~4x fewer multiplications, so it
@@ -99,6 +106,36 @@ def _ours(block: ConvBNReLU, inputs: list[torch.Tensor]):
     return lambda: block.forward_concat(inputs, size, concat_backend="cpp")
 
 
+def _train_rows(stamp, name, block, inputs, shape, layout, flop, sgemm, repeats) -> list[dict]:
+    """The block's training step, ATen (transformers' block) and cpp alternating: forward + backward."""
+    block.train()
+    leaves = [t.requires_grad_() for t in inputs]
+    params = [p for p in block.parameters() if p.requires_grad]
+    upstream = torch.randn(inputs[0].shape[0], HIDDEN, *inputs[0].shape[-2:])
+    forwards = {"eager": _eager(block, leaves), "cpp": _ours(block, leaves)}
+    steps = {key: (lambda f=f: torch.autograd.grad(f(), leaves + params, upstream)) for key, f in forwards.items()}
+    first = _seconds(steps["cpp"])
+    with torch.no_grad():
+        expected, got = forwards["eager"](), forwards["cpp"]()
+    error = ((got - expected).abs().max() / expected.abs().max()).item()
+    times = {"eager": [], "cpp": []}
+    for _ in range(repeats):
+        for key in times:
+            times[key].append(_seconds(steps[key]))
+    rows = []
+    for provider, samples in times.items():
+        p20, p50, p80 = measure.quantiles([s * 1e3 for s in samples])
+        note = f"medians of {repeats}, alternating with the other provider"
+        if provider == "cpp":
+            note += f"; first call {first * 1e3:.0f} ms; max |cpp - eager| / max |eager| (forward) {error:.1e}"
+        step_flop = 3 * flop  # forward, input gradient, weight gradient
+        rows.append(make_row(stamp, suite="winograd_train", op=name, provider=provider, mode="forward+backward",
+                             shape=shape, dtype="fp32", layout=layout, p20_ms=p20, p50_ms=p50, p80_ms=p80,
+                             tflops=step_flop / (p50 * 1e-3) / 1e12,
+                             pct_matmul=step_flop / (p50 * 1e-3) / 1e9 / sgemm * 100, note=note))
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.winograd_conv_bn_relu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -106,6 +143,8 @@ def main(argv=None) -> int:
                         "model runs after a ConvNeXt or Swin backbone)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per provider and block (default 5)")
     parser.add_argument("--blocks", default=None, help="comma-separated block names (default: all)")
+    parser.add_argument("--train", action="store_true", help="time the training step (forward + backward)")
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--results-dir", default=str(DEFAULT_RESULTS_DIR))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -128,9 +167,14 @@ def main(argv=None) -> int:
         cin = sum(c for c, _, _ in shapes)
         height, width = shapes[0][1:]
         block = _block(cin, HIDDEN)
-        inputs = [torch.randn(1, c, h, w).contiguous(memory_format=fmt) for c, h, w in shapes]
-        flop = 2 * cin * HIDDEN * 9 * height * width
+        inputs = [torch.randn(args.batch, c, h, w).contiguous(memory_format=fmt) for c, h, w in shapes]
+        flop = 2 * cin * HIDDEN * 9 * height * width * args.batch
         shape = " + ".join(f"{c}x{h}x{w}" for c, h, w in shapes) + f" -> {HIDDEN}x{height}x{width}, 3x3"
+        shape = shape if args.batch == 1 else f"b{args.batch} {shape}"
+        if args.train:
+            rows += _train_rows(stamp, name, block, inputs, shape, layout, flop, sgemm, args.repeats)
+            print(format_table(rows[-2:]), flush=True)
+            continue
         eager, ours = _eager(block, inputs), _ours(block, inputs)
         with torch.no_grad():
             transform = _seconds(ours)  # first call: fold + filter transform + the block
@@ -166,7 +210,7 @@ def main(argv=None) -> int:
         rows += [packed_row, bmm_row]
         print(format_table(rows[-4:]), flush=True)
     rows[0]["note"] += f"; load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}"
-    path = csv_path(args.results_dir, "winograd", "cpu")
+    path = csv_path(args.results_dir, "winograd_train" if args.train else "winograd", "cpu")
     append_rows(path, rows)
     path.with_suffix(".md").write_text(f"# {path.stem}: latest run\n\n" + format_markdown(rows))
     plot_file(path)

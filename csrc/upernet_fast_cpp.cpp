@@ -71,7 +71,7 @@ TORCH_LIBRARY(upernet_fast_cpp, m) {
   m.def(
       "bn_relu_eval_from_buffers(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, Tensor? bias, "
       "float eps) -> Tensor");
-  // 3x3 stride-1 padding-1 convolution + bias + ReLU by Winograd F(4x4, 3x3), inference only (no backward):
+  // 3x3 stride-1 padding-1 convolution + bias + ReLU by Winograd F(4x4, 3x3), no autograd formula (training's is in Python):
   // the filter transform (36, C_out, C_in; values in the products' packed order), computed once per weight and
   // cached by the caller, and the conv.
   m.def("winograd_filter_transform(Tensor weight) -> Tensor");
@@ -86,6 +86,11 @@ TORCH_LIBRARY(upernet_fast_cpp, m) {
   m.def(
       "winograd_upsample_concat_conv_bias_relu_lowres(Tensor[] tensors, SymInt[] size, Tensor filter, Tensor bias, "
       "Tensor weight, SymInt first_lowres) -> Tensor");
+  // The plain convolutions (no bias, no ReLU), for training: the block's conv, whose BatchNorm follows, and the
+  // input gradient (the gradient convolved with the transform of the flipped, transposed weight). The same
+  // layout rules and bits as the ops above with a zero bias and without the ReLU.
+  m.def("winograd_conv(Tensor x, Tensor filter) -> Tensor");
+  m.def("winograd_upsample_concat_conv(Tensor[] tensors, SymInt[] size, Tensor filter) -> Tensor");
 }
 
 #define UPERNET_FAST_STR2(x) #x

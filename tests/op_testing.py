@@ -38,6 +38,38 @@ if importlib.util.find_spec("upernet_fast.cpp_extension") is not None:
     KERNEL_BACKENDS["cpp"] = (_backend.CPP_NAMESPACE, "cpu")
 
 
+class OpsSeen(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op the dispatcher runs below autograd (ATen and upernet_fast_cpp alike), forward and backward:
+    the proof of which kernels computed a result."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def kaiming_block(cin: int, cout: int, *, bias: bool = False, seed: int = 0):
+    """A 3x3 ConvBNReLU (eval mode; .train() for training), kaiming-normal conv weight, non-trivial BN parameters
+    and running statistics: the blocks the Winograd accuracy tests judge."""
+    from upernet_fast.ops.conv_bn_relu import ConvBNReLU
+
+    gen = torch.Generator().manual_seed(seed)
+    block = ConvBNReLU(cin, cout, 3, padding=1, bias=bias).eval()
+    with torch.no_grad():
+        block.conv.weight.copy_(torch.randn(block.conv.weight.shape, generator=gen) * (2.0 / (9 * cin)) ** 0.5)
+        if bias:
+            block.conv.bias.copy_(torch.randn(cout, generator=gen) * 0.1)
+        bn = block.batch_norm
+        bn.weight.copy_(torch.rand(cout, generator=gen) + 0.5)
+        bn.bias.copy_(torch.randn(cout, generator=gen) * 0.2)
+        bn.running_mean.copy_(torch.randn(cout, generator=gen) * 0.2)
+        bn.running_var.copy_(torch.rand(cout, generator=gen) * 1.5 + 0.5)
+    return block
+
+
 def require_backend(backend: str) -> None:
     """Fail (not skip) with the reason when a kernel backend cannot run here; loads and attaches C++ ops."""
     reason = _backend.BACKENDS_DECLARED[backend].why_unavailable()

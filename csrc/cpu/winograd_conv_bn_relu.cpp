@@ -1,7 +1,10 @@
 // 3x3 convolution (stride 1, padding 1, dilation 1, groups 1) + per-output-channel bias + ReLU by Winograd's
 // minimal filtering F(4x4, 3x3) (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016),
-// float32, inference only. The eval-mode conv-BN-ReLU block folds BN into the weight and bias
-// (upernet_fast/ops/conv_bn_relu.py) and calls this with the folded bias; the output is written once.
+// float32. The eval-mode conv-BN-ReLU block folds BN into the weight and bias
+// (upernet_fast/ops/conv_bn_relu.py) and calls this with the folded bias; the output is written once. Training
+// uses the plain convolution (no bias, no ReLU: its BatchNorm follows) forward, and again for the input
+// gradient, the gradient convolved with the flipped, transposed weight (upernet_fast/ops/winograd_conv_bn_relu.py
+// holds that autograd; these ops have none).
 //
 // Why: on the CPU the head's 3x3 convolutions are most of inference and oneDNN already runs them at the
 // matrix-product ceiling, so only fewer multiplications help. F(4x4, 3x3) computes each 4x4 output tile
@@ -117,21 +120,44 @@ inline void input_transform_2d(Vec tile[kPoints]) {
 
 // relu(A^T m A + bias) for a 6x6 transform-domain tile m: the 4x4 output tile (row-major); with extra,
 // relu((A^T m A + extra) + bias) (the low-resolution sources' contribution, winograd_lowres.h). Without it
-// the float operations are exactly those of the plain convolution.
-inline void output_transform_2d(const Vec m[kPoints], const Vec& bias, Vec out[16], const Vec* extra = nullptr) {
-  Vec column[6], reduced[4], rows[4 * 6];
-  for (int j = 0; j < 6; ++j) {
-    for (int i = 0; i < 6; ++i) column[i] = m[i * 6 + j];
-    output_transform_1d(column, reduced);
-    for (int i = 0; i < 4; ++i) rows[i * 6 + j] = reduced[i];
+// the float operations are exactly those of the plain convolution. relu false: A^T m A + bias (the training
+// convolution, whose BN follows; its bias is zero there, an exact addition).
+inline void output_transform_2d(const Vec m[kPoints], const Vec& bias, bool relu, Vec out[16],
+                                const Vec* extra = nullptr) {
+  // In double, each float lane widened once and the tile rounded to float once: the transform's weights (8 and
+  // 1/8 in each direction) amplify the roundings of its own intermediate sums, measured as much as ATen's whole
+  // float32 error on its own (the products' roundings are the rest). A few percent of the block's time.
+  using VecD = at::vec::Vectorized<double>;
+  constexpr int64_t kHalves = Vec::size() / VecD::size();
+  alignas(64) float lanes[kPoints][Vec::size()];
+  alignas(64) float reduced_lanes[16][Vec::size()];
+  for (int64_t p = 0; p < kPoints; ++p) m[p].store(lanes[p]);
+  for (int64_t h = 0; h < kHalves; ++h) {
+    VecD column[6], reduced[4], rows[4 * 6];
+    alignas(64) double wide[VecD::size()];
+    for (int j = 0; j < 6; ++j) {
+      for (int i = 0; i < 6; ++i) {
+        for (int64_t l = 0; l < VecD::size(); ++l) wide[l] = lanes[i * 6 + j][h * VecD::size() + l];
+        column[i] = VecD::loadu(wide);
+      }
+      output_transform_1d(column, reduced);
+      for (int i = 0; i < 4; ++i) rows[i * 6 + j] = reduced[i];
+    }
+    for (int i = 0; i < 4; ++i) {
+      output_transform_1d(&rows[i * 6], reduced);
+      for (int j = 0; j < 4; ++j) {
+        reduced[j].store(wide);
+        for (int64_t l = 0; l < VecD::size(); ++l) {
+          reduced_lanes[i * 4 + j][h * VecD::size() + l] = static_cast<float>(wide[l]);
+        }
+      }
+    }
   }
   const Vec zero(0.f);
-  for (int i = 0; i < 4; ++i) {
-    output_transform_1d(&rows[i * 6], reduced);
-    for (int j = 0; j < 4; ++j) {
-      const Vec value = extra == nullptr ? reduced[j] : reduced[j] + extra[i * 4 + j];
-      out[i * 4 + j] = at::vec::maximum(value + bias, zero);
-    }
+  for (int k = 0; k < 16; ++k) {
+    const Vec tile_value = Vec::loadu(reduced_lanes[k]);
+    const Vec value = extra == nullptr ? tile_value : tile_value + extra[k];
+    out[k] = relu ? at::vec::maximum(value + bias, zero) : value + bias;
   }
 }
 
@@ -321,7 +347,7 @@ void transform_input_nchw(const std::vector<Source>& sources, const Geometry& g,
 
 // Output transform, channels_last output: M[p][t][co] -> out (dense NHWC), vectorised over channels; the
 // low-resolution sources (none for the plain convolution) are added before bias and ReLU.
-void transform_output_channels_last(const float* m, const float* bias, const Geometry& g, int64_t row0,
+void transform_output_channels_last(const float* m, const float* bias, bool relu, const Geometry& g, int64_t row0,
                                     int64_t row1, float* out, const std::vector<LowResSource>& lowres) {
   const int64_t tiles = (row1 - row0) * g.tiles_w, channels = g.out_channels;
   const int64_t point_stride = padded_point_stride(tiles * channels);
@@ -338,7 +364,7 @@ void transform_output_channels_last(const float* m, const float* bias, const Geo
         if (!lowres.empty()) {
           lowres_contribution(lowres, b, ty * kTile, tx * kTile, g.height, g.width, c, count, extra);
         }
-        output_transform_2d(tile, vload(bias + c, count), result, lowres.empty() ? nullptr : extra);
+        output_transform_2d(tile, vload(bias + c, count), relu, result, lowres.empty() ? nullptr : extra);
         for (int64_t i = 0; i < kTile; ++i) {
           const int64_t y = ty * kTile + i;
           if (y >= g.height) break;
@@ -355,8 +381,8 @@ void transform_output_channels_last(const float* m, const float* bias, const Geo
 
 // Output transform, NCHW output: M[p][co][t] -> out (dense NCHW), vectorised over neighbouring tiles of one
 // tile row; each output row segment is interleaved from the lanes through a small buffer.
-void transform_output_nchw(const float* m, const float* bias, const Geometry& g, int64_t row0, int64_t row1,
-                           float* out) {
+void transform_output_nchw(const float* m, const float* bias, bool relu, const Geometry& g, int64_t row0,
+                           int64_t row1, float* out) {
   const int64_t rows = row1 - row0, tiles = rows * g.tiles_w;
   const int64_t point_stride = padded_point_stride(g.out_channels * tiles);
   constexpr int64_t lanes = Vec::size();
@@ -372,7 +398,7 @@ void transform_output_nchw(const float* m, const float* bias, const Geometry& g,
         const int64_t count = std::min<int64_t>(lanes, g.tiles_w - tx0);
         const float* src = m + c * tiles + local_row * g.tiles_w + tx0;
         for (int64_t p = 0; p < kPoints; ++p) tile[p] = vload(src + p * point_stride, count);
-        output_transform_2d(tile, channel_bias, result);
+        output_transform_2d(tile, channel_bias, relu, result);
         const int64_t x_end = std::min<int64_t>(g.width, (tx0 + count) * kTile);
         for (int64_t i = 0; i < kTile; ++i) {
           const int64_t y = ty * kTile + i;
@@ -413,9 +439,9 @@ void check_filter_and_bias(const Tensor& filter, const Tensor& bias, const char*
 
 // The convolution of the concatenation of `inputs` (each dense in the given layout) at size height x width,
 // plus, channels_last only, that of the low-resolution sources `lowres` (channels after the inputs', whose part
-// of the filter the products skip).
+// of the filter the products skip), plus bias, then ReLU where relu is set.
 Tensor convolve(const std::vector<Tensor>& inputs, int64_t height, int64_t width, bool channels_last,
-                const Tensor& filter, const Tensor& bias, const std::vector<LowResSource>& lowres = {}) {
+                const Tensor& filter, const Tensor& bias, bool relu, const std::vector<LowResSource>& lowres = {}) {
   std::vector<Source> sources;
   int64_t in_channels = 0;
   for (const Tensor& t : inputs) {
@@ -460,9 +486,9 @@ Tensor convolve(const std::vector<Tensor>& inputs, int64_t height, int64_t width
     winograd::transform_domain_products(v_matrix, filter.const_data_ptr<float>(), filter.size(2), m_matrix, tiles,
                                         g.in_channels, out_channels);
     if (channels_last) {
-      transform_output_channels_last(m, bias_ptr, g, row0, row1, dst, lowres);
+      transform_output_channels_last(m, bias_ptr, relu, g, row0, row1, dst, lowres);
     } else {
-      transform_output_nchw(m, bias_ptr, g, row0, row1, dst);
+      transform_output_nchw(m, bias_ptr, relu, g, row0, row1, dst);
     }
   }
   return out;
@@ -482,7 +508,8 @@ Tensor winograd_transform_domain_products(const Tensor& v, const Tensor& filter)
   return m;
 }
 
-Tensor winograd_conv_bias_relu(const Tensor& x, const Tensor& filter, const Tensor& bias) {
+// relu(conv(x) + bias) where relu is set, else conv(x) + bias.
+Tensor conv_checked(const Tensor& x, const Tensor& filter, const Tensor& bias, bool relu) {
   TORCH_CHECK(x.defined() && x.device().is_cpu(), "x must be a CPU tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be float32, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 4, "x must be a 4D (B, C_in, H, W) tensor, got shape ", x.sizes());
@@ -492,7 +519,24 @@ Tensor winograd_conv_bias_relu(const Tensor& x, const Tensor& filter, const Tens
   // The output layout: PyTorch's suggest_memory_format rule, as ATen's convolution picks it (and the fake).
   const bool channels_last = suggests_channels_last(x);
   const Tensor input = x.contiguous(memory_format(channels_last));  // no copy when already dense
-  return convolve({input}, x.size(2), x.size(3), channels_last, filter, bias);
+  return convolve({input}, x.size(2), x.size(3), channels_last, filter, bias, relu);
+}
+
+Tensor winograd_conv_bias_relu(const Tensor& x, const Tensor& filter, const Tensor& bias) {
+  return conv_checked(x, filter, bias, true);
+}
+
+// A zero bias for the plain convolutions (an exact addition); sized from a filter that check_filter then
+// validates (a malformed one gets a one-element bias here and check_filter's error after).
+Tensor zero_bias(const Tensor& filter) {
+  const int64_t channels = filter.defined() && filter.dim() == 3 ? filter.size(1) : 1;
+  return at::empty({channels}, at::TensorOptions().dtype(at::kFloat)).zero_();
+}
+
+// The plain convolution (no bias, no ReLU): the training block's conv, whose BatchNorm follows, and its input
+// gradient (the gradient convolved with the flipped, transposed weight's transform).
+Tensor winograd_conv(const Tensor& x, const Tensor& filter) {
+  return conv_checked(x, filter, zero_bias(filter), false);
 }
 
 // The checked inputs of the fused upsample-concat conv, each dense in the concat's layout.
@@ -529,7 +573,14 @@ ConcatInputs concat_inputs(at::TensorList tensors, c10::IntArrayRef size, const 
 Tensor winograd_upsample_concat_conv_bias_relu(at::TensorList tensors, c10::IntArrayRef size, const Tensor& filter,
                                                const Tensor& bias) {
   const ConcatInputs inputs = concat_inputs(tensors, size, filter, bias);
-  return convolve(inputs.tensors, size[0], size[1], inputs.channels_last, filter, bias);
+  return convolve(inputs.tensors, size[0], size[1], inputs.channels_last, filter, bias, true);
+}
+
+// winograd_conv(upsample_concat(tensors, size), filter), bitwise, without the concat.
+Tensor winograd_upsample_concat_conv(at::TensorList tensors, c10::IntArrayRef size, const Tensor& filter) {
+  const Tensor bias = zero_bias(filter);
+  const ConcatInputs inputs = concat_inputs(tensors, size, filter, bias);
+  return convolve(inputs.tensors, size[0], size[1], inputs.channels_last, filter, bias, false);
 }
 
 // The same block with tensors[first_lowres:] (each strictly smaller than size in both dimensions) convolved at
@@ -551,7 +602,7 @@ Tensor winograd_upsample_concat_conv_bias_relu_lowres(at::TensorList tensors, c1
   for (int64_t k = first_lowres; split && k < count; ++k) {
     split = tensors[k].size(2) < size[0] && tensors[k].size(3) < size[1];
   }
-  if (!split) return convolve(inputs.tensors, size[0], size[1], inputs.channels_last, filter, bias);
+  if (!split) return convolve(inputs.tensors, size[0], size[1], inputs.channels_last, filter, bias, true);
   int64_t direct_channels = 0;
   for (int64_t k = 0; k < first_lowres; ++k) direct_channels += tensors[k].size(1);
   const Tensor taps = weight_taps(weight);
@@ -560,7 +611,7 @@ Tensor winograd_upsample_concat_conv_bias_relu_lowres(at::TensorList tensors, c1
     lowres.emplace_back(inputs.tensors[k], taps, first, size[0], size[1]);
   }
   const std::vector<Tensor> direct(inputs.tensors.begin(), inputs.tensors.begin() + first_lowres);
-  return convolve(direct, size[0], size[1], true, filter, bias, lowres);
+  return convolve(direct, size[0], size[1], true, filter, bias, true, lowres);
 }
 
 }  // namespace
@@ -569,6 +620,8 @@ TORCH_LIBRARY_IMPL(upernet_fast_cpp, CPU, m) {
   m.impl("winograd_filter_transform", &winograd_filter_transform);
   m.impl("winograd_transform_domain_products", &winograd_transform_domain_products);
   m.impl("winograd_conv_bias_relu", &winograd_conv_bias_relu);
+  m.impl("winograd_conv", &winograd_conv);
+  m.impl("winograd_upsample_concat_conv", &winograd_upsample_concat_conv);
   m.impl("winograd_upsample_concat_conv_bias_relu", &winograd_upsample_concat_conv_bias_relu);
   m.impl("winograd_upsample_concat_conv_bias_relu_lowres", &winograd_upsample_concat_conv_bias_relu_lowres);
 }

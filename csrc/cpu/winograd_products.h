@@ -23,10 +23,16 @@
 // 16 KB, stays in L1) the kernel runs over every row panel, kRows x 16 accumulators in registers, one
 // multiply-add per (row, column, depth) with the depth in order.
 //
-// Summation order: each output element is summed per depth block of kDepthBlock, by one chain of fused
-// multiply-adds in order from zero, and the blocks' sums are added in order. Why the two levels: one chain
-// over the whole depth (2816 for the PPM bottleneck) measured 11x ATen's float32 error against float64; the
-// blocked sum's error grows with kDepthBlock + depth / kDepthBlock rather than with the depth.
+// Summation order, four levels, each in order from zero: chains of kChain fused multiply-adds over
+// consecutive depths; kChainsPerGroup chains' sums added into a group sum; a depth block's groups added
+// (kDepthBlock); the blocks' sums added. Why: a sum's rounding error grows with the length of each chain of
+// additions, and the Winograd output transform (weights up to 8 x 8) amplifies the products' errors against
+// outputs that are much smaller than the products. One chain per depth block of 256 measured 7-15x ATen's
+// float32 error for the whole convolution against float64 on an AVX-512 machine (2026-11-28), where oneDNN's
+// direct convolution is more accurate than on the AVX2 machine the kernel was first measured on; these
+// levels (8, 8, 256) bring it to 2.6-3.3x (tests/test_winograd_conv_bn_relu.py allows 4x), the products
+// alone to 0.3x MKL's float32 bmm error at the head's depths, at no measured cost in time (102 against 106 ms
+// for 512 -> 512 at 64x64, batch 2; the group and chain sums live in registers, spilled on AVX2).
 // Determinism: that order is fixed by the shapes, so an element's bits depend on neither the thread count
 // nor the split of work (which only decides which thread computes which elements). Explicit
 // multiply-adds (at::vec::fmadd: one rounding per step) rather than the separate multiply and add of the rest
@@ -43,6 +49,8 @@ namespace winograd {
 
 constexpr int64_t kPanel = 16;        // output channels per packed column panel (the filter's last dimension)
 constexpr int64_t kDepthBlock = 256;  // depth per pass: a column panel's block is 16 KB (L1)
+constexpr int64_t kChain = 8;          // multiply-adds per chain (the summation order above)
+constexpr int64_t kChainsPerGroup = 8;  // chains per group sum
 constexpr int64_t kPoints = 36;       // transform-domain positions of F(4x4, 3x3): 6 x 6 independent products
 
 using Vec = at::vec::Vectorized<float>;
@@ -65,21 +73,44 @@ struct Matrix {
   }
 };
 
+using Accumulators = Vec[kRows][kVecsPerRow];
+
+inline void zero(Accumulators& sums) {
+  for (int64_t r = 0; r < kRows; ++r)
+    for (int64_t v = 0; v < kVecsPerRow; ++v) sums[r][v] = Vec(0.f);
+}
+
+inline void add_into(Accumulators& sums, const Accumulators& part) {
+  for (int64_t r = 0; r < kRows; ++r)
+    for (int64_t v = 0; v < kVecsPerRow; ++v) sums[r][v] = sums[r][v] + part[r][v];
+}
+
 // rows x kPanel block of the result: c (rows x columns valid) = a (packed [depth][kRows]) @ b (packed
 // [depth][kPanel]), plus c's current value when accumulate (a later depth block).
 inline void register_block(int64_t depth, const float* a, const float* b, const Matrix& out, float* c, int64_t rows,
                            int64_t columns, bool accumulate) {
-  Vec sum[kRows][kVecsPerRow];
-  for (int64_t r = 0; r < kRows; ++r)
-    for (int64_t v = 0; v < kVecsPerRow; ++v) sum[r][v] = Vec(0.f);
-  for (int64_t k = 0; k < depth; ++k) {
-    Vec panel[kVecsPerRow];
-    for (int64_t v = 0; v < kVecsPerRow; ++v) panel[v] = Vec::loadu(b + k * kPanel + v * Vec::size());
-    const float* ak = a + k * kRows;
-    for (int64_t r = 0; r < kRows; ++r) {
-      const Vec value(ak[r]);
-      for (int64_t v = 0; v < kVecsPerRow; ++v) sum[r][v] = at::vec::fmadd(value, panel[v], sum[r][v]);
+  // The three levels inside a depth block (see "Summation order" above): chains of kChain multiply-adds from
+  // zero, kChainsPerGroup chains added into a group sum from zero, the groups added into the block's sum.
+  Vec sum[kRows][kVecsPerRow], group[kRows][kVecsPerRow], chain[kRows][kVecsPerRow];
+  zero(sum);
+  for (int64_t g0 = 0; g0 < depth; g0 += kChain * kChainsPerGroup) {
+    zero(group);
+    const int64_t g1 = std::min(depth, g0 + kChain * kChainsPerGroup);
+    for (int64_t k0 = g0; k0 < g1; k0 += kChain) {
+      zero(chain);
+      const int64_t k1 = std::min(g1, k0 + kChain);
+      for (int64_t k = k0; k < k1; ++k) {
+        Vec panel[kVecsPerRow];
+        for (int64_t v = 0; v < kVecsPerRow; ++v) panel[v] = Vec::loadu(b + k * kPanel + v * Vec::size());
+        const float* ak = a + k * kRows;
+        for (int64_t r = 0; r < kRows; ++r) {
+          const Vec value(ak[r]);
+          for (int64_t v = 0; v < kVecsPerRow; ++v) chain[r][v] = at::vec::fmadd(value, panel[v], chain[r][v]);
+        }
+      }
+      add_into(group, chain);
     }
+    add_into(sum, group);
   }
   if (out.column_stride == 1 && rows == kRows && columns == kPanel) {
     for (int64_t r = 0; r < kRows; ++r) {

@@ -123,7 +123,8 @@ class ConvBNReLU(nn.Module):
         if _takes_sliced_backward(self, tensors, backend, concat_backend):
             conv = self.conv
             geometry = (conv.stride, conv.padding, conv.dilation)
-            out = _ConcatConv.apply(geometry, tuple(size), conv.weight, conv.bias, *tensors)
+            by_winograd = winograd.training_why_not(tensors, size, conv) is None
+            out = _ConcatConv.apply((geometry, tuple(size), by_winograd), conv.weight, conv.bias, *tensors)
             if release:
                 tensors.clear()
             return batch_stats_path(bn_relu_train_cpp, out, self.batch_norm)
@@ -172,23 +173,33 @@ class _ConcatConv(torch.autograd.Function):
     the bits of one conv over the concat (another summation order), within float32 rounding of it
     (tests/test_conv_bn_relu.py judges both against float64). The maps are saved (under
     upernet_fast.recompute, as their recipes) and each is resized again in the backward.
+
+    ``by_winograd`` (winograd_conv_bn_relu.training_why_not allows it: 3x3, stride 1, maps of 9 pixels and
+    more): each slice's conv and its input gradient run by Winograd (the forward resizes the map on the fly,
+    no resized copy), its weight gradient by ATen; else ATen's convolution and its backward.
     """
 
     @staticmethod
-    def forward(ctx, geometry: tuple, size: tuple, weight, bias, *tensors: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, how: tuple, weight, bias, *tensors: torch.Tensor) -> torch.Tensor:
         from upernet_fast.ops.upsample_concat import upsample_concat
 
-        ctx.geometry, ctx.size, ctx.has_bias = geometry, size, bias is not None
+        geometry, size, by_winograd = how
+        ctx.geometry, ctx.size, ctx.by_winograd, ctx.has_bias = geometry, size, by_winograd, bias is not None
         ctx.save_for_backward(weight, *tensors)
         stride, padding, dilation = geometry
         out, start = None, 0
         for tensor in tensors:
             channels = tensor.shape[1]
-            # NCHW, as cpu_training_conv_input makes a CPU 3x3 conv's input (oneDNN's faster backward).
-            piece = upsample_concat([tensor], size, backend="cpp").contiguous()
-            part = F.conv2d(piece, weight[:, start:start + channels], bias if out is None else None, stride,
-                            padding, dilation)
-            del piece
+            if by_winograd:
+                part = winograd.training_slice_conv(tensor, size, weight[:, start:start + channels])
+                if out is None and bias is not None:
+                    part.add_(bias.view(1, -1, 1, 1))
+            else:
+                # NCHW, as cpu_training_conv_input makes a CPU 3x3 conv's input (oneDNN's faster backward).
+                piece = upsample_concat([tensor], size, backend="cpp").contiguous()
+                part = F.conv2d(piece, weight[:, start:start + channels], bias if out is None else None, stride,
+                                padding, dilation)
+                del piece
             out = part if out is None else out.add_(part)
             start += channels
         return out
@@ -200,24 +211,38 @@ class _ConcatConv(torch.autograd.Function):
         stride, padding, dilation = ctx.geometry
         weight, *tensors = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        weight_needed = ctx.needs_input_grad[2]
+        weight_needed = ctx.needs_input_grad[1]
         grads, weight_grads, start = [], [], 0
         for index, tensor in enumerate(tensors):
             channels = tensor.shape[1]
-            leaf = tensor.detach().requires_grad_(ctx.needs_input_grad[4 + index])
-            with torch.enable_grad():
-                piece = upsample_concat([leaf], ctx.size, backend="cpp")  # the concat's slice, bitwise
-            grad_piece, grad_weight, _ = torch.ops.aten.convolution_backward(
-                grad_out, piece.detach().contiguous(), weight[:, start:start + channels], None, stride, padding,
-                dilation, False, [0, 0], 1, [leaf.requires_grad, weight_needed, False],
-            )
+            slice_weight = weight[:, start:start + channels]
+            leaf = tensor.detach().requires_grad_(ctx.needs_input_grad[3 + index])
+            if ctx.by_winograd:
+                # The input gradient first, from grad_out alone: its transient buffers (the slice's adjoint
+                # filter transform, the products' chunks) are freed before the resized map is rebuilt.
+                grad_piece = winograd.winograd_conv(grad_out, winograd.adjoint_filter(slice_weight)) \
+                    if leaf.requires_grad else None
+                with torch.enable_grad():
+                    piece = upsample_concat([leaf], ctx.size, backend="cpp")  # the concat's slice, bitwise
+                grads.append(torch.autograd.grad(piece, leaf, grad_piece)[0] if leaf.requires_grad else None)
+                del grad_piece
+                grad_weight = winograd.weight_gradient(grad_out, piece.detach().contiguous(), slice_weight) \
+                    if weight_needed else None
+            else:
+                with torch.enable_grad():
+                    piece = upsample_concat([leaf], ctx.size, backend="cpp")  # the concat's slice, bitwise
+                grad_piece, grad_weight, _ = torch.ops.aten.convolution_backward(
+                    grad_out, piece.detach().contiguous(), slice_weight, None, stride, padding,
+                    dilation, False, [0, 0], 1, [leaf.requires_grad, weight_needed, False],
+                )
+                grads.append(torch.autograd.grad(piece, leaf, grad_piece)[0] if leaf.requires_grad else None)
+                del grad_piece
             weight_grads.append(grad_weight)
-            grads.append(torch.autograd.grad(piece, leaf, grad_piece)[0] if leaf.requires_grad else None)
-            del piece, grad_piece
+            del piece
             start += channels
         grad_weight = torch.cat(weight_grads, dim=1) if weight_needed else None
-        grad_bias = grad_out.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return (None, None, grad_weight, grad_bias, *grads)
+        grad_bias = grad_out.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return (None, grad_weight, grad_bias, *grads)
 
 
 def _has_forward_hooks(module: nn.Module) -> bool:
@@ -360,7 +385,19 @@ def _cpp_conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, batch_norm: nn.Module) -
             return winograd.winograd_conv_bn_relu(x, conv, batch_norm)
         if _keeps_bn_unfolded(x, conv):
             return running_stats_path(conv(x), batch_norm)
-    return _kernels_conv_bn_relu(bn_relu_train_cpp, x, conv, batch_norm)
+        return conv_bn_relu_folded(x, conv, batch_norm)
+    return batch_stats_path(bn_relu_train_cpp, _cpp_training_conv(x, conv), batch_norm)
+
+
+def _cpp_training_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv(x)`` of a training block on the cpp backend: by Winograd, forward and input gradient
+    (winograd_conv_bn_relu.training_conv), where its conditions hold and no hook on the conv is there to see the
+    call; else the module's own call. The input is first made NCHW as for ATen (cpu_training_conv_input): the
+    weight gradient stays ATen's, whose NCHW backward is the faster."""
+    x = cpu_training_conv_input(x, conv)
+    if not _has_forward_hooks(conv) and winograd.training_why_not((x,), x.shape[2:], conv) is None:
+        return winograd.training_conv(x, conv)
+    return conv(x)
 
 
 def _keeps_bn_unfolded(x: torch.Tensor, conv: nn.Conv2d) -> bool:
