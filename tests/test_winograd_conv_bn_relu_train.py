@@ -10,6 +10,10 @@ rounding stays; a wrong tap or tile is off by the order of the values). The runn
 running variance), not its own maximum: it is a batch mean, much smaller than the values it averages when they
 cancel. Every test records which ops ran: a silent fallback to ATen would pass
 every accuracy check.
+
+The path runs only on maps of at least winograd.TRAIN_MIN_PIXELS output pixels (a speed rule: below it the filter
+transforms made per step cost more than they save). The tests here judge the algorithm on small maps, so they
+lower that bound (fixture below); test_maps_under_the_pixel_bound_keep_atens_convolution checks the rule itself.
 """
 
 from __future__ import annotations
@@ -43,6 +47,11 @@ def ops():
 
     backend.BACKENDS_DECLARED["cpp"].why_unavailable()  # attaches the Python fakes to the C++ ops
     return torch.ops.upernet_fast_cpp
+
+
+@pytest.fixture(autouse=True)
+def small_maps_take_winograd(monkeypatch):
+    monkeypatch.setattr(winograd, "TRAIN_MIN_PIXELS", 1)
 
 
 def _block(cin, cout, *, bias=False, seed=0):
@@ -153,6 +162,23 @@ def test_calls_outside_the_winograd_conditions_keep_atens_convolution():
     assert WINOGRAD not in ran(large, module=dilated)
     assert winograd.training_why_not([large], (12, 12), block.conv) is None
     assert "maps under" in winograd.training_why_not([small], small.shape[2:], block.conv)
+
+
+def test_maps_under_the_pixel_bound_keep_atens_convolution(monkeypatch):
+    """The speed rule: training maps with fewer than TRAIN_MIN_PIXELS output pixels (batch x height x width) keep
+    ATen's convolution; at the bound, Winograd runs (the plain block and a bottleneck's slices alike)."""
+    monkeypatch.setattr(winograd, "TRAIN_MIN_PIXELS", 2 * 12 * 12)
+    block = _block(16, 8, seed=13)
+    gen = torch.Generator().manual_seed(14)
+    for height, expected in ((11, False), (12, True)):
+        x = torch.randn(2, 16, height, 12, generator=gen)
+        reason = winograd.training_why_not([x], x.shape[2:], block.conv)
+        assert (reason is None) == expected, reason
+        with _OpsSeen() as seen:
+            conv_bn_relu(x.requires_grad_(), block.conv, block.batch_norm, backend="cpp").sum().backward()
+        assert (WINOGRAD in seen.names) == expected and (ATEN_CONV in seen.names) != expected, seen.names
+    assert winograd.TRAIN_MIN_PIXELS == 2 * 12 * 12
+    assert "output pixels" in winograd.training_why_not([torch.randn(1, 16, 12, 12)], (12, 12), block.conv)
 
 
 def test_double_backward_raises_a_clear_error():

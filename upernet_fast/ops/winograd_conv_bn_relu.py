@@ -358,6 +358,14 @@ def _(tensors, size, weight, bias, bn_weight, bn_bias, running_mean, running_var
 # gradient in one call 589 ms, alone 268 and 242 ms; Winograd 106 ms plus the 26 ms transform.
 
 
+# Training maps with fewer output pixels (batch x height x width) than this keep ATen's convolution. Why: the two
+# filter transforms made per step (forward and adjoint, ~25 ms each for 512 -> 512 on 2 threads) are repaid only
+# by enough pixels. Measured side by side (benchmarks/winograd_conv_bn_relu.py --train, 2 threads, AVX-512 Xeon,
+# 2026-11-28), the training step against ATen's: 1.27x faster at 64x64 (4096 pixels), 1.18x at 128x128, but 0.73x
+# at 32x32 (1024) and 0.40x for the PPM bottleneck at 16x16 (2816 input channels: five slices' transforms).
+TRAIN_MIN_PIXELS = 4096
+
+
 def training_why_not(inputs, size, conv: nn.Module) -> str | None:
     """Why a training block's convolution of ``inputs`` (one map, or maps that :class:`upsample_concat
     <upernet_fast.ops.upsample_concat>` resizes to ``size`` and concatenates) keeps ATen's, or None where
@@ -371,6 +379,8 @@ def training_why_not(inputs, size, conv: nn.Module) -> str | None:
     reason = _conv_why_not(size, conv)
     if reason is not None:
         return reason
+    if inputs[0].shape[0] * size[0] * size[1] < TRAIN_MIN_PIXELS:
+        return f"fewer than {TRAIN_MIN_PIXELS} output pixels (batch x height x width): the filter transforms cost more"
     if any(t is not None and (t.dtype != torch.float32 or t.device.type != "cpu") for t in (conv.weight, conv.bias)):
         return "conv weight and bias must be float32 CPU tensors"
     return None
