@@ -13,6 +13,9 @@ Triton and C++ backends:
 * C++ backend only, eval, autograd-free, float32 CPU, 3x3 stride 1 padding 1 convolutions: Winograd F(4x4, 3x3)
   with BN folded in, bias and ReLU in its output transform, and the filter transform cached (recomputed
   whenever any input of the fold changes): :mod:`upernet_fast.ops.winograd_conv_bn_relu`.
+* C++ backend only, training, the same convolutions on maps of at least ``TRAIN_MIN_PIXELS`` output pixels: the
+  conv and its input gradient by Winograd (weight gradient ATen's), then the BN+ReLU op, the bottlenecks one input
+  map at a time (:class:`_ConcatConv`): :func:`.winograd_conv_bn_relu.training_conv`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""Eval-mode conv-BN-ReLU by Winograd F(4x4, 3x3) on the C++ core: op declarations, applicability, filter cache.
+"""Conv-BN-ReLU by Winograd F(4x4, 3x3) on the C++ core: op declarations, applicability, filter cache, training.
 
-Inference only, CPU, float32, 3x3 convolutions with stride 1, padding 1, dilation 1, groups 1
+CPU, float32, 3x3 convolutions with stride 1, padding 1, dilation 1, groups 1
 (``csrc/cpu/winograd_conv_bn_relu.cpp``). :mod:`upernet_fast.ops.conv_bn_relu` routes the cpp backend's
-autograd-free eval calls here (:func:`why_not` says why any other call keeps the folded ATen convolution).
+autograd-free eval calls here (:func:`why_not` says why any other call keeps the folded ATen convolution), and
+its training calls' convolutions on large enough maps (:func:`training_why_not`; the training section at the end).
 
 BatchNorm is folded into the conv weight and bias (``_fold``, the same fold as the ATen path) and the folded
 weight is transformed once (U = G g G^T, (36, C_out, C_in), its values stored in the order the C++ products
