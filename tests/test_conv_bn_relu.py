@@ -17,6 +17,7 @@ import importlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import HAS_CUDA, TRITON_DEVICE
 from layouts import in_layout
 from torch import nn
@@ -560,3 +561,58 @@ def test_cpp_training_bottleneck_runs_by_input_slices(layout, monkeypatch):
         assert got is not None and base is not None and want is not None, name
         allowed = max(4 * (base.double() - want).abs().max().item(), 1e-6 * want.abs().max().item())
         assert (got.double() - want).abs().max().item() <= allowed, name
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("mode", ["train", "eval", "eval_no_grad", "eval_unfolded"])
+def test_cpp_pointwise_convs_run_as_matrix_products(mode, bias):
+    """The cpp backend's 1x1 convs of NCHW maps run as matrix products (op_module.pointwise_conv: aten.mm/addmm
+    recorded, no aten.convolution), in training, in eval (folded, with and without autograd) and in the unfolded
+    eval form (the PPM's: weight outnumbering the output); outputs and every gradient match the eager reference to
+    float32 rounding (another summation order: 1e-5 of the largest value, gradients 1e-4). channels_last maps, a
+    hooked conv and float64 gradcheck of the function itself are checked too."""
+    from op_testing import OpsSeen, require_backend
+
+    require_backend("cpp")
+    cin, cout, size = (24, 40, 2) if mode == "eval_unfolded" else (6, 10, 9)
+    block = _make_block(cin, cout, 1, 0, bias=bias, seed=15, device="cpu").train(mode == "train")
+    ref = copy.deepcopy(block)
+    generator = torch.Generator().manual_seed(16)
+    x = torch.randn(2, cin, size, size + 1, generator=generator)
+    g = torch.randn(2, cout, size, size + 1, generator=generator)
+    if mode == "eval_no_grad":
+        with torch.no_grad(), OpsSeen() as seen:
+            got = conv_bn_relu(x, block.conv, block.batch_norm, backend="cpp")
+        expected = reference.conv_bn_relu(x, ref.conv, ref.batch_norm).detach()
+        _close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item(), what="output")
+    else:
+        with OpsSeen() as seen:
+            ours = _step(block, x, g, "cpp")
+        for name, a, b in zip(("output", "grad x", "grad conv.weight", "grad bn.weight", "grad bn.bias"), ours,
+                              _step(ref, x, g, "eager")):
+            tolerance = 1e-5 if name == "output" else 1e-4
+            _close(a, b, rtol=tolerance, atol=tolerance * b.abs().max().item(), what=name)
+    assert not any("convolution" in name for name in seen.names), seen.names
+    assert any(name.split(".")[1] in ("mm", "addmm") for name in seen.names), seen.names
+
+    for other in ("channels_last", "hooked"):
+        module = copy.deepcopy(block)
+        xx = x.contiguous(memory_format=torch.channels_last) if other == "channels_last" else x
+        if other == "hooked":
+            module.conv.register_forward_hook(lambda *args: None)
+        with OpsSeen() as seen:
+            conv_bn_relu(xx.requires_grad_(mode != "eval_no_grad"), module.conv, module.batch_norm, backend="cpp")
+        if other == "channels_last" or mode in ("train", "eval_unfolded"):  # the folded eval never calls conv
+            assert any("convolution" in name for name in seen.names), (other, seen.names)
+
+
+def test_pointwise_conv_gradcheck_float64():
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=gen).requires_grad_()
+    weight = torch.randn(4, 3, 1, 1, dtype=torch.float64, generator=gen).requires_grad_()
+    bias = torch.randn(4, dtype=torch.float64, generator=gen).requires_grad_()
+    torch.autograd.gradcheck(op_module.pointwise_conv, (x, weight, bias))
+    torch.testing.assert_close(op_module.pointwise_conv(x, weight, bias), F.conv2d(x, weight, bias))
+    assert "channels_last" in op_module.pointwise_why_not(x.contiguous(memory_format=torch.channels_last),
+                                                           nn.Conv2d(3, 4, 1).double())
+    assert "1x1" in op_module.pointwise_why_not(x, nn.Conv2d(3, 4, 3, padding=1).double())

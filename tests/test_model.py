@@ -384,9 +384,12 @@ def test_cpp_head_compiles_fullgraph_and_trains_like_eager_mode(monkeypatch):
     trace through their fake kernels and autograd registrations with no graph break, and give what the same
     head gives uncompiled (aot_eager runs the same kernels: bitwise). Uncompiled, the FPN bottleneck's conv
     would run by input slices (conv_bn_relu._ConcatConv, eager only: another summation order, tested against
-    float64 in test_conv_bn_relu.py): here it runs as one conv, as the compiled head does."""
-    monkeypatch.setattr(importlib.import_module("upernet_fast.ops.conv_bn_relu"), "_takes_sliced_backward",
-                        lambda *args: False)
+    float64 in test_conv_bn_relu.py): here it runs as one conv, as the compiled head does; likewise the 1x1
+    convs, which run as matrix products uncompiled (conv_bn_relu.pointwise_conv, same test file) and as ATen's
+    convolution in a traced graph."""
+    op_module = importlib.import_module("upernet_fast.ops.conv_bn_relu")
+    monkeypatch.setattr(op_module, "_takes_sliced_backward", lambda *args: False)
+    monkeypatch.setattr(op_module, "pointwise_why_not", lambda *args: "kept ATen's in this test")
     torch._dynamo.reset()
     reference, converted = converted_pair("convnext", "cpp")
     converted.train()
