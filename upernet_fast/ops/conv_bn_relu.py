@@ -177,8 +177,8 @@ class _ConcatConv(torch.autograd.Function):
     (tests/test_conv_bn_relu.py judges both against float64). The maps are saved (under
     upernet_fast.recompute, as their recipes) and each is resized again in the backward.
 
-    ``by_winograd`` (winograd_conv_bn_relu.training_why_not allows it: 3x3, stride 1, maps of 9 pixels and
-    more): each slice's conv and its input gradient run by Winograd (the forward resizes the map on the fly,
+    ``by_winograd`` (winograd_conv_bn_relu.training_why_not allows it: 3x3, stride 1, maps at least MIN_SIDE
+    pixels a side and TRAIN_MIN_PIXELS output pixels in all): each slice's conv and its input gradient run by Winograd (the forward resizes the map on the fly,
     no resized copy), its weight gradient by ATen; else ATen's convolution and its backward.
     """
 
