@@ -94,13 +94,21 @@ inline void output_transform_1d(const T m[6], T out[4]) {
   out[3] = (diff12 + m[5]) + (eighth * m[3] - eight * m[4]);
 }
 
-// G g: the filter transform of 3 values into 6 (computed in double, rounded to float once).
-inline void filter_transform_1d(const double g[3], double out[6]) {
+// G g: the filter transform of 3 values into 6 (computed in double, rounded to float once). T: double, or a
+// vector of doubles (one filter per lane: the same IEEE operations, so the same bits as the scalar form).
+inline double negate(double x) { return -x; }
+inline at::vec::Vectorized<double> negate(const at::vec::Vectorized<double>& x) { return x.neg(); }  // sign flip
+
+template <typename T>
+inline void filter_transform_1d(const T g[3], T out[6]) {
+  // Multiplications by the reciprocals rather than divisions (a vector division costs several multiplies'
+  // time): within a double rounding of the quotient, invisible once rounded to float but in rare ties.
+  const T two(2.0), four(4.0), eight(8.0), sixteen(16.0), third(1.0 / 3.0), fifteenth(1.0 / 15.0);
   out[0] = g[0];
-  out[1] = (g[0] + g[1] + g[2]) / 3;
-  out[2] = (g[1] - g[0] - g[2]) / 3;
-  out[3] = -(16 * g[0] + 8 * g[1] + 4 * g[2]) / 15;
-  out[4] = (g[0] - 2 * g[1] + 4 * g[2]) / 15;
+  out[1] = (g[0] + g[1] + g[2]) * third;
+  out[2] = (g[1] - g[0] - g[2]) * third;
+  out[3] = negate((sixteen * g[0] + eight * g[1] + four * g[2]) * fifteenth);
+  out[4] = (g[0] - two * g[1] + four * g[2]) * fifteenth;
   out[5] = g[2];
 }
 
@@ -186,19 +194,37 @@ Tensor winograd_filter_transform(const Tensor& weight) {
       const int64_t panel = item / depth_blocks, ci0 = (item % depth_blocks) * kDepth;
       const int64_t depth = std::min(kDepth, in_channels - ci0);
       const int64_t width = std::min(winograd::kPanel, out_channels - panel * winograd::kPanel);
+      // VecD::size() filters (neighbouring output channels of the panel) per step, one per lane; training makes
+      // two transforms per step (forward and adjoint). 512 x 512 weight, 2 threads, AVX-512: 27.6 ms scalar,
+      // 19.4 vectorised (the same bits), 14.5 with the reciprocals (1-ulp differences in 0.04% of the values).
+      using VecD = at::vec::Vectorized<double>;
+      constexpr int64_t lanes = VecD::size();
+      alignas(64) double wide[lanes];
       for (int64_t k = 0; k < depth; ++k) {
-        for (int64_t n = 0; n < width; ++n) {
-          const float* g = src + ((panel * winograd::kPanel + n) * in_channels + ci0 + k) * 9;
-          double rows[6][3], row[3], out[6], column[3];  // rows: G g (6x3)
+        for (int64_t n0 = 0; n0 < width; n0 += lanes) {
+          const int64_t count = std::min(lanes, width - n0);
+          VecD taps[9];
+          for (int t = 0; t < 9; ++t) {
+            for (int64_t l = 0; l < lanes; ++l) {
+              const int64_t n = n0 + std::min(l, count - 1);  // padded lanes repeat the last filter, never stored
+              wide[l] = src[((panel * winograd::kPanel + n) * in_channels + ci0 + k) * 9 + t];
+            }
+            taps[t] = VecD::loadu(wide);
+          }
+          VecD rows[6][3], row[3], out[6], column[3];  // rows: G g (6x3)
           for (int j = 0; j < 3; ++j) {
-            for (int i = 0; i < 3; ++i) column[i] = g[i * 3 + j];
+            for (int i = 0; i < 3; ++i) column[i] = taps[i * 3 + j];
             filter_transform_1d(column, out);
             for (int i = 0; i < 6; ++i) rows[i][j] = out[i];
           }
           for (int i = 0; i < 6; ++i) {
             for (int j = 0; j < 3; ++j) row[j] = rows[i][j];
             filter_transform_1d(row, out);
-            for (int j = 0; j < 6; ++j) buffer[(i * 6 + j) * kBlock + k * width + n] = static_cast<float>(out[j]);
+            for (int j = 0; j < 6; ++j) {
+              out[j].store(wide);
+              float* dst = buffer.data() + (i * 6 + j) * kBlock + k * width + n0;
+              for (int64_t l = 0; l < count; ++l) dst[l] = static_cast<float>(wide[l]);
+            }
           }
         }
       }
