@@ -352,15 +352,17 @@ def _(tensors, size, weight, bias, bn_weight, bn_bias, running_mean, running_var
 
 # ------------------------------------------------------------------ training: the convolution and its gradients
 # In training the block's BatchNorm normalises with batch statistics, so nothing folds into the weight and the
-# weight changes every step: the filter transform is made on every call (25 ms for 512 -> 512, against a
+# weight changes every step: the filter transform is made on every call (15 ms for 512 -> 512, against a
 # 100-200 ms convolution at the FPN's 64x64 maps, batch 2) and never cached. The convolution runs by Winograd
 # forward and again for the input gradient; the weight gradient stays ATen's (a reduction over every pixel, its
 # own algorithm). Measured here (2 threads, 512 -> 512 at 64x64, batch 2): ATen forward 196 ms, input and weight
-# gradient in one call 589 ms, alone 268 and 242 ms; Winograd 106 ms plus the 26 ms transform.
+# gradient in one call 589 ms, alone 268 and 242 ms; Winograd 106 ms plus the transform (26 ms then, scalar;
+# 14.5 ms since it is vectorised).
 
 
 # Training maps with fewer output pixels (batch x height x width) than this keep ATen's convolution. Why: the two
-# filter transforms made per step (forward and adjoint, ~25 ms each for 512 -> 512 on 2 threads) are repaid only
+# filter transforms made per step (forward and adjoint, ~25 ms each for 512 -> 512 on 2 threads when this was measured, ~15 ms since the
+# transform is vectorised: the bound may now be lower, not re-measured) are repaid only
 # by enough pixels. Measured side by side (benchmarks/winograd_conv_bn_relu.py --train, 2 threads, AVX-512 Xeon,
 # 2026-11-28), the training step against ATen's: 1.27x faster at 64x64 (4096 pixels), 1.18x at 128x128, but 0.73x
 # at 32x32 (1024) and 0.40x for the PPM bottleneck at 16x16 (2816 input channels: five slices' transforms).
