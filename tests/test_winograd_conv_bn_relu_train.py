@@ -258,3 +258,21 @@ def test_adjoint_filter_gives_the_convolutions_input_gradient():
     assert ours.shape == exact.shape
     allowed = max(4 * (aten.double() - exact).abs().max().item(), FLOOR * exact.abs().max().item())
     assert (ours.double() - exact).abs().max().item() <= allowed
+
+
+def test_a_conv_subclass_overriding_forward_keeps_atens_convolution():
+    """A Conv2d subclass with its own forward (or _conv_forward) is not the stock convolution our kernels reproduce:
+    the training Winograd path, the eval Winograd block and the 1x1 matrix-product path all refuse it, naming it."""
+
+    class Scaled(torch.nn.Conv2d):
+        def forward(self, input):
+            return 2 * super().forward(input)
+
+    x = torch.randn(2, 8, 12, 12)
+    for kernel, padding in ((3, 1), (1, 0)):
+        conv = Scaled(8, 8, kernel, padding=padding, bias=False)
+        reasons = [op_module.pointwise_why_not(x, conv)]
+        if kernel == 3:
+            reasons += [winograd.training_why_not([x], (12, 12), conv),
+                        winograd.why_not(x, conv, torch.nn.BatchNorm2d(8).eval())]
+        assert all(reason is not None and "Scaled overrides Conv2d.forward" in reason for reason in reasons), reasons

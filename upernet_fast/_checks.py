@@ -36,6 +36,15 @@ def module_tensor(module: torch.nn.Module, name: str) -> torch.Tensor | None:
     return getattr(module, name, None)
 
 
+def overridden_forward(module: torch.nn.Module, base: type, *methods: str) -> str | None:
+    """Why ``module`` cannot be computed as a stock ``base`` by a kernel of our own (it overrides one of
+    ``methods``, which the kernel would silently skip), or None."""
+    for method in methods:
+        if getattr(type(module), method) is not getattr(base, method):
+            return f"{type(module).__name__} overrides {base.__name__}.{method} (only the stock module is reproduced)"
+    return None
+
+
 def check_tensor(name: str, value, ndim: int | None = None, floating: bool = False) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")

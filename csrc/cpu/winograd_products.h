@@ -49,7 +49,7 @@ namespace winograd {
 
 constexpr int64_t kPanel = 16;        // output channels per packed column panel (the filter's last dimension)
 constexpr int64_t kDepthBlock = 256;  // depth per pass: a column panel's block is 16 KB (L1)
-constexpr int64_t kChain = 8;          // multiply-adds per chain (the summation order above)
+constexpr int64_t kChain = 8;         // multiply-adds per chain (the summation order above)
 constexpr int64_t kChainsPerGroup = 8;  // chains per group sum
 constexpr int64_t kPoints = 36;       // transform-domain positions of F(4x4, 3x3): 6 x 6 independent products
 

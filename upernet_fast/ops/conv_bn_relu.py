@@ -30,7 +30,7 @@ from torch import nn
 
 from upernet_fast import backend as _backend
 from upernet_fast import recompute, reference
-from upernet_fast._checks import check_tensor, module_tensor
+from upernet_fast._checks import check_tensor, module_tensor, overridden_forward
 from upernet_fast.ops.bn_relu import (
     batch_norm_why_not,
     batch_stats_path,
@@ -311,8 +311,9 @@ def pointwise_why_not(x: torch.Tensor, conv: nn.Module) -> str | None:
         return "x and the conv weight must be float32 or float64 CPU tensors of one dtype"
     if torch.is_autocast_enabled("cpu"):
         return "CPU autocast is on"
-    if type(conv).forward is not nn.Conv2d.forward or type(conv)._conv_forward is not nn.Conv2d._conv_forward:
-        return f"{type(conv).__name__} overrides Conv2d's forward"
+    overridden = overridden_forward(conv, nn.Conv2d, "forward", "_conv_forward")
+    if overridden is not None:
+        return overridden
     geometry = (tuple(conv.kernel_size), tuple(conv.stride), conv.padding, tuple(conv.dilation), conv.groups,
                 conv.padding_mode)
     if geometry not in (((1, 1), (1, 1), (0, 0), (1, 1), 1, "zeros"), ((1, 1), (1, 1), "valid", (1, 1), 1, "zeros")):

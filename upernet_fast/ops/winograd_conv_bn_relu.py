@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from upernet_fast import backend as _backend
+from upernet_fast._checks import overridden_forward
 from upernet_fast.kernels._utils import is_channels_last, memory_format
 from upernet_fast.ops._kernel_op import InferenceOp
 
@@ -92,7 +93,7 @@ LOWRES_CONCAT_CONV_OP = InferenceOp(
     lambda tensors, size, filter, bias, weight, first_lowres: _concat_conv_fake(tensors, size, filter, bias),
     op_name=OP,
 )
-# The plain convolutions (no bias, no ReLU) of the training path (TrainingConv below).
+# The plain convolutions (no bias, no ReLU) of the training path (_TrainingConv below).
 PLAIN_CONV_OP = InferenceOp(
     "winograd_conv(Tensor x, Tensor filter) -> Tensor", lambda x, filter: _conv_fake(x, filter, None), op_name=OP
 )
@@ -191,8 +192,9 @@ def _conv_why_not(size, conv: nn.Module) -> str | None:
         return "CPU autocast is on (the convolution would run in the autocast dtype)"
     if not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros":
         return "conv must be a torch.nn.Conv2d with zero padding"
-    if type(conv).forward is not nn.Conv2d.forward or type(conv)._conv_forward is not nn.Conv2d._conv_forward:
-        return f"{type(conv).__name__} overrides Conv2d's forward (only the stock convolution is reproduced)"
+    overridden = overridden_forward(conv, nn.Conv2d, "forward", "_conv_forward")
+    if overridden is not None:
+        return overridden
     geometry = (tuple(conv.kernel_size), tuple(conv.stride), conv.padding, tuple(conv.dilation), conv.groups)
     if geometry != ((3, 3), (1, 1), (1, 1), (1, 1), 1):
         return f"only 3x3, stride 1, padding 1, dilation 1, groups 1 convolutions; got {geometry}"
@@ -361,8 +363,8 @@ def _(tensors, size, weight, bias, bn_weight, bn_bias, running_mean, running_var
 
 
 # Training maps with fewer output pixels (batch x height x width) than this keep ATen's convolution. Why: the two
-# filter transforms made per step (forward and adjoint, ~25 ms each for 512 -> 512 on 2 threads when this was measured, ~15 ms since the
-# transform is vectorised: the bound may now be lower, not re-measured) are repaid only
+# filter transforms made per step (forward and adjoint, ~25 ms each for 512 -> 512 on 2 threads when this was
+# measured, ~15 ms since the transform is vectorised: the bound may now be lower, not re-measured) are repaid only
 # by enough pixels. Measured side by side (benchmarks/winograd_conv_bn_relu.py --train, 2 threads, AVX-512 Xeon,
 # 2026-11-28), the training step against ATen's: 1.27x faster at 64x64 (4096 pixels), 1.18x at 128x128, but 0.73x
 # at 32x32 (1024) and 0.40x for the PPM bottleneck at 16x16 (2816 input channels: five slices' transforms).
