@@ -314,6 +314,9 @@ BN_SHAPES = {
     "odd": (3, 7, 5, 6),  # odd everything
     "multi_chunk": (2, 9, 45, 50),  # 4500 pixels per channel: several fixed chunks (2048) across batches
     "one_pixel_each": (2, 4, 1, 1),  # two values per channel
+    # Small NCHW maps are computed in blocks of up to 16 channels (csrc/cpu/reduce.h block_channels): three blocks,
+    # the last one partial.
+    "channel_blocks": (2, 37, 3, 5),
 }
 
 

@@ -78,35 +78,55 @@ Tensor new_map_like(const Tensor& x, const DenseMap& m) {
 
 // One chunk's moments, pixels [p0, p1), by the corrected two-pass algorithm (Chan, Golub and LeVeque, "Algorithms
 // for computing the sample variance", 1983): a first mean, then the sums of the deviations d = x - mean and of d^2;
-// the mean corrected by sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n. NCHW: channel c, into mean_out[0] and m2_out[0];
-// channels_last: every channel, into [0, C).
+// the mean corrected by sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n. NCHW: channels [c0, c1), into mean_out[c - c0]
+// and m2_out[c - c0]; channels_last: every channel (c0 = 0, c1 = C), into [0, C).
 // Why the correction: a float32 sum of many values far from zero (a map whose mean dwarfs its spread, as after a
 // 1x1 conv of the PPM's pooled features) rounds the first mean by several ulps, and BatchNorm's backward turns
 // that into a relative error of (mean error) / (spread) on the gradients; the deviations are small and their sum
 // nearly exact. Measured on a converted Swin-T model's PPM branch (6x6 maps, all pixels of an image equal): the
 // gradient of its conv weight 12x transformers' own float32 error against float64 before, within it after.
+// Why a block of NCHW channels, each phase over the whole block: a channel's two passes are chained through two
+// divisions and two lane sums; on small maps (the PPM's 512 channels of 1x1 to 6x6 pixels) that latency chain,
+// channel after channel, was most of the time. Phase by phase, the block's channels are independent work the
+// core overlaps. Each channel's arithmetic is the same as one at a time: the same bits.
 template <typename scalar_t, typename opmath_t>
-void chunk_moments(const DenseMap& m, const scalar_t* xp, int64_t p0, int64_t p1, int64_t c, opmath_t* mean_out,
-                   opmath_t* m2_out, Scratch<opmath_t>& tmp) {
+void chunk_moments(const DenseMap& m, const scalar_t* xp, int64_t p0, int64_t p1, int64_t c0, int64_t c1,
+                   opmath_t* mean_out, opmath_t* m2_out, Scratch<opmath_t>& tmp) {
   const scalar_t* none = nullptr;
   const opmath_t count = static_cast<opmath_t>(p1 - p0);
+  const bool cl = m.cl;
+  const int64_t channels = cl ? m.C : c1 - c0;
   auto sum_x = [](const Lanes<opmath_t>&, Vec<opmath_t> v, Vec<opmath_t>, Vec<opmath_t>) {
     return std::array<Vec<opmath_t>, 1>{v};
   };
-  chunk_sums<1>(m, xp, none, none, p0, p1, c, sum_x, mean_out, tmp);
-  for (int64_t k = 0, n = m.cl ? m.C : 1; k < n; ++k) mean_out[k] = mean_out[k] / count;
-  const bool cl = m.cl;
-  auto deviations = [mean_out, cl](const Lanes<opmath_t>& lanes, Vec<opmath_t> v, Vec<opmath_t>, Vec<opmath_t>) {
-    const Vec<opmath_t> d = v - (cl ? lanes.get(mean_out) : Vec<opmath_t>(mean_out[0]));
-    return std::array<Vec<opmath_t>, 2>{d, d * d};
-  };
-  // chunk_sums<2>'s output: [sum d, sum d^2] for channel c (NCHW), [sum d of every channel, sum d^2 of every
-  // channel] (channels_last).
-  const int64_t channels = cl ? m.C : 1;
-  opmath_t pair[2];
-  std::vector<opmath_t> every_channel(cl ? 2 * m.C : 0);
-  opmath_t* sums = cl ? every_channel.data() : pair;
-  chunk_sums<2>(m, xp, none, none, p0, p1, c, deviations, sums, tmp);
+  if (cl) {
+    chunk_sums<1>(m, xp, none, none, p0, p1, 0, sum_x, mean_out, tmp);
+  } else {
+    for (int64_t c = c0; c < c1; ++c) chunk_sums<1>(m, xp, none, none, p0, p1, c, sum_x, mean_out + (c - c0), tmp);
+  }
+  for (int64_t k = 0; k < channels; ++k) mean_out[k] = mean_out[k] / count;
+  // [sum d of every channel, sum d^2 of every channel] (chunk_sums<2>'s channels_last output).
+  tmp.sums.resize(2 * channels);
+  opmath_t* sums = tmp.sums.data();
+  if (cl) {
+    auto deviations = [mean_out](const Lanes<opmath_t>& lanes, Vec<opmath_t> v, Vec<opmath_t>, Vec<opmath_t>) {
+      const Vec<opmath_t> d = v - lanes.get(mean_out);
+      return std::array<Vec<opmath_t>, 2>{d, d * d};
+    };
+    chunk_sums<2>(m, xp, none, none, p0, p1, 0, deviations, sums, tmp);
+  } else {
+    for (int64_t k = 0; k < channels; ++k) {
+      const Vec<opmath_t> mean_v(mean_out[k]);
+      auto deviations = [mean_v](const Lanes<opmath_t>&, Vec<opmath_t> v, Vec<opmath_t>, Vec<opmath_t>) {
+        const Vec<opmath_t> d = v - mean_v;
+        return std::array<Vec<opmath_t>, 2>{d, d * d};
+      };
+      opmath_t pair[2];
+      chunk_sums<2>(m, xp, none, none, p0, p1, c0 + k, deviations, pair, tmp);
+      sums[k] = pair[0];
+      sums[channels + k] = pair[1];
+    }
+  }
   for (int64_t k = 0; k < channels; ++k) {
     const opmath_t sum_d = sums[k], sum_d2 = sums[channels + k];
     mean_out[k] = mean_out[k] + sum_d / count;
@@ -150,9 +170,10 @@ std::tuple<Tensor, Tensor> channel_stats(const Tensor& x_in) {
     // Per chunk and channel: [chunk][c].
     std::vector<opmath_t> part_mean(m.chunks() * C), part_m2(m.chunks() * C);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    for_each_chunk<opmath_t>(m, [&](int64_t chunk, int64_t c, int64_t p0, int64_t p1, Scratch<opmath_t>& tmp) {
-      const int64_t at = chunk * C + (m.cl ? 0 : c);
-      chunk_moments(m, xp, p0, p1, c, part_mean.data() + at, part_m2.data() + at, tmp);
+    for_each_chunk<opmath_t>(m, [&](int64_t chunk, int64_t c0, int64_t c1, int64_t p0, int64_t p1,
+                                    Scratch<opmath_t>& tmp) {
+      const int64_t at = chunk * C + c0;
+      chunk_moments(m, xp, p0, p1, c0, c1, part_mean.data() + at, part_m2.data() + at, tmp);
     });
     opmath_t* mean_p = mean.data_ptr<opmath_t>();
     opmath_t* var_p = var.data_ptr<opmath_t>();
@@ -223,7 +244,7 @@ inline void update_running(opmath_t* running, int64_t c, opmath_t batch_value, o
 //
 // Why one call: on the pyramid pooling module's small maps (512 channels at 6x6 or 16x16) the composite's
 // Python glue and its ten small tensor ops cost several times the kernels. NCHW maps take one parallel pass
-// over channels: each channel's planes are read for the statistics and read again, still in cache, for y.
+// over blocks of channels: each block's planes are read for the statistics and read again, still in cache, for y.
 // running_mean and running_var must have the statistics' dtype (float32, or float64 for float64 x): the caller
 // takes the composite otherwise. momentum None is BatchNorm's cumulative average, 1 / num_batches_tracked.
 std::tuple<Tensor, Tensor, Tensor> train_step(const Tensor& x_in, const Tensor& weight, const Tensor& bias,
@@ -286,25 +307,33 @@ std::tuple<Tensor, Tensor, Tensor> train_step(const Tensor& x_in, const Tensor& 
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     const int64_t chunks = m.chunks();
-    at::parallel_for(0, C, kGrain, [&](int64_t begin, int64_t end) {
+    // Blocks of channels, each phase over the whole block (see chunk_moments).
+    const int64_t width = block_channels(m);
+    at::parallel_for(0, channel_blocks(m), kGrain, [&](int64_t begin, int64_t end) {
       Scratch<opmath_t> tmp(std::min<int64_t>(kChunkPixels, m.HW));
-      std::vector<opmath_t> part_mean(chunks), part_m2(chunks), tx(m.HW), to(m.HW);
-      for (int64_t c = begin; c < end; ++c) {
-        for (int64_t i = 0; i < chunks; ++i) {
+      std::vector<opmath_t> part_mean(chunks * width), part_m2(chunks * width), tx(m.HW), to(m.HW);
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t c0 = block * width, c1 = std::min(c0 + width, C);
+        for (int64_t i = 0; i < chunks; ++i) {  // part_*[i * width + (c - c0)]
           const int64_t p0 = i * kChunkPixels, p1 = std::min(p0 + kChunkPixels, m.P());
-          chunk_moments(m, xp, p0, p1, c, &part_mean[i], &part_m2[i], tmp);
+          chunk_moments(m, xp, p0, p1, c0, c1, &part_mean[i * width], &part_m2[i * width], tmp);
         }
-        const auto [mu, var] = combine_moments(m, part_mean.data(), part_m2.data(), 1);
-        finish_channel(c, mu, var);
-        const Vec<opmath_t> mean_v(mean_p[c]), is_v(invstd_p[c]), w_v(w[c]), b_v(b[c]);
-        for (int64_t n = 0; n < m.N; ++n) {
-          const int64_t off = (n * m.C + c) * m.HW;
-          const opmath_t* xr = row_in(xp + off, 1, m.HW, tx.data());
-          opmath_t* o = row_buffer<scalar_t, opmath_t>(yp + off, 1, to.data());
-          vec_for<opmath_t>(m.HW, [&](int64_t i, int64_t cnt) {
-            vstore(o + i, cnt, at::vec::maximum(bn_affine(vload(xr + i, cnt), mean_v, is_v, w_v, b_v), Vec<opmath_t>(0)));
-          });
-          row_out(yp + off, 1, m.HW, o);
+        for (int64_t c = c0; c < c1; ++c) {
+          const auto [mu, var] = combine_moments(m, &part_mean[c - c0], &part_m2[c - c0], width);
+          finish_channel(c, mu, var);
+        }
+        for (int64_t c = c0; c < c1; ++c) {  // the block's planes, read again while still in cache
+          const Vec<opmath_t> mean_v(mean_p[c]), is_v(invstd_p[c]), w_v(w[c]), b_v(b[c]);
+          for (int64_t n = 0; n < m.N; ++n) {
+            const int64_t off = (n * m.C + c) * m.HW;
+            const opmath_t* xr = row_in(xp + off, 1, m.HW, tx.data());
+            opmath_t* o = row_buffer<scalar_t, opmath_t>(yp + off, 1, to.data());
+            vec_for<opmath_t>(m.HW, [&](int64_t i, int64_t cnt) {
+              vstore(o + i, cnt,
+                     at::vec::maximum(bn_affine(vload(xr + i, cnt), mean_v, is_v, w_v, b_v), Vec<opmath_t>(0)));
+            });
+            row_out(yp + off, 1, m.HW, o);
+          }
         }
       }
     });
@@ -373,12 +402,13 @@ Tensor backward_input(const Tensor& grad_in, const Tensor& x_in, const Tensor& m
   return dx;
 }
 
-// The backward without a process group, NCHW, one channel per work item: the channel's two sums over the same
-// fixed chunks combined in the same order as backward_reduce, then its grad_x exactly as backward_input computes
-// it (count = N*H*W), while the channel's planes of x and grad are still in cache (128 KB for a 128x128 map): x
-// and grad come from memory once instead of twice. The same bits as backward_reduce followed by
-// backward_input, for any number of threads. channels_last maps have no contiguous channel to walk: the caller
-// uses the two ops there (and wherever the sums must be all-reduced between them).
+// The backward without a process group, NCHW, one block of channels per work item (block_channels: one channel on
+// large maps, up to 16 on small ones): each channel's two sums over the same fixed chunks combined in the same order
+// as backward_reduce, then its grad_x exactly as backward_input computes it (count = N*H*W), while the block's
+// planes of x and grad are still in cache (128 KB for a channel of a 128x128 map): x and grad come from memory once
+// instead of twice. The same bits as backward_reduce followed by backward_input, for any number of threads.
+// channels_last maps have no contiguous channel to walk: the caller uses the two ops there (and wherever the sums
+// must be all-reduced between them).
 std::tuple<Tensor, Tensor, Tensor> backward_fused(const Tensor& grad_in, const Tensor& x_in, const Tensor& mean,
                                                   const Tensor& invstd, const Tensor& weight, const Tensor& bias) {
   check_grad_of(grad_in, x_in);
@@ -402,38 +432,45 @@ std::tuple<Tensor, Tensor, Tensor> backward_fused(const Tensor& grad_in, const T
     opmath_t* sg = sum_g.data_ptr<opmath_t>();
     opmath_t* sgx = sum_gxhat.data_ptr<opmath_t>();
     const opmath_t inv_count = static_cast<opmath_t>(1.0 / static_cast<double>(m.P()));  // backward_input's
-    const int64_t chunks = m.chunks();
-    at::parallel_for(0, m.C, kGrain, [&](int64_t begin, int64_t end) {
+    const int64_t chunks = m.chunks(), width = block_channels(m);
+    // Blocks of channels, each phase over the whole block (see chunk_moments): the block's sums, then its grad_x.
+    at::parallel_for(0, channel_blocks(m), kGrain, [&](int64_t begin, int64_t end) {
       Scratch<opmath_t> tmp(std::min<int64_t>(kChunkPixels, m.HW));
       std::vector<opmath_t> tx(m.HW), tg(m.HW), to(m.HW);
-      for (int64_t c = begin; c < end; ++c) {
-        const Vec<opmath_t> mean_v(mu[c]), is_v(is[c]), w_v(w[c]), b_v(b[c]);
-        // backward_reduce's two sums (channel_sums2: chunk partials added in chunk order).
-        auto f = [&](const Lanes<opmath_t>&, Vec<opmath_t> v, Vec<opmath_t> g, Vec<opmath_t>) {
-          return bn_backward_terms(v, g, mean_v, is_v, w_v, b_v);
-        };
-        opmath_t a(0), q(0);
-        for (int64_t i = 0; i < chunks; ++i) {
-          const int64_t p0 = i * kChunkPixels, p1 = std::min(p0 + kChunkPixels, m.P());
-          opmath_t pair[2];
-          chunk_sums<2>(m, xp, gp, static_cast<const scalar_t*>(nullptr), p0, p1, c, f, pair, tmp);
-          a += pair[0];
-          q += pair[1];
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t c0 = block * width, c1 = std::min(c0 + width, m.C);
+        for (int64_t c = c0; c < c1; ++c) {
+          const Vec<opmath_t> mean_v(mu[c]), is_v(is[c]), w_v(w[c]), b_v(b[c]);
+          // backward_reduce's two sums (channel_sums2: chunk partials added in chunk order).
+          auto f = [&](const Lanes<opmath_t>&, Vec<opmath_t> v, Vec<opmath_t> g, Vec<opmath_t>) {
+            return bn_backward_terms(v, g, mean_v, is_v, w_v, b_v);
+          };
+          opmath_t a(0), q(0);
+          for (int64_t i = 0; i < chunks; ++i) {
+            const int64_t p0 = i * kChunkPixels, p1 = std::min(p0 + kChunkPixels, m.P());
+            opmath_t pair[2];
+            chunk_sums<2>(m, xp, gp, static_cast<const scalar_t*>(nullptr), p0, p1, c, f, pair, tmp);
+            a += pair[0];
+            q += pair[1];
+          }
+          sg[c] = a;
+          sgx[c] = q * is[c];
         }
-        sg[c] = a;
-        sgx[c] = q * is[c];
-        // backward_input's elementwise pass over the channel's planes (map_elementwise's rows).
-        const Vec<opmath_t> mean_g(sg[c] * inv_count), mean_gx(sgx[c] * inv_count);
-        for (int64_t n = 0; n < m.N; ++n) {
-          const int64_t off = (n * m.C + c) * m.HW;
-          const opmath_t* xr = row_in(xp + off, 1, m.HW, tx.data());
-          const opmath_t* gr = row_in(gp + off, 1, m.HW, tg.data());
-          opmath_t* o = row_buffer<scalar_t, opmath_t>(dp + off, 1, to.data());
-          vec_for<opmath_t>(m.HW, [&](int64_t i, int64_t cnt) {
-            vstore(o + i, cnt, bn_grad_input(vload(xr + i, cnt), vload(gr + i, cnt), mean_v, is_v, w_v, b_v, mean_g,
-                                             mean_gx));
-          });
-          row_out(dp + off, 1, m.HW, o);
+        for (int64_t c = c0; c < c1; ++c) {
+          // backward_input's elementwise pass over the channel's planes (map_elementwise's rows).
+          const Vec<opmath_t> mean_v(mu[c]), is_v(is[c]), w_v(w[c]), b_v(b[c]);
+          const Vec<opmath_t> mean_g(sg[c] * inv_count), mean_gx(sgx[c] * inv_count);
+          for (int64_t n = 0; n < m.N; ++n) {
+            const int64_t off = (n * m.C + c) * m.HW;
+            const opmath_t* xr = row_in(xp + off, 1, m.HW, tx.data());
+            const opmath_t* gr = row_in(gp + off, 1, m.HW, tg.data());
+            opmath_t* o = row_buffer<scalar_t, opmath_t>(dp + off, 1, to.data());
+            vec_for<opmath_t>(m.HW, [&](int64_t i, int64_t cnt) {
+              vstore(o + i, cnt, bn_grad_input(vload(xr + i, cnt), vload(gr + i, cnt), mean_v, is_v, w_v, b_v,
+                                               mean_g, mean_gx));
+            });
+            row_out(dp + off, 1, m.HW, o);
+          }
         }
       }
     });

@@ -2,15 +2,18 @@
 // deterministic per-channel sums (the BatchNorm+ReLU kernels).
 //
 // Determinism: a sum over the P = N*H*W pixels of a channel is split over a FIXED partition of the pixels
-// (chunks of kChunkPixels, a constant), each chunk summed in one fixed order (vector lanes by position,
-// lanes then combined in lane order), and the chunk results combined sequentially in chunk order by the
-// caller. Nothing depends on the number of threads: parallel_for only decides which thread computes
+// (chunks of kChunkPixels, a constant), each chunk summed in one fixed order (vector lanes by position, the
+// lanes then combined by a fixed pairwise tree, lane_sum), and the chunk results combined sequentially in chunk
+// order by the caller. Nothing depends on the number of threads: parallel_for only decides which thread computes
 // which chunk.
 #pragma once
 
 #include "common.h"
 
+#include <ATen/cpu/vec/functional.h>
+
 #include <array>
+#include <functional>
 
 namespace upernet_fast_cpp {
 
@@ -58,15 +61,17 @@ void map_elementwise(const DenseMap& m, const scalar_t* x, const scalar_t* a, co
   const int64_t len = m.cl ? m.C : m.HW;
   at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
     std::vector<opmath_t> tx(len), ta(len), tb(len), to(len);
-    for (int64_t r = begin; r < end; ++r) {
+    // NCHW: row r is channel r % C, counted along rather than divided per row (tens of cycles a division, per
+    // row of a few pixels on small maps).
+    int64_t channel = m.cl ? 0 : begin % m.C;
+    for (int64_t r = begin; r < end; ++r, channel = (m.cl || channel + 1 == m.C) ? 0 : channel + 1) {
       const int64_t off = r * len;
       const opmath_t* xr = row_in(x + off, 1, len, tx.data());
       const opmath_t* ar = a ? row_in(a + off, 1, len, ta.data()) : nullptr;
       const opmath_t* br = b ? row_in(b + off, 1, len, tb.data()) : nullptr;
       opmath_t* o = row_buffer<scalar_t, opmath_t>(out + off, 1, to.data());
-      const int64_t c = m.cl ? 0 : r % m.C;
       vec_for<opmath_t>(len, [&](int64_t i, int64_t n) {
-        const Lanes<opmath_t> lanes{m.cl, m.cl ? i : c, n};
+        const Lanes<opmath_t> lanes{m.cl, m.cl ? i : channel, n};
         auto av = ar ? vload(ar + i, n) : at::vec::Vectorized<opmath_t>(0);
         auto bv = br ? vload(br + i, n) : at::vec::Vectorized<opmath_t>(0);
         vstore(o + i, n, f(lanes, vload(xr + i, n), av, bv));
@@ -76,10 +81,19 @@ void map_elementwise(const DenseMap& m, const scalar_t* x, const scalar_t* a, co
   });
 }
 
-// Scratch rows of one task (inputs converted to opmath when they are not already contiguous opmath rows).
+// The sum of a vector's lanes, in a fixed pairwise order (at::vec's shuffle tree: halves, then quarters, ...).
+// Why not lane by lane: on small maps (the pyramid pooling module's 512 channels of 1x1 to 6x6 pixels) a channel's
+// sum is a handful of vectors, and a chain of 16 dependent additions per sum was most of a channel's time.
+template <typename opmath_t>
+inline opmath_t lane_sum(const at::vec::Vectorized<opmath_t>& v) {
+  return at::vec::vec_reduce_all<opmath_t>(std::plus<at::vec::Vectorized<opmath_t>>(), v);
+}
+
+// Scratch rows of one task (inputs converted to opmath when they are not already contiguous opmath rows), and
+// per-channel sums of one chunk.
 template <typename opmath_t>
 struct Scratch {
-  std::vector<opmath_t> x, g, y;
+  std::vector<opmath_t> x, g, y, sums;
   explicit Scratch(int64_t n) : x(n), g(n), y(n) {}
 };
 
@@ -92,8 +106,12 @@ void chunk_sums(const DenseMap& m, const scalar_t* x, const scalar_t* g, const s
   if (!m.cl) {
     std::array<Vec, K> acc;
     acc.fill(Vec(0));
-    for (int64_t p = p0; p < p1;) {
-      const int64_t n = p / m.HW, hw = p % m.HW, len = std::min(p1 - p, m.HW - hw);
+    // (image, pixel) of p0 by one division, then image after image: a 64-bit division costs tens of cycles, which
+    // counted on small maps, where a chunk is one or two short rows.
+    int64_t n = p0 < m.HW ? 0 : p0 / m.HW;
+    int64_t hw = p0 - n * m.HW;
+    for (int64_t p = p0; p < p1; ++n, hw = 0) {
+      const int64_t len = std::min(p1 - p, m.HW - hw);
       const int64_t off = (n * m.C + c) * m.HW + hw;
       const opmath_t* xr = row_in(x + off, 1, len, tmp.x.data());
       const opmath_t* gr = g ? row_in(g + off, 1, len, tmp.g.data()) : nullptr;
@@ -101,17 +119,17 @@ void chunk_sums(const DenseMap& m, const scalar_t* x, const scalar_t* g, const s
       vec_for<opmath_t>(len, [&](int64_t i, int64_t cnt) {
         const Lanes<opmath_t> lanes{false, c, cnt};
         const auto part = f(lanes, vload(xr + i, cnt), gr ? vload(gr + i, cnt) : Vec(0), yr ? vload(yr + i, cnt) : Vec(0));
-        for (int k = 0; k < K; ++k) acc[k] = acc[k] + Vec::set(Vec(0), part[k], cnt);  // padded lanes add 0
+        // Padded lanes add 0. Vec::set with a runtime count is a 16-way switch, not inlined: full vectors skip
+        // it (the same bits), which matters on small maps where most of a chunk is a handful of vectors.
+        if (cnt == Vec::size()) {
+          for (int k = 0; k < K; ++k) acc[k] = acc[k] + part[k];
+        } else {
+          for (int k = 0; k < K; ++k) acc[k] = acc[k] + Vec::set(Vec(0), part[k], cnt);
+        }
       });
       p += len;
     }
-    for (int k = 0; k < K; ++k) {
-      alignas(64) opmath_t lanes[Vec::size()];
-      acc[k].store(lanes);
-      opmath_t s(0);
-      for (int64_t i = 0; i < Vec::size(); ++i) s += lanes[i];
-      out[k] = s;
-    }
+    for (int k = 0; k < K; ++k) out[k] = lane_sum(acc[k]);
     return;
   }
   for (int k = 0; k < K; ++k) std::fill(out + k * m.C, out + (k + 1) * m.C, opmath_t(0));
@@ -127,20 +145,32 @@ void chunk_sums(const DenseMap& m, const scalar_t* x, const scalar_t* g, const s
   }
 }
 
-// Runs task(chunk, c, p0, p1, scratch) for every chunk (and every channel when NCHW), in parallel. task writes
-// that chunk's partial results; the caller combines chunks in order.
+// Channels per work item of an NCHW map's per-channel passes: as many as fit kBlockValues values (a few L1-resident
+// planes; at least one, at most 16). Only speed depends on it (every channel is computed the same way whatever the
+// block): on small maps a channel is a short chain of dependent steps (bn_relu.cpp's chunk_moments), and a block's
+// channels are independent work that the core overlaps phase by phase; on large maps one channel is plenty.
+constexpr int64_t kBlockValues = 4096;
+
+inline int64_t block_channels(const DenseMap& m) {
+  return m.cl ? m.C : std::max<int64_t>(1, std::min<int64_t>(16, kBlockValues / std::max<int64_t>(m.P(), 1)));
+}
+
+inline int64_t channel_blocks(const DenseMap& m) {
+  return (m.C + block_channels(m) - 1) / block_channels(m);
+}
+
+// Runs task(chunk, c0, c1, p0, p1, scratch) for every chunk and, NCHW, every block of channels [c0, c1) (channels_last:
+// every channel, c0 = 0, c1 = C), in parallel. task writes that chunk's partial results; the caller combines chunks
+// in order.
 template <typename opmath_t, typename Task>
 void for_each_chunk(const DenseMap& m, Task task) {
-  const int64_t chunks = m.chunks();
-  const int64_t items = m.cl ? chunks : chunks * m.C;
-  at::parallel_for(0, items, kGrain, [&](int64_t begin, int64_t end) {
-    const int64_t len = m.cl ? m.C : std::min<int64_t>(kChunkPixels, m.HW);
-    Scratch<opmath_t> tmp(len);
+  const int64_t blocks = channel_blocks(m), width = block_channels(m);
+  at::parallel_for(0, m.chunks() * blocks, kGrain, [&](int64_t begin, int64_t end) {
+    Scratch<opmath_t> tmp(m.cl ? m.C : std::min<int64_t>(kChunkPixels, m.HW));
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t chunk = m.cl ? item : item / m.C;
-      const int64_t c = m.cl ? 0 : item % m.C;
+      const int64_t chunk = item / blocks, c0 = (item % blocks) * width, c1 = std::min(c0 + width, m.C);
       const int64_t p0 = chunk * kChunkPixels, p1 = std::min(p0 + kChunkPixels, m.P());
-      task(chunk, c, p0, p1, tmp);
+      task(chunk, c0, c1, p0, p1, tmp);
     }
   });
 }
@@ -152,11 +182,14 @@ std::array<std::vector<opmath_t>, 2> channel_sums2(const DenseMap& m, const scal
                                                    const scalar_t* y, F f) {
   const int64_t chunks = m.chunks(), C = m.C;
   std::vector<opmath_t> parts(chunks * 2 * C);  // [chunk][k][c]
-  for_each_chunk<opmath_t>(m, [&](int64_t chunk, int64_t c, int64_t p0, int64_t p1, Scratch<opmath_t>& tmp) {
+  for_each_chunk<opmath_t>(m, [&](int64_t chunk, int64_t c0, int64_t c1, int64_t p0, int64_t p1,
+                                  Scratch<opmath_t>& tmp) {
     opmath_t* out = parts.data() + chunk * 2 * C;
     if (m.cl) {
-      chunk_sums<2>(m, x, g, y, p0, p1, c, f, out, tmp);
-    } else {
+      chunk_sums<2>(m, x, g, y, p0, p1, 0, f, out, tmp);
+      return;
+    }
+    for (int64_t c = c0; c < c1; ++c) {
       opmath_t pair[2];
       chunk_sums<2>(m, x, g, y, p0, p1, c, f, pair, tmp);
       out[c] = pair[0];
