@@ -157,6 +157,119 @@ std::pair<opmath_t, opmath_t> combine_moments(const DenseMap& m, const opmath_t*
   return {mu, m2 / P};
 }
 
+// Channel c's planes of an NCHW map (one row of HW pixels per image), elementwise: y = relu(bn_affine(x)) (apply's
+// expression), or grad_x = bn_grad_input(x, g) (backward_input's). Scratch rows tx, tg, to hold HW opmath values.
+template <typename scalar_t, typename opmath_t>
+void apply_rows(const DenseMap& m, const scalar_t* xp, scalar_t* yp, int64_t c, const Vec<opmath_t>& mean,
+                const Vec<opmath_t>& invstd, const Vec<opmath_t>& weight, const Vec<opmath_t>& bias, opmath_t* tx,
+                opmath_t* to) {
+  for (int64_t n = 0; n < m.N; ++n) {
+    const int64_t off = (n * m.C + c) * m.HW;
+    const opmath_t* xr = row_in(xp + off, 1, m.HW, tx);
+    opmath_t* o = row_buffer<scalar_t, opmath_t>(yp + off, 1, to);
+    vec_for<opmath_t>(m.HW, [&](int64_t i, int64_t cnt) {
+      vstore(o + i, cnt, at::vec::maximum(bn_affine(vload(xr + i, cnt), mean, invstd, weight, bias), Vec<opmath_t>(0)));
+    });
+    row_out(yp + off, 1, m.HW, o);
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+void grad_rows(const DenseMap& m, const scalar_t* xp, const scalar_t* gp, scalar_t* dp, int64_t c,
+               const Vec<opmath_t>& mean, const Vec<opmath_t>& invstd, const Vec<opmath_t>& weight,
+               const Vec<opmath_t>& bias, const Vec<opmath_t>& mean_g, const Vec<opmath_t>& mean_gx, opmath_t* tx,
+               opmath_t* tg, opmath_t* to) {
+  for (int64_t n = 0; n < m.N; ++n) {
+    const int64_t off = (n * m.C + c) * m.HW;
+    const opmath_t* xr = row_in(xp + off, 1, m.HW, tx);
+    const opmath_t* gr = row_in(gp + off, 1, m.HW, tg);
+    opmath_t* o = row_buffer<scalar_t, opmath_t>(dp + off, 1, to);
+    vec_for<opmath_t>(m.HW, [&](int64_t i, int64_t cnt) {
+      vstore(o + i, cnt, bn_grad_input(vload(xr + i, cnt), vload(gr + i, cnt), mean, invstd, weight, bias, mean_g,
+                                       mean_gx));
+    });
+    row_out(dp + off, 1, m.HW, o);
+  }
+}
+
+// ---- small NCHW maps (reduce.h small_nchw): a block of channels in vector lanes -------------------------------
+// Each function is the channels_last kernels' arithmetic lane-wise, written out again as vector expressions (the
+// same operations in the same order: the same bits as the channels_last map's).
+
+// Each lane's (mean, biased variance) over the P pixels of a transposed block X: chunk_moments' arithmetic (one
+// chunk), then combine_moments' for that one chunk.
+template <typename opmath_t>
+std::pair<Vec<opmath_t>, Vec<opmath_t>> block_moments(const opmath_t* X, int64_t P) {
+  using V = Vec<opmath_t>;
+  constexpr int64_t L = V::size();
+  V sum(0);
+  for (int64_t p = 0; p < P; ++p) sum = sum + V::loadu(X + p * L);
+  const V count(static_cast<opmath_t>(P));
+  V mean = sum / count;
+  V sum_d(0), sum_d2(0);
+  for (int64_t p = 0; p < P; ++p) {
+    const V d = V::loadu(X + p * L) - mean;
+    sum_d = sum_d + d;
+    sum_d2 = sum_d2 + d * d;
+  }
+  mean = mean + sum_d / count;
+  const V m2_raw = sum_d2 - sum_d * sum_d / count;
+  const V m2 = where_positive(m2_raw, m2_raw);  // std::max(0, m2): 0 for NaN too
+  // combine_moments: acc = 0 + n * mean, mu = acc / P, M2 = 0 + (M2_chunk + n * d * d), var = M2 / P (n = P).
+  const V mu = (V(0) + count * mean) / count;
+  const V d = mean - mu;
+  return {mu, (V(0) + (m2 + count * d * d)) / count};
+}
+
+// Each lane's backward sums {sum(g_relu), sum(g_relu * (x - mean))} over a transposed block (X, G): backward_reduce's
+// chunk sums (from 0, pixel order), then channel_sums2's combination of one chunk (0 + the chunk's sum).
+template <typename opmath_t>
+std::array<Vec<opmath_t>, 2> block_grad_sums(const opmath_t* X, const opmath_t* G, int64_t P,
+                                             const Vec<opmath_t>& mean, const Vec<opmath_t>& invstd,
+                                             const Vec<opmath_t>& weight, const Vec<opmath_t>& bias) {
+  using V = Vec<opmath_t>;
+  constexpr int64_t L = V::size();
+  V a(0), q(0);
+  for (int64_t p = 0; p < P; ++p) {
+    const auto terms = bn_backward_terms(V::loadu(X + p * L), V::loadu(G + p * L), mean, invstd, weight, bias);
+    a = a + terms[0];
+    q = q + terms[1];
+  }
+  return {V(0) + a, V(0) + q};
+}
+
+// The backward on a small NCHW map, block by block: each channel's sums into sg and sgx (backward_reduce's), and,
+// where dp is not null, its grad_x (backward_input's expression, count = N*H*W) into dp.
+template <typename scalar_t, typename opmath_t>
+void small_backward(const DenseMap& m, const scalar_t* xp, const scalar_t* gp, const std::vector<opmath_t>& mu,
+                    const std::vector<opmath_t>& is, const std::vector<opmath_t>& w, const std::vector<opmath_t>& b,
+                    opmath_t* sg, opmath_t* sgx, scalar_t* dp) {
+  using V = Vec<opmath_t>;
+  constexpr int64_t L = V::size();
+  const opmath_t inv_count = static_cast<opmath_t>(1.0 / static_cast<double>(m.P()));  // backward_input's
+  for_each_block<opmath_t>(m, 2 * m.P() * L + 3 * m.HW, [&](int64_t c0, int64_t lanes, opmath_t* X) {
+    opmath_t* G = X + m.P() * L;
+    load_block(m, xp, c0, lanes, X);
+    load_block(m, gp, c0, lanes, G);
+    const V mean_v = vload(mu.data() + c0, lanes), is_v = vload(is.data() + c0, lanes);
+    const V w_v = vload(w.data() + c0, lanes), b_v = vload(b.data() + c0, lanes);
+    const auto sums = block_grad_sums(X, G, m.P(), mean_v, is_v, w_v, b_v);
+    const V sum_gxhat = sums[1] * is_v;
+    vstore(sg + c0, lanes, sums[0]);
+    vstore(sgx + c0, lanes, sum_gxhat);
+    if (!dp) return;
+    alignas(64) opmath_t mean_g[L], mean_gx[L];  // backward_input's sum * (1 / count), per channel
+    (sums[0] * V(inv_count)).store(mean_g);
+    (sum_gxhat * V(inv_count)).store(mean_gx);
+    opmath_t* rows = G + m.P() * L;  // 3 * HW values
+    for (int64_t j = 0; j < lanes; ++j) {
+      const int64_t c = c0 + j;
+      grad_rows(m, xp, gp, dp, c, V(mu[c]), V(is[c]), V(w[c]), V(b[c]), V(mean_g[j]), V(mean_gx[j]), rows,
+                rows + m.HW, rows + 2 * m.HW);
+    }
+  });
+}
+
 std::tuple<Tensor, Tensor> channel_stats(const Tensor& x_in) {
   check_float_map(x_in, "x");
   DenseMap m;
@@ -167,16 +280,25 @@ std::tuple<Tensor, Tensor> channel_stats(const Tensor& x_in) {
   UPERNET_FAST_DISPATCH(x.scalar_type(), "bn_relu_channel_stats", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const int64_t C = m.C;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    opmath_t* mean_p = mean.data_ptr<opmath_t>();
+    opmath_t* var_p = var.data_ptr<opmath_t>();
+    if (small_nchw(m)) {
+      for_each_block<opmath_t>(m, m.P() * Vec<opmath_t>::size(), [&](int64_t c0, int64_t lanes, opmath_t* X) {
+        load_block(m, xp, c0, lanes, X);
+        const auto [mu, v] = block_moments(X, m.P());
+        vstore(mean_p + c0, lanes, mu);
+        vstore(var_p + c0, lanes, v);
+      });
+      return;
+    }
     // Per chunk and channel: [chunk][c].
     std::vector<opmath_t> part_mean(m.chunks() * C), part_m2(m.chunks() * C);
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
     for_each_chunk<opmath_t>(m, [&](int64_t chunk, int64_t c0, int64_t c1, int64_t p0, int64_t p1,
                                     Scratch<opmath_t>& tmp) {
       const int64_t at = chunk * C + c0;
       chunk_moments(m, xp, p0, p1, c0, c1, part_mean.data() + at, part_m2.data() + at, tmp);
     });
-    opmath_t* mean_p = mean.data_ptr<opmath_t>();
-    opmath_t* var_p = var.data_ptr<opmath_t>();
     at::parallel_for(0, C, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         std::tie(mean_p[c], var_p[c]) = combine_moments(m, part_mean.data() + c, part_m2.data() + c, C);
@@ -306,6 +428,24 @@ std::tuple<Tensor, Tensor, Tensor> train_step(const Tensor& x_in, const Tensor& 
     const auto w = per_channel<opmath_t>(weight), b = per_channel<opmath_t>(bias);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
+    if (small_nchw(m)) {  // channel_stats' arithmetic on a transposed block, then apply's by rows
+      constexpr int64_t L = Vec<opmath_t>::size();
+      for_each_block<opmath_t>(m, m.P() * L + 2 * m.HW, [&](int64_t c0, int64_t lanes, opmath_t* X) {
+        load_block(m, xp, c0, lanes, X);
+        const auto [mu, v] = block_moments(X, m.P());
+        alignas(64) opmath_t mus[L], vars[L];
+        mu.store(mus);
+        v.store(vars);
+        opmath_t* rows = X + m.P() * L;
+        for (int64_t j = 0; j < lanes; ++j) {
+          const int64_t c = c0 + j;
+          finish_channel(c, mus[j], vars[j]);
+          apply_rows(m, xp, yp, c, Vec<opmath_t>(mean_p[c]), Vec<opmath_t>(invstd_p[c]), Vec<opmath_t>(w[c]),
+                     Vec<opmath_t>(b[c]), rows, rows + m.HW);
+        }
+      });
+      return;
+    }
     const int64_t chunks = m.chunks();
     // Blocks of channels, each phase over the whole block (see chunk_moments).
     const int64_t width = block_channels(m);
@@ -323,17 +463,8 @@ std::tuple<Tensor, Tensor, Tensor> train_step(const Tensor& x_in, const Tensor& 
           finish_channel(c, mu, var);
         }
         for (int64_t c = c0; c < c1; ++c) {  // the block's planes, read again while still in cache
-          const Vec<opmath_t> mean_v(mean_p[c]), is_v(invstd_p[c]), w_v(w[c]), b_v(b[c]);
-          for (int64_t n = 0; n < m.N; ++n) {
-            const int64_t off = (n * m.C + c) * m.HW;
-            const opmath_t* xr = row_in(xp + off, 1, m.HW, tx.data());
-            opmath_t* o = row_buffer<scalar_t, opmath_t>(yp + off, 1, to.data());
-            vec_for<opmath_t>(m.HW, [&](int64_t i, int64_t cnt) {
-              vstore(o + i, cnt,
-                     at::vec::maximum(bn_affine(vload(xr + i, cnt), mean_v, is_v, w_v, b_v), Vec<opmath_t>(0)));
-            });
-            row_out(yp + off, 1, m.HW, o);
-          }
+          apply_rows(m, xp, yp, c, Vec<opmath_t>(mean_p[c]), Vec<opmath_t>(invstd_p[c]), Vec<opmath_t>(w[c]),
+                     Vec<opmath_t>(b[c]), tx.data(), to.data());
         }
       }
     });
@@ -354,6 +485,11 @@ std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_in, const Tensor& 
     using opmath_t = at::opmath_type<scalar_t>;
     const auto mu = per_channel<opmath_t>(mean), is = per_channel<opmath_t>(invstd);
     const auto w = per_channel<opmath_t>(weight), b = per_channel<opmath_t>(bias);
+    if (small_nchw(m)) {
+      small_backward<scalar_t, opmath_t>(m, x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), mu, is,
+                                         w, b, sum_g.data_ptr<opmath_t>(), sum_gxhat.data_ptr<opmath_t>(), nullptr);
+      return;
+    }
     // k = 0: sum(g_relu), k = 1: sum(g_relu * (x - mean)) (times invstd below: sum(g_relu * xhat)).
     auto f = [&](const Lanes<opmath_t>& l, Vec<opmath_t> v, Vec<opmath_t> g, Vec<opmath_t>) {
       return bn_backward_terms(v, g, l.get(mu.data()), l.get(is.data()), l.get(w.data()), l.get(b.data()));
@@ -431,6 +567,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_fused(const Tensor& grad_in, const T
     scalar_t* dp = dx.data_ptr<scalar_t>();
     opmath_t* sg = sum_g.data_ptr<opmath_t>();
     opmath_t* sgx = sum_gxhat.data_ptr<opmath_t>();
+    if (small_nchw(m)) {
+      small_backward<scalar_t, opmath_t>(m, xp, gp, mu, is, w, b, sg, sgx, dp);
+      return;
+    }
     const opmath_t inv_count = static_cast<opmath_t>(1.0 / static_cast<double>(m.P()));  // backward_input's
     const int64_t chunks = m.chunks(), width = block_channels(m);
     // Blocks of channels, each phase over the whole block (see chunk_moments): the block's sums, then its grad_x.
@@ -456,21 +596,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_fused(const Tensor& grad_in, const T
           sg[c] = a;
           sgx[c] = q * is[c];
         }
-        for (int64_t c = c0; c < c1; ++c) {
-          // backward_input's elementwise pass over the channel's planes (map_elementwise's rows).
-          const Vec<opmath_t> mean_v(mu[c]), is_v(is[c]), w_v(w[c]), b_v(b[c]);
-          const Vec<opmath_t> mean_g(sg[c] * inv_count), mean_gx(sgx[c] * inv_count);
-          for (int64_t n = 0; n < m.N; ++n) {
-            const int64_t off = (n * m.C + c) * m.HW;
-            const opmath_t* xr = row_in(xp + off, 1, m.HW, tx.data());
-            const opmath_t* gr = row_in(gp + off, 1, m.HW, tg.data());
-            opmath_t* o = row_buffer<scalar_t, opmath_t>(dp + off, 1, to.data());
-            vec_for<opmath_t>(m.HW, [&](int64_t i, int64_t cnt) {
-              vstore(o + i, cnt, bn_grad_input(vload(xr + i, cnt), vload(gr + i, cnt), mean_v, is_v, w_v, b_v,
-                                               mean_g, mean_gx));
-            });
-            row_out(dp + off, 1, m.HW, o);
-          }
+        for (int64_t c = c0; c < c1; ++c) {  // backward_input's elementwise pass over the channel's planes
+          grad_rows(m, xp, gp, dp, c, Vec<opmath_t>(mu[c]), Vec<opmath_t>(is[c]), Vec<opmath_t>(w[c]),
+                    Vec<opmath_t>(b[c]), Vec<opmath_t>(sg[c] * inv_count), Vec<opmath_t>(sgx[c] * inv_count), tx.data(),
+                    tg.data(), to.data());
         }
       }
     });

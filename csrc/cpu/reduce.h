@@ -175,6 +175,70 @@ void for_each_chunk(const DenseMap& m, Task task) {
   });
 }
 
+// ---- small NCHW maps: blocks of channels transposed, summed as channels_last maps are ------------------------
+//
+// An NCHW map with at most kSmallPixels pixels per channel (N * H * W: the pyramid pooling module's 1x1 to 6x6
+// maps) has rows too short for vectors along pixels: most of a channel's time went to partial vectors, lane sums
+// and per-channel chains of dependent steps. There, the per-channel sums take each block of Vec::size() channels
+// transposed (load_block) into a scratch of pixels x channels, one channel per lane, summed exactly as the
+// channels_last kernels sum (in pixel order from 0, one chunk since kSmallPixels <= kChunkPixels): a small NCHW
+// map gives the statistics and sums of the same map in channels_last, bit for bit. Elementwise outputs are written
+// by rows as on large maps (no reduction there: the same bits either way). Which path a map takes depends on its
+// shape only, never on the number of threads. Why 64: at 256 pixels (a 16x16 map at batch 1) the gathers cost more
+// than they saved, measured side by side (the backward's two gathered inputs most of all).
+constexpr int64_t kSmallPixels = 64;
+static_assert(kSmallPixels <= kChunkPixels, "a small map's sums are one chunk's");
+
+inline bool small_nchw(const DenseMap& m) {
+  return !m.cl && m.P() <= kSmallPixels;
+}
+
+// The rows of channels [c0, c0 + lanes) (HW values per image) as the columns of dst: value (p, j) of the block,
+// pixel p = n * HW + hw, at dst[p * Vec::size() + j]. float and double by one vector gather per pixel (indices
+// j * HW; a partial block's unused lanes read its last channel again, never stored); bfloat16 converted one value
+// at a time.
+template <typename scalar_t, typename opmath_t>
+void load_block(const DenseMap& m, const scalar_t* x, int64_t c0, int64_t lanes, opmath_t* dst) {
+  constexpr int64_t L = at::vec::Vectorized<opmath_t>::size();
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    using Index = at::vec::int_same_size_t<opmath_t>;
+    alignas(64) Index offsets[L];
+    for (int64_t j = 0; j < L; ++j) offsets[j] = static_cast<Index>(std::min(j, lanes - 1) * m.HW);
+    const auto index = at::vec::Vectorized<Index>::loadu(offsets);
+    for (int64_t n = 0; n < m.N; ++n) {
+      const opmath_t* src = x + (n * m.C + c0) * m.HW;
+      for (int64_t hw = 0; hw < m.HW; ++hw) {
+        at::vec::gather<sizeof(opmath_t)>(src + hw, index).store(dst + (n * m.HW + hw) * L);
+      }
+    }
+  } else {
+    for (int64_t n = 0; n < m.N; ++n) {
+      const scalar_t* src = x + (n * m.C + c0) * m.HW;
+      opmath_t* out = dst + n * m.HW * L;
+      for (int64_t j = 0; j < lanes; ++j) {
+        for (int64_t hw = 0; hw < m.HW; ++hw) out[hw * L + j] = static_cast<opmath_t>(src[j * m.HW + hw]);
+      }
+    }
+  }
+}
+
+// Runs task(c0, lanes, scratch) for every block of Vec::size() channels of a small NCHW map, in parallel; scratch
+// holds `scratch_values` opmath values (zeroed once: a partial bfloat16 block's unused lanes compute on zeros).
+template <typename opmath_t, typename Task>
+void for_each_block(const DenseMap& m, int64_t scratch_values, Task task) {
+  constexpr int64_t L = at::vec::Vectorized<opmath_t>::size();
+  const int64_t blocks = (m.C + L - 1) / L;
+  // Tasks of at least ~8K values: a parallel region costs microseconds, a small block's work well under one.
+  const int64_t grain = std::max<int64_t>(1, 8192 / (m.P() * L));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> scratch(scratch_values);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t c0 = block * L;
+      task(c0, std::min(L, m.C - c0), scratch.data());
+    }
+  });
+}
+
 // Two per-channel sums of f(lanes, x, g, y) (std::array<Vec, 2>) over every pixel: fixed-chunk partials,
 // combined per channel in chunk order.
 template <typename scalar_t, typename opmath_t, typename F>
