@@ -299,7 +299,7 @@ std::tuple<Tensor, Tensor> channel_stats(const Tensor& x_in) {
       const int64_t at = chunk * C + c0;
       chunk_moments(m, xp, p0, p1, c0, c1, part_mean.data() + at, part_m2.data() + at, tmp);
     });
-    at::parallel_for(0, C, kGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, C, tasks_of(m.chunks()), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         std::tie(mean_p[c], var_p[c]) = combine_moments(m, part_mean.data() + c, part_m2.data() + c, C);
       }
@@ -449,7 +449,7 @@ std::tuple<Tensor, Tensor, Tensor> train_step(const Tensor& x_in, const Tensor& 
     const int64_t chunks = m.chunks();
     // Blocks of channels, each phase over the whole block (see chunk_moments).
     const int64_t width = block_channels(m);
-    at::parallel_for(0, channel_blocks(m), kGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, channel_blocks(m), tasks_of(width * m.P()), [&](int64_t begin, int64_t end) {
       Scratch<opmath_t> tmp(std::min<int64_t>(kChunkPixels, m.HW));
       std::vector<opmath_t> part_mean(chunks * width), part_m2(chunks * width), tx(m.HW), to(m.HW);
       for (int64_t block = begin; block < end; ++block) {
@@ -574,7 +574,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_fused(const Tensor& grad_in, const T
     const opmath_t inv_count = static_cast<opmath_t>(1.0 / static_cast<double>(m.P()));  // backward_input's
     const int64_t chunks = m.chunks(), width = block_channels(m);
     // Blocks of channels, each phase over the whole block (see chunk_moments): the block's sums, then its grad_x.
-    at::parallel_for(0, channel_blocks(m), kGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, channel_blocks(m), tasks_of(width * m.P()), [&](int64_t begin, int64_t end) {
       Scratch<opmath_t> tmp(std::min<int64_t>(kChunkPixels, m.HW));
       std::vector<opmath_t> tx(m.HW), tg(m.HW), to(m.HW);
       for (int64_t block = begin; block < end; ++block) {

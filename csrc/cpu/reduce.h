@@ -52,6 +52,15 @@ struct Lanes {
   Vec get(const opmath_t* arr) const { return cl ? vload(arr + c, n) : Vec(arr[c]); }
 };
 
+// Work items per parallel task when each item is `values` values: tasks of at least kTaskValues values. A parallel
+// region costs microseconds (the other thread's wake-up), more than a small map's whole pass (the PPM's 512
+// channels of 6x6 pixels, a thread-count-free 18K values); only speed depends on the split.
+constexpr int64_t kTaskValues = 8192;
+
+inline int64_t tasks_of(int64_t values) {
+  return std::max<int64_t>(1, kTaskValues / std::max<int64_t>(values, 1));
+}
+
 // out = f(lanes, x, a, b) elementwise over the map (a, b: optional same-layout inputs, null when unused),
 // out in x's layout. f uses at::vec operators only.
 template <typename scalar_t, typename F>
@@ -59,7 +68,7 @@ void map_elementwise(const DenseMap& m, const scalar_t* x, const scalar_t* a, co
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t rows = m.cl ? m.P() : m.N * m.C;
   const int64_t len = m.cl ? m.C : m.HW;
-  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, tasks_of(len), [&](int64_t begin, int64_t end) {
     std::vector<opmath_t> tx(len), ta(len), tb(len), to(len);
     // NCHW: row r is channel r % C, counted along rather than divided per row (tens of cycles a division, per
     // row of a few pixels on small maps).
@@ -165,7 +174,8 @@ inline int64_t channel_blocks(const DenseMap& m) {
 template <typename opmath_t, typename Task>
 void for_each_chunk(const DenseMap& m, Task task) {
   const int64_t blocks = channel_blocks(m), width = block_channels(m);
-  at::parallel_for(0, m.chunks() * blocks, kGrain, [&](int64_t begin, int64_t end) {
+  const int64_t item_values = (m.cl ? m.C : width) * std::min(kChunkPixels, m.P());
+  at::parallel_for(0, m.chunks() * blocks, tasks_of(item_values), [&](int64_t begin, int64_t end) {
     Scratch<opmath_t> tmp(m.cl ? m.C : std::min<int64_t>(kChunkPixels, m.HW));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t chunk = item / blocks, c0 = (item % blocks) * width, c1 = std::min(c0 + width, m.C);
@@ -228,9 +238,7 @@ template <typename opmath_t, typename Task>
 void for_each_block(const DenseMap& m, int64_t scratch_values, Task task) {
   constexpr int64_t L = at::vec::Vectorized<opmath_t>::size();
   const int64_t blocks = (m.C + L - 1) / L;
-  // Tasks of at least ~8K values: a parallel region costs microseconds, a small block's work well under one.
-  const int64_t grain = std::max<int64_t>(1, 8192 / (m.P() * L));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, blocks, tasks_of(m.P() * L), [&](int64_t begin, int64_t end) {
     std::vector<opmath_t> scratch(scratch_values);
     for (int64_t block = begin; block < end; ++block) {
       const int64_t c0 = block * L;

@@ -60,8 +60,9 @@ def check_values_per_channel(y: torch.Tensor) -> None:
 
 
 def affine_params(batch_norm: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if batch_norm.weight is not None:
-        return batch_norm.weight, batch_norm.bias
+    weight = module_tensor(batch_norm, "weight")  # (the module's dicts: Module.__getattr__ costs ~1 us a read)
+    if weight is not None:
+        return weight, module_tensor(batch_norm, "bias")
     channels = batch_norm.num_features  # affine=False: identity affine
     return like.new_ones(channels, dtype=torch.float32), like.new_zeros(channels, dtype=torch.float32)
 
@@ -326,9 +327,11 @@ def _takes_train_step(train_op, group, batch_norm: nn.Module, dense: torch.Tenso
         return False
     if train_op is not bn_relu_train_cpp or group is not None or dense.dtype not in _CPP_DTYPES:
         return False
-    if not (batch_norm.training and batch_norm.track_running_stats) or batch_norm.num_batches_tracked is None:
+    if not (batch_norm.training and batch_norm.track_running_stats):
         return False
-    running_mean, running_var = batch_norm.running_mean, batch_norm.running_var
+    if module_tensor(batch_norm, "num_batches_tracked") is None:
+        return False
+    running_mean, running_var = module_tensor(batch_norm, "running_mean"), module_tensor(batch_norm, "running_var")
     return running_mean is not None and running_mean.dtype == running_var.dtype == stats_dtype(dense)
 
 
@@ -345,8 +348,8 @@ def batch_stats_path(train_op, y: torch.Tensor, batch_norm: nn.Module) -> torch.
     dense = _dense(y)
     if _takes_train_step(train_op, group, batch_norm, dense):
         out, mean, invstd = _bn_relu_train_step_cpp(
-            dense, weight, bias, batch_norm.running_mean, batch_norm.running_var, batch_norm.num_batches_tracked,
-            batch_norm.momentum, float(batch_norm.eps),
+            dense, weight, bias, module_tensor(batch_norm, "running_mean"), module_tensor(batch_norm, "running_var"),
+            module_tensor(batch_norm, "num_batches_tracked"), batch_norm.momentum, float(batch_norm.eps),
         )
     else:
         group_name = "" if group is None else group.group_name
