@@ -68,11 +68,14 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def latest_run(rows: list[dict]) -> list[dict]:
-    """Rows of the most recent run in a file (a run's rows share its ``date``)."""
-    if not rows:
-        return []
-    last = max(r["date"] for r in rows)
-    return [r for r in rows if r["date"] == last]
+    """Each op's rows from its most recent run in a file (a run's rows share its ``date``): a run of some ops
+    (``--ops``) updates theirs and leaves the other ops' latest rows in view. Per op, not per provider, so that a
+    speed-up is always read between providers measured side by side in one run."""
+    last: dict[str, str] = {}
+    for r in rows:
+        if r["date"] > last.get(r["op"], ""):
+            last[r["op"]] = r["date"]
+    return [r for r in rows if r["date"] == last[r["op"]]]
 
 
 def _speedup(row: dict, rows: list[dict]) -> str:
@@ -161,13 +164,25 @@ def case_order(rows: list[dict]) -> list[dict]:
 
 
 def format_markdown(rows: list[dict]) -> str:
-    """The latest run of one results file as a markdown table (for the README and the GPU evidence)."""
+    """Rows of one or more runs of one results file (see latest_run) as a markdown table, each run's stamp above it
+    (for the README and the GPU evidence)."""
     if not rows:
         return "_no rows_\n"
     rows = case_order(rows)
-    stamp = rows[0]
-    head = (f"Device: **{stamp['device_name']}**; date {stamp['date']}; torch {stamp['torch_version']}, "
-            f"triton {stamp['triton_version']}, commit {stamp['git_commit']}.\n\n")
+    runs: dict[str, list[dict]] = {}
+    for row in rows:
+        runs.setdefault(row["date"], []).append(row)
+
+    def stamp(r: dict) -> str:
+        return (f"Device: **{r['device_name']}**; date {r['date']}; torch {r['torch_version']}, "
+                f"triton {r['triton_version']}, commit {r['git_commit']}")
+
+    if len(runs) == 1:
+        head = stamp(rows[0]) + ".\n\n"
+    else:  # each op's latest run: say which run each op's rows come from
+        head = "Runs (each op's rows come from one of them):\n\n" + "".join(
+            f"- {stamp(run[0])}: {', '.join(dict.fromkeys(r['op'] for r in run))}.\n"
+            for _, run in sorted(runs.items())) + "\n"
     cols = ["op", "provider", "mode", "shape", "dtype", "layout", "p50_ms", "p20-p80", "x base", "GB/s", "%copy",
             "TFLOP/s", "%mm", "peak MB", "note"]
     out = [head, "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

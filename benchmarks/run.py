@@ -1,7 +1,7 @@
 """Benchmark entry point: ``python -m benchmarks.run [--suite ops|e2e|all] [--device cuda|cpu] [--quick]``.
 
 Runs the suites, prints a table, appends rows to ``<results-dir>/<suite>_<device>.csv``, then regenerates from
-the stored rows the PNG plots and a markdown table of each file's latest run. ``upernet-fast bench`` calls
+the stored rows the PNG plots and a markdown table of each file's latest run of each op. ``upernet-fast bench`` calls
 :func:`main` with the same arguments.
 """
 
@@ -118,13 +118,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def regenerate(results_dir: Path) -> list[Path]:
-    """Plots and markdown tables of the latest run in every results CSV (from the stored rows only)."""
+    """Plots and markdown tables of each op's latest run in every results CSV (from the stored rows only)."""
     from benchmarks.plots import plot_all
 
     written = plot_all(results_dir)
     for csv_file in sorted(Path(results_dir).glob("*.csv")):
         md = csv_file.with_suffix(".md")
-        md.write_text(f"# {csv_file.stem}: latest run\n\n" + format_markdown(latest_run(read_rows(csv_file))))
+        md.write_text(f"# {csv_file.stem}: each op's latest run\n\n" + format_markdown(latest_run(read_rows(csv_file))))
         written.append(md)
     return written
 

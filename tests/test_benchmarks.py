@@ -267,6 +267,20 @@ def test_commit_stamp_can_be_given_where_there_is_no_git(monkeypatch):
     assert measure.run_stamp("cpu")["git_commit"] == "0123456789ab"
 
 
+def test_latest_run_keeps_each_ops_latest_rows():
+    """A run of some ops (``--ops``) replaces those ops' rows in the tables and plots and leaves the others' latest
+    in view; an op's rows always come from one run, so that its speed-ups compare providers measured together."""
+    from benchmarks.results import latest_run
+
+    def row(op, provider, date):
+        return {"op": op, "provider": provider, "date": date}
+
+    rows = [row("pool", "eager", "1"), row("pool", "cpp", "1"), row("bn", "eager", "1"), row("bn", "cpp", "1"),
+            row("bn", "eager", "2"), row("bn", "cpp", "2"), row("pool", "cpp", "0")]
+    assert latest_run(rows) == [rows[0], rows[1], rows[4], rows[5]]
+    assert latest_run([]) == []
+
+
 def test_quantiles_interpolate_linearly():
     assert quantiles([5.0, 1.0, 3.0, 2.0, 4.0]) == pytest.approx([1.8, 3.0, 4.2])
     assert quantiles([7.0]) == [7.0, 7.0, 7.0]
