@@ -363,11 +363,14 @@ def _(tensors, size, weight, bias, bn_weight, bn_bias, running_mean, running_var
 
 
 # Training maps with fewer output pixels (batch x height x width) than this keep ATen's convolution. Why: the two
-# filter transforms made per step (forward and adjoint, ~25 ms each for 512 -> 512 on 2 threads when this was
-# measured, ~15 ms since the transform is vectorised: the bound may now be lower, not re-measured) are repaid only
-# by enough pixels. Measured side by side (benchmarks/winograd_conv_bn_relu.py --train, 2 threads, AVX-512 Xeon,
+# filter transforms made per step (forward and adjoint, ~15 ms each for 512 -> 512 on 2 threads) are repaid only by
+# enough pixels. Measured side by side (benchmarks/winograd_conv_bn_relu.py --train, 2 threads, AVX-512 Xeon,
 # 2026-11-28), the training step against ATen's: 1.27x faster at 64x64 (4096 pixels), 1.18x at 128x128, but 0.73x
 # at 32x32 (1024) and 0.40x for the PPM bottleneck at 16x16 (2816 input channels: five slices' transforms).
+# Re-measured once the transform was vectorised (an interleaved in-process A/B of one 512 -> 512 block's training
+# step, 6 rounds, medians): 0.46x at 512 pixels, 0.69x at 1024, 0.75x at 1152, 0.90x at 2048, then 1.24x at 3072
+# (rounds 0.76x-1.29x), 1.17x at 4096, 1.18x at 4608. The crossover lies between 2048 and 3072; no head map of the
+# usual training shapes falls there (at 256x256 crops, batch 2: 8192, 2048, 512 and 128 pixels), so the bound stays.
 TRAIN_MIN_PIXELS = 4096
 
 
