@@ -13,7 +13,11 @@ the difference is all Python.
   the selection returns (the implementation's ``fn``).
 
 Each side is timed over ``--calls`` calls, best of ``--repeats`` repeats, the two sides alternating within each
-repeat so that both see the same machine load (the development machine is 2 shared cores).
+repeat so that both see the same machine load (the development machine is 2 shared cores). The overhead column is
+not the difference of those two bests but the median, over ``--pairs`` adjacent pairs of one public and one bare
+call (the order alternating pair by pair), of the difference of the two calls' times: each pair sees one moment of
+the machine, so a difference of a few microseconds is measured even under a bare call of 80 us whose own
+run-to-run noise is larger (``conv_bn_relu``'s eval block; two separate bests read 12-24 us there).
 
 ``--against DIR`` measures another checkout (say an older commit exported with ``git worktree add``) side by
 side: both trees run in fresh subprocesses, alternating, ``--rounds`` times each, and the round with the
@@ -30,6 +34,7 @@ import itertools
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -104,7 +109,30 @@ def _us_per_call(fn, calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def measure(calls: int, repeats: int) -> list[dict]:
+def _paired_overhead_us(public, bare, pairs: int) -> float:
+    """Median over ``pairs`` adjacent (public, bare) calls of the public call's time minus the bare call's, the
+    order alternating pair by pair (so that neither side always runs second, on warm caches)."""
+    clock = time.perf_counter
+    diffs = []
+    for i in range(pairs):
+        if i % 2:
+            t0 = clock()
+            bare()
+            t1 = clock()
+            public()
+            t2 = clock()
+            diffs.append((t2 - t1) - (t1 - t0))
+        else:
+            t0 = clock()
+            public()
+            t1 = clock()
+            bare()
+            t2 = clock()
+            diffs.append((t1 - t0) - (t2 - t1))
+    return statistics.median(diffs) * 1e6
+
+
+def measure(calls: int, repeats: int, pairs: int = 20000) -> list[dict]:
     """One row per case: best-of-``repeats`` microseconds per call of the public op and of the bare call."""
     import torch
 
@@ -116,15 +144,16 @@ def measure(calls: int, repeats: int) -> list[dict]:
         for _ in range(repeats):
             best_public = min(best_public, _us_per_call(public, calls))
             best_bare = min(best_bare, _us_per_call(bare, calls))
-        rows.append({"op": op, "backend": backend, "public_us": best_public, "bare_us": best_bare, "bare": what})
+        rows.append({"op": op, "backend": backend, "public_us": best_public, "bare_us": best_bare, "bare": what,
+                     "overhead_us": _paired_overhead_us(public, bare, pairs)})
     return rows
 
 
-def _subprocess_rows(tree: Path, calls: int, repeats: int) -> list[dict]:
+def _subprocess_rows(tree: Path, calls: int, repeats: int, pairs: int) -> list[dict]:
     """``measure`` in a fresh process importing ``upernet_fast`` from ``tree`` (this file run as a script)."""
     env = dict(os.environ, PYTHONPATH=str(tree))
     out = subprocess.run(
-        [sys.executable, str(HERE), "--json", "--calls", str(calls), "--repeats", str(repeats)],
+        [sys.executable, str(HERE), "--json", "--calls", str(calls), "--repeats", str(repeats), "--pairs", str(pairs)],
         cwd=tree, env=env, capture_output=True, text=True, check=True,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -139,10 +168,12 @@ def _median_round(runs: list[list[dict]]) -> dict[tuple[str, str], dict]:
     for rows in runs:
         for row in rows:
             by_key.setdefault((row["op"], row["backend"]), []).append(row)
-    return {
-        key: sorted(rows, key=lambda row: row["public_us"] - row["bare_us"])[(len(rows) - 1) // 2]
-        for key, rows in by_key.items()
-    }
+    return {key: sorted(rows, key=_overhead)[(len(rows) - 1) // 2] for key, rows in by_key.items()}
+
+
+def _overhead(row: dict) -> float:
+    """The row's paired overhead; rows stored before it was measured have only the two bests' difference."""
+    return row["overhead_us"] if "overhead_us" in row else row["public_us"] - row["bare_us"]
 
 
 def _git(tree: Path, *args: str) -> str:
@@ -169,11 +200,11 @@ def table(now: dict[tuple[str, str], dict], before: dict[tuple[str, str], dict] 
     lines = [head + " bare call |", rule + "---|"]
     for key, row in now.items():
         line = f"| {key[0]} | {key[1]} | {row['bare_us']:.1f} | {row['public_us']:.1f} | "
-        line += f"{row['public_us'] - row['bare_us']:.1f} |"
+        line += f"{_overhead(row):.1f} |"
         if before is not None:
             old = before.get(key)
             line += " - | - | - |" if old is None else (
-                f" {old['bare_us']:.1f} | {old['public_us']:.1f} | {old['public_us'] - old['bare_us']:.1f} |"
+                f" {old['bare_us']:.1f} | {old['public_us']:.1f} | {_overhead(old):.1f} |"
             )
         lines.append(line + f" {row['bare']} |")
     return lines
@@ -184,22 +215,24 @@ def main(argv: list[str] | None = None) -> None:
     # Many short batches: this shared VM's bursts of noise outlast a long one, and the best batch is the measure.
     parser.add_argument("--calls", type=int, default=200, help="calls per timed repeat (default 200)")
     parser.add_argument("--repeats", type=int, default=60, help="repeats per side, best kept (default 60)")
+    parser.add_argument("--pairs", type=int, default=20000,
+                        help="adjacent (public, bare) call pairs whose median difference is the overhead (default 20000)")
     parser.add_argument("--against", type=Path, help="another checkout to measure side by side (the 'before')")
     parser.add_argument("--rounds", type=int, default=3, help="alternating subprocess rounds with --against")
     parser.add_argument("--write", action="store_true", help=f"store the table in {RESULTS.relative_to(HERE.parents[1])}")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # the rows, for --against
     args = parser.parse_args(argv)
     if args.json:
-        print(json.dumps(measure(args.calls, args.repeats)))
+        print(json.dumps(measure(args.calls, args.repeats, args.pairs)))
         return
     tree = HERE.parents[1]
     if args.against is None:
-        now, before = _median_round([measure(args.calls, args.repeats)]), None
+        now, before = _median_round([measure(args.calls, args.repeats, args.pairs)]), None
     else:
         runs_now, runs_before = [], []
         for _ in range(args.rounds):
-            runs_before.append(_subprocess_rows(args.against.resolve(), args.calls, args.repeats))
-            runs_now.append(_subprocess_rows(tree, args.calls, args.repeats))
+            runs_before.append(_subprocess_rows(args.against.resolve(), args.calls, args.repeats, args.pairs))
+            runs_now.append(_subprocess_rows(tree, args.calls, args.repeats, args.pairs))
         now, before = _median_round(runs_now), _median_round(runs_before)
     import torch
 
@@ -208,8 +241,8 @@ def main(argv: list[str] | None = None) -> None:
         f"# python -m benchmarks.dispatch_overhead{' '.join([''] + (argv if argv is not None else sys.argv[1:]))}, "
         f"{stamp}, {_commit(tree)}" + (f", before = {_commit(args.against)}" if args.against else ""),
         f"# torch {torch.__version__}, 1 thread, {os.cpu_count()} CPUs ({platform.machine()}), tiny fp32 CPU inputs, "
-        f"best of {args.repeats} x {args.calls} calls per side" + (f", median of {args.rounds} alternating rounds"
-                                                                   if args.against else "")
+        f"best of {args.repeats} x {args.calls} calls per side; overhead: median of {args.pairs} paired differences"
+        + (f", median of {args.rounds} alternating rounds" if args.against else "")
         + f", load average {tuple(round(v, 2) for v in os.getloadavg())}",
     ]
     text = "\n".join(header + [""] + table(now, before)) + "\n"
