@@ -115,20 +115,14 @@ def _paired_overhead_us(public, bare, pairs: int) -> float:
     clock = time.perf_counter
     diffs = []
     for i in range(pairs):
-        if i % 2:
-            t0 = clock()
-            bare()
-            t1 = clock()
-            public()
-            t2 = clock()
-            diffs.append((t2 - t1) - (t1 - t0))
-        else:
-            t0 = clock()
-            public()
-            t1 = clock()
-            bare()
-            t2 = clock()
-            diffs.append((t1 - t0) - (t2 - t1))
+        public_first = i % 2 == 0
+        first, second = (public, bare) if public_first else (bare, public)
+        t0 = clock()
+        first()
+        t1 = clock()
+        second()
+        t2 = clock()
+        diffs.append((t1 - t0) - (t2 - t1) if public_first else (t2 - t1) - (t1 - t0))
     return statistics.median(diffs) * 1e6
 
 
