@@ -404,13 +404,21 @@ def test_bn_relu_backward_fused_is_reduce_then_input_bitwise(ops, shape, dtype):
             ops.bn_relu_backward_fused(grad, cl, mean, invstd, weight, bias)
 
 
-@pytest.mark.parametrize("shape", [(2, 37, 3, 5), (1, 512, 6, 6), (3, 20, 1, 2), (1, 9, 8, 8)])
+# (shape, whether the forward's statistics take the small-map path, whether the backward's sums do): the rules of
+# csrc/cpu/reduce.h small_nchw_stats (rows of at most 64 pixels, at most 256 pixels per channel over the batch) and
+# small_nchw_grads (at most 64 pixels per channel over the batch).
+SMALL_MAPS = [((2, 37, 3, 5), True, True), ((1, 512, 6, 6), True, True), ((3, 20, 1, 2), True, True),
+              ((1, 9, 8, 8), True, True), ((4, 20, 6, 6), True, False), ((2, 9, 7, 7), True, False)]
+
+
+@pytest.mark.parametrize("shape,small_stats,small_grads", SMALL_MAPS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16))
-def test_bn_relu_small_nchw_map_gives_the_channels_last_bits(ops, shape, dtype):
-    """Small NCHW maps (at most 64 pixels per channel, csrc/cpu/reduce.h small_nchw) are summed one channel per
-    vector lane, in pixel order, exactly as channels_last maps are: statistics, backward sums and every output
-    have the channels_last map's bits. Also the proof that this path ran: the large-map NCHW path sums along pixels
-    in vector lanes and then across them, another order, whose bits differ from these on random data."""
+def test_bn_relu_small_nchw_map_gives_the_channels_last_bits(ops, shape, small_stats, small_grads, dtype):
+    """Small NCHW maps (csrc/cpu/reduce.h small_nchw_stats, small_nchw_grads) are summed one channel per vector
+    lane, in pixel order, exactly as channels_last maps are: their statistics and the one-call op's outputs (forward),
+    or their backward sums and gradients (backward), have the channels_last map's bits. Also the proof that these
+    paths ran: the large-map NCHW path sums along pixels in vector lanes and then across them, another order, whose
+    bits differ from these on random data (checked by turning each path off: every case of that path then fails)."""
     n, c, h, w = shape
     x = (_randn(shape, seed=1) * 3 + 1).to(dtype)
     grad = _randn(shape, seed=4).to(dtype)
@@ -418,21 +426,23 @@ def test_bn_relu_small_nchw_map_gives_the_channels_last_bits(ops, shape, dtype):
     cl, grad_cl = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad))
     assert not cl.is_contiguous()  # (a 1x1 map would be both layouts at once: the shapes have 2 pixels or more)
     mean, var = ops.bn_relu_channel_stats(x)
-    _assert_same_bits([mean, var], list(ops.bn_relu_channel_stats(cl)))
     invstd = torch.rsqrt(var + 1e-5)
-    sums = ops.bn_relu_backward_reduce(grad, x, mean, invstd, weight, bias)
-    _assert_same_bits(list(sums), list(ops.bn_relu_backward_reduce(grad_cl, cl, mean, invstd, weight, bias)))
-    dx = ops.bn_relu_backward_input(grad_cl, cl, mean, invstd, weight, bias, *sums, float(n * h * w))
-    fused = ops.bn_relu_backward_fused(grad, x, mean, invstd, weight, bias)
-    _assert_same_bits([fused[0].contiguous(), *fused[1:]], [dx.contiguous(), *sums])
-    buffers = [torch.zeros(c, dtype=mean.dtype), torch.ones(c, dtype=mean.dtype)]
-    step = ops.bn_relu_train_step(x, weight.to(mean.dtype), bias.to(mean.dtype), *buffers,
-                                  torch.zeros((), dtype=torch.long), 0.1, 1e-5)
-    buffers_cl = [torch.zeros(c, dtype=mean.dtype), torch.ones(c, dtype=mean.dtype)]
-    step_cl = ops.bn_relu_train_step(cl, weight.to(mean.dtype), bias.to(mean.dtype), *buffers_cl,
-                                     torch.zeros((), dtype=torch.long), 0.1, 1e-5)
-    _assert_same_bits([step[0].contiguous(), *step[1:], *buffers], [step_cl[0].contiguous(), *step_cl[1:], *buffers_cl])
-    _deterministic(lambda: ops.bn_relu_channel_stats(x))
+    if small_stats:
+        _assert_same_bits([mean, var], list(ops.bn_relu_channel_stats(cl)))
+        steps = []
+        for t in (x, cl):
+            buffers = [torch.zeros(c, dtype=mean.dtype), torch.ones(c, dtype=mean.dtype)]
+            step = ops.bn_relu_train_step(t, weight.to(mean.dtype), bias.to(mean.dtype), *buffers,
+                                          torch.zeros((), dtype=torch.long), 0.1, 1e-5)
+            steps.append([step[0].contiguous(), *step[1:], *buffers])
+        _assert_same_bits(*steps)
+        _deterministic(lambda: ops.bn_relu_channel_stats(x))
+    if small_grads:
+        sums = ops.bn_relu_backward_reduce(grad, x, mean, invstd, weight, bias)
+        _assert_same_bits(list(sums), list(ops.bn_relu_backward_reduce(grad_cl, cl, mean, invstd, weight, bias)))
+        dx = ops.bn_relu_backward_input(grad_cl, cl, mean, invstd, weight, bias, *sums, float(n * h * w))
+        fused = ops.bn_relu_backward_fused(grad, x, mean, invstd, weight, bias)
+        _assert_same_bits([fused[0].contiguous(), *fused[1:]], [dx.contiguous(), *sums])
 
 
 def test_bn_relu_training_backward_takes_the_fused_kernel_for_nchw_only(ops, monkeypatch):

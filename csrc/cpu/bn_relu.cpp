@@ -192,7 +192,7 @@ void grad_rows(const DenseMap& m, const scalar_t* xp, const scalar_t* gp, scalar
   }
 }
 
-// ---- small NCHW maps (reduce.h small_nchw): a block of channels in vector lanes -------------------------------
+// ---- small NCHW maps (reduce.h small_nchw_stats, small_nchw_grads): a block of channels in vector lanes ---------
 // Each function is the channels_last kernels' arithmetic lane-wise, written out again as vector expressions (the
 // same operations in the same order: the same bits as the channels_last map's).
 
@@ -283,7 +283,7 @@ std::tuple<Tensor, Tensor> channel_stats(const Tensor& x_in) {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     opmath_t* mean_p = mean.data_ptr<opmath_t>();
     opmath_t* var_p = var.data_ptr<opmath_t>();
-    if (small_nchw(m)) {
+    if (small_nchw_stats(m)) {
       for_each_block<opmath_t>(m, m.P() * Vec<opmath_t>::size(), [&](int64_t c0, int64_t lanes, opmath_t* X) {
         load_block(m, xp, c0, lanes, X);
         const auto [mu, v] = block_moments(X, m.P());
@@ -428,7 +428,7 @@ std::tuple<Tensor, Tensor, Tensor> train_step(const Tensor& x_in, const Tensor& 
     const auto w = per_channel<opmath_t>(weight), b = per_channel<opmath_t>(bias);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    if (small_nchw(m)) {  // channel_stats' arithmetic on a transposed block, then apply's by rows
+    if (small_nchw_stats(m)) {  // channel_stats' arithmetic on a transposed block, then apply's by rows
       constexpr int64_t L = Vec<opmath_t>::size();
       for_each_block<opmath_t>(m, m.P() * L + 2 * m.HW, [&](int64_t c0, int64_t lanes, opmath_t* X) {
         load_block(m, xp, c0, lanes, X);
@@ -485,7 +485,7 @@ std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_in, const Tensor& 
     using opmath_t = at::opmath_type<scalar_t>;
     const auto mu = per_channel<opmath_t>(mean), is = per_channel<opmath_t>(invstd);
     const auto w = per_channel<opmath_t>(weight), b = per_channel<opmath_t>(bias);
-    if (small_nchw(m)) {
+    if (small_nchw_grads(m)) {
       small_backward<scalar_t, opmath_t>(m, x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), mu, is,
                                          w, b, sum_g.data_ptr<opmath_t>(), sum_gxhat.data_ptr<opmath_t>(), nullptr);
       return;
@@ -567,7 +567,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_fused(const Tensor& grad_in, const T
     scalar_t* dp = dx.data_ptr<scalar_t>();
     opmath_t* sg = sum_g.data_ptr<opmath_t>();
     opmath_t* sgx = sum_gxhat.data_ptr<opmath_t>();
-    if (small_nchw(m)) {
+    if (small_nchw_grads(m)) {
       small_backward<scalar_t, opmath_t>(m, xp, gp, mu, is, w, b, sg, sgx, dp);
       return;
     }

@@ -187,20 +187,31 @@ void for_each_chunk(const DenseMap& m, Task task) {
 
 // ---- small NCHW maps: blocks of channels transposed, summed as channels_last maps are ------------------------
 //
-// An NCHW map with at most kSmallPixels pixels per channel (N * H * W: the pyramid pooling module's 1x1 to 6x6
-// maps) has rows too short for vectors along pixels: most of a channel's time went to partial vectors, lane sums
-// and per-channel chains of dependent steps. There, the per-channel sums take each block of Vec::size() channels
-// transposed (load_block) into a scratch of pixels x channels, one channel per lane, summed exactly as the
-// channels_last kernels sum (in pixel order from 0, one chunk since kSmallPixels <= kChunkPixels): a small NCHW
-// map gives the statistics and sums of the same map in channels_last, bit for bit. Elementwise outputs are written
-// by rows as on large maps (no reduction there: the same bits either way). Which path a map takes depends on its
-// shape only, never on the number of threads. Why 64: at 256 pixels (a 16x16 map at batch 1) the gathers cost more
-// than they saved, measured side by side (the backward's two gathered inputs most of all).
-constexpr int64_t kSmallPixels = 64;
-static_assert(kSmallPixels <= kChunkPixels, "a small map's sums are one chunk's");
+// An NCHW map whose rows are short (the pyramid pooling module's 1x1 to 6x6 maps) leaves vectors along pixels
+// mostly empty: most of a channel's time went to partial vectors, lane sums and per-channel chains of dependent
+// steps. There, the per-channel sums take each block of Vec::size() channels transposed (load_block: one vector
+// gather per pixel) into a scratch of pixels x channels, one channel per lane, summed exactly as the channels_last
+// kernels sum (in pixel order from 0, one chunk since every bound below is at most kChunkPixels): such a map gives
+// the statistics and sums of the same map in channels_last, bit for bit. Elementwise outputs are written by rows as
+// on large maps (no reduction there: the same bits either way). Which path a map takes depends on its shape only,
+// never on the number of threads.
+// The bounds, measured side by side against the large-map path (2 threads, 512 channels): the forward's statistics
+// gain up to 2x on 6x6 rows at batch 1, 2 and 4 (36 to 144 pixels per channel) and lose on 12x12 and 16x16 rows
+// (0.9x-1.0x); the backward, which gathers two inputs, gains at 36 pixels (1.2x-1.5x) and is on par or slower from
+// 72 (0.7x at 144). The forward (statistics) and the backward (sums) each take one rule everywhere, so that the
+// one-call op and the composite, and the fused backward and the two-op one, keep the same bits.
+constexpr int64_t kSmallRow = 64;          // forward: rows of at most this many pixels ...
+constexpr int64_t kSmallStatsPixels = 256;  // ... and at most this many pixels per channel over the batch
+constexpr int64_t kSmallGradPixels = 64;    // backward: at most this many pixels per channel over the batch
+static_assert(kSmallStatsPixels <= kChunkPixels && kSmallGradPixels <= kChunkPixels,
+              "a small map's sums are one chunk's");
 
-inline bool small_nchw(const DenseMap& m) {
-  return !m.cl && m.P() <= kSmallPixels;
+inline bool small_nchw_stats(const DenseMap& m) {
+  return !m.cl && m.HW <= kSmallRow && m.P() <= kSmallStatsPixels;
+}
+
+inline bool small_nchw_grads(const DenseMap& m) {
+  return !m.cl && m.P() <= kSmallGradPixels;
 }
 
 // The rows of channels [c0, c0 + lanes) (HW values per image) as the columns of dst: value (p, j) of the block,
