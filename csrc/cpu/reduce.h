@@ -161,7 +161,8 @@ void chunk_sums(const DenseMap& m, const scalar_t* x, const scalar_t* g, const s
 constexpr int64_t kBlockValues = 4096;
 
 inline int64_t block_channels(const DenseMap& m) {
-  return m.cl ? m.C : std::max<int64_t>(1, std::min<int64_t>(16, kBlockValues / std::max<int64_t>(m.P(), 1)));
+  if (m.cl) return std::max<int64_t>(m.C, 1);  // (never 0: it divides the channel count)
+  return std::max<int64_t>(1, std::min<int64_t>(16, kBlockValues / std::max<int64_t>(m.P(), 1)));
 }
 
 inline int64_t channel_blocks(const DenseMap& m) {
