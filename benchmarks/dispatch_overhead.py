@@ -19,9 +19,18 @@ call (the order alternating pair by pair), of the difference of the two calls' t
 the machine, so a difference of a few microseconds is measured even under a bare call of 80 us whose own
 run-to-run noise is larger (``conv_bn_relu``'s eval block; two separate bests read 12-24 us there).
 
+``--callgrind`` counts instructions instead of timing (valgrind's callgrind, collection switched on only around
+the measured calls through ``torch._C._valgrind_toggle``): the public op's and the bare call's instructions per
+call, and their difference. The count does not depend on the machine's load, so a change of a few hundred
+instructions shows where timings on this VM move by microseconds from one process to the next; it does not see
+cache misses (``conv_bn_relu``'s selection runs amid a convolution that evicts it, so it costs more time per
+instruction than the others). Under valgrind the CPU has no AVX-512, so the extension is built once more for it
+(cached like any build). With ``--against`` both trees run at once, one process each.
+
 ``--against DIR`` measures another checkout (say an older commit exported with ``git worktree add``) side by
 side: both trees run in fresh subprocesses, alternating, ``--rounds`` times each, and the round with the
-median overhead is kept per row. ``--write`` stores the table in ``benchmarks/results/dispatch_cpu.txt``. Runs as a module from
+median overhead is kept per row. ``--write`` stores the table in ``benchmarks/results/dispatch_cpu.txt`` (with
+``--callgrind``, in ``dispatch_cpu_callgrind.txt``). Runs as a module from
 the repository root, or as a file (how ``--against`` runs it on the other tree: it imports no ``benchmarks``
 module, only ``upernet_fast``).
 """
@@ -42,6 +51,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 RESULTS = HERE.parent / "results" / "dispatch_cpu.txt"
+CALLGRIND_RESULTS = HERE.parent / "results" / "dispatch_cpu_callgrind.txt"
 
 
 def _cases() -> list[tuple[str, str, object, object, str]]:
@@ -143,6 +153,81 @@ def measure(calls: int, repeats: int, pairs: int = 20000) -> list[dict]:
     return rows
 
 
+def measure_instructions(calls: int) -> list[dict]:
+    """Run under callgrind with collection off: counts each side's ``calls`` calls, one dump per side, in order.
+    Returns the rows without counts (the parent reads them from the dumps)."""
+    import torch
+
+    torch.set_num_threads(1)
+    rows = []
+    for op, backend, public, bare, what in _cases():
+        for fn in (public, bare):
+            for _ in range(20):  # warm-up: first-call selection, lazy imports, caches
+                fn()
+            torch._C._valgrind_toggle()
+            for _ in itertools.repeat(None, calls):
+                fn()
+            torch._C._valgrind_toggle_and_dump_stats()
+        rows.append({"op": op, "backend": backend, "bare": what})
+    return rows
+
+
+def _callgrind_rows(tree: Path, calls: int) -> subprocess.Popen:
+    """Starts ``measure_instructions`` on ``tree`` under valgrind; :func:`_callgrind_result` collects it."""
+    import tempfile
+
+    out_dir = Path(tempfile.mkdtemp(prefix="dispatch_callgrind_"))
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    command = ["valgrind", "--tool=callgrind", "--collect-atstart=no", f"--callgrind-out-file={out_dir}/cg.%p",
+               sys.executable, str(HERE), "--json-callgrind", "--calls", str(calls)]
+    process = subprocess.Popen(command, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.out_dir, process.calls = out_dir, calls
+    return process
+
+
+def _callgrind_result(process: subprocess.Popen) -> list[dict]:
+    import shutil
+
+    stdout, stderr = process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"valgrind run failed ({process.returncode}):\n{stderr[-3000:]}")
+    rows = json.loads(stdout.strip().splitlines()[-1])
+    dumps = sorted(process.out_dir.glob("cg.*.*"), key=lambda path: int(path.name.rsplit(".", 1)[1]))
+    counts = []
+    for path in dumps:
+        for line in path.read_text().splitlines():
+            if line.startswith(("summary:", "totals:")):
+                counts.append(int(line.split()[1]))
+                break
+    shutil.rmtree(process.out_dir, ignore_errors=True)
+    if len(counts) != 2 * len(rows):
+        raise RuntimeError(f"expected {2 * len(rows)} callgrind dumps, found {len(counts)}")
+    for k, row in enumerate(rows):
+        row["public_instructions"] = counts[2 * k] / process.calls
+        row["bare_instructions"] = counts[2 * k + 1] / process.calls
+    return rows
+
+
+def instruction_table(now: list[dict], before: list[dict] | None) -> list[str]:
+    head, rule = "| op | backend | bare instructions/call | public | overhead |", "|---|---|---|---|---|"
+    if before is not None:
+        head += " before: bare | before: public | before: overhead |"
+        rule += "---|---|---|"
+    old = {(row["op"], row["backend"]): row for row in before or ()}
+    lines = [head + " bare call |", rule + "---|"]
+    for row in now:
+        line = "| {op} | {backend} | {bare_instructions:.0f} | {public_instructions:.0f} | ".format(**row)
+        line += f"{row['public_instructions'] - row['bare_instructions']:.0f} |"
+        if before is not None:
+            prior = old.get((row["op"], row["backend"]))
+            line += " - | - | - |" if prior is None else (
+                f" {prior['bare_instructions']:.0f} | {prior['public_instructions']:.0f} | "
+                f"{prior['public_instructions'] - prior['bare_instructions']:.0f} |"
+            )
+        lines.append(line + f" {row['bare']} |")
+    return lines
+
+
 def _subprocess_rows(tree: Path, calls: int, repeats: int, pairs: int) -> list[dict]:
     """``measure`` in a fresh process importing ``upernet_fast`` from ``tree`` (this file run as a script)."""
     env = dict(os.environ, PYTHONPATH=str(tree))
@@ -214,12 +299,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--against", type=Path, help="another checkout to measure side by side (the 'before')")
     parser.add_argument("--rounds", type=int, default=3, help="alternating subprocess rounds with --against")
     parser.add_argument("--write", action="store_true", help=f"store the table in {RESULTS.relative_to(HERE.parents[1])}")
+    parser.add_argument("--callgrind", action="store_true",
+                        help="count instructions per call under valgrind's callgrind instead of timing")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # the rows, for --against
+    parser.add_argument("--json-callgrind", action="store_true", help=argparse.SUPPRESS)  # run under valgrind
     args = parser.parse_args(argv)
     if args.json:
         print(json.dumps(measure(args.calls, args.repeats, args.pairs)))
         return
+    if args.json_callgrind:
+        print(json.dumps(measure_instructions(args.calls)))
+        return
     tree = HERE.parents[1]
+    if args.callgrind:
+        _main_callgrind(args, argv, tree)
+        return
     if args.against is None:
         now, before = _median_round([measure(args.calls, args.repeats, args.pairs)]), None
     else:
@@ -244,6 +338,27 @@ def main(argv: list[str] | None = None) -> None:
     if args.write:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(text)
+
+
+def _main_callgrind(args, argv, tree: Path) -> None:
+    import torch
+
+    runs = [_callgrind_rows(tree, args.calls)]
+    if args.against is not None:
+        runs.append(_callgrind_rows(args.against.resolve(), args.calls))
+    now = _callgrind_result(runs[0])
+    before = _callgrind_result(runs[1]) if args.against is not None else None
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+    header = [
+        f"# python -m benchmarks.dispatch_overhead{' '.join([''] + (argv if argv is not None else sys.argv[1:]))}, "
+        f"{stamp}, {_commit(tree)}" + (f", before = {_commit(args.against)}" if args.against else ""),
+        f"# torch {torch.__version__}, 1 thread, tiny fp32 CPU inputs, valgrind callgrind: instructions per call over "
+        f"{args.calls} calls per side (after 20 warm-up calls)",
+    ]
+    text = "\n".join(header + [""] + instruction_table(now, before)) + "\n"
+    print(text, end="")
+    if args.write:
+        CALLGRIND_RESULTS.write_text(text)
 
 
 if __name__ == "__main__":

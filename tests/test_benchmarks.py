@@ -375,3 +375,33 @@ def test_cuda_quick_ops_run(tmp_path):
     assert eager and all(r["p50_ms"] and r["peak_mb"] and "do_bench" in r["note"] for r in eager)
     triton = [r for r in rows if r["provider"] == "triton"]
     assert triton and all(r["p50_ms"] and r["gbps"] for r in triton), triton
+
+
+def test_dispatch_overhead_measures_every_op_and_reads_callgrind_dumps(tmp_path):
+    """The dispatch benchmark: a row per op and backend with finite times (no timing asserted), and its callgrind
+    mode's reading of the dumps (valgrind itself takes minutes: here the dumps are written by hand, in the order
+    the measured process makes them, public then bare per row)."""
+    import json
+    import math
+    from types import SimpleNamespace
+
+    from benchmarks import dispatch_overhead
+
+    rows = dispatch_overhead.measure(calls=2, repeats=1, pairs=4)
+    ops = ("adaptive_avg_pool_multi", "upsample_add", "upsample_concat", "upsample_cross_entropy", "bn_relu",
+           "conv_bn_relu")
+    assert {row["op"] for row in rows if row["backend"] == "eager"} == set(ops)
+    assert all(math.isfinite(row[key]) for row in rows for key in ("public_us", "bare_us", "overhead_us"))
+
+    listed = [{"op": "upsample_add", "backend": "auto->cpp", "bare": "bare add"},
+              {"op": "bn_relu", "backend": "auto->cpp", "bare": "bare bn"}]
+    for dump, count in enumerate((5000, 3000, 9000, 8000), start=1):
+        (tmp_path / f"cg.42.{dump}").write_text(f"events: Ir\nsummary: {count}\n")
+    (tmp_path / "cg.42").write_text("events: Ir\nsummary: 1\n")  # the dump at exit: not a measurement
+    process = SimpleNamespace(
+        communicate=lambda: ("noise\n" + json.dumps(listed) + "\n", ""), returncode=0, out_dir=tmp_path, calls=10
+    )
+    measured = dispatch_overhead._callgrind_result(process)
+    assert [(row["public_instructions"], row["bare_instructions"]) for row in measured] == [(500, 300), (900, 800)]
+    table = dispatch_overhead.instruction_table(measured, measured)
+    assert table[2].startswith("| upsample_add | auto->cpp | 300 | 500 | 200 | 300 | 500 | 200 | bare add |")

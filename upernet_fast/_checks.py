@@ -26,14 +26,17 @@ def tensors_in(values) -> list[torch.Tensor]:
 def module_tensor(module: torch.nn.Module, name: str) -> torch.Tensor | None:
     """``getattr(module, name, None)`` for a parameter or buffer, read from the module's own dicts first: the
     selection reads BatchNorm's and the conv's tensors on every op call, and ``nn.Module.__getattr__`` (reached
-    only after the normal lookup fails) costs about 0.9 us a read on this project's CPU, against 0.1 us."""
-    parameters = module.__dict__.get("_parameters")
-    if parameters is not None and name in parameters:
-        return parameters[name]
-    buffers = module.__dict__.get("_buffers")
-    if buffers is not None and name in buffers:
-        return buffers[name]
-    return getattr(module, name, None)
+    only after the normal lookup fails) costs about 0.9 us a read on this project's CPU, against 0.15 us."""
+    try:
+        value = module._parameters.get(name, _MISSING)
+        if value is _MISSING:
+            value = module._buffers.get(name, _MISSING)
+    except AttributeError:  # not an nn.Module
+        return getattr(module, name, None)
+    return getattr(module, name, None) if value is _MISSING else value
+
+
+_MISSING = object()
 
 
 def overridden_forward(module: torch.nn.Module, base: type, *methods: str) -> str | None:
@@ -95,13 +98,13 @@ def promote_for_kernels(impl_backend: str, tensors):
     do. The eager reference gets the tensors as they are (PyTorch promotes inside, bitwise as transformers);
     kernel backends take one dtype, so they get every tensor cast to the promoted one."""
     if impl_backend == "eager":
-        return tuple(tensors)
+        return tensors if type(tensors) is tuple else tuple(tensors)
     first = tensors[0].dtype
     for t in tensors:
-        if t.dtype != first:
+        if t.dtype is not first:  # dtypes are singletons
             break
     else:  # one dtype: nothing to cast (the common case, tested without building a set)
-        return tuple(tensors)
+        return tensors if type(tensors) is tuple else tuple(tensors)
     dtypes = {t.dtype for t in tensors}
     dtype = functools.reduce(torch.promote_types, dtypes)
     return tuple(t.to(dtype) for t in tensors)

@@ -301,8 +301,18 @@ def get_backend() -> str:
     """The process-wide choice in force: the :func:`set_backend` value, else the env var, else ``"auto"``."""
     if _override is not None:
         return _override
+    environ = os.environ
+    if environ is _ENVIRON and _ENV_KEY not in _ENVIRON_DATA:  # unset, the usual case: one dict lookup
+        return AUTO
     env = _getenv(ENV_VAR).strip()
     return _check_name(env, f"environment variable {ENV_VAR}") if env else AUTO
+
+
+# os.environ as imported, the dict behind it and ENV_VAR's key there (see _getenv); read on every op call.
+# Where os.environ is not CPython's _Environ, _ENVIRON is None: the fast path never applies.
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_ENVIRON = os.environ if _ENVIRON_DATA is not None else None
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if _ENVIRON is not None else None
 
 
 def _device_kind(t: torch.Tensor) -> str:
@@ -334,15 +344,18 @@ def _placement(op: str, args, kwargs) -> tuple[str, tuple[torch.dtype, ...]]:
     if not tensors:
         return _device_type(args, kwargs), ()
     # The device of the first judged tensor: the first tensor argument, as every op's picker lists it first.
-    device = _device_kind(tensors[0])
-    dtype = tensors[0].dtype
+    first = tensors[0]
+    device = _device_kind(first)
+    dtype = first.dtype
     for t in tensors:
         if t.dtype != dtype:
             break
     else:  # one dtype, the common case
-        floating = _FLOATING.get(dtype)
-        return device, ((dtype,) if (floating if floating is not None else _floating(dtype)) else ())
-    dtypes: tuple[torch.dtype, ...] = ()
+        dtypes = _ONE_DTYPE.get(dtype)
+        if dtypes is None:
+            dtypes = _ONE_DTYPE[dtype] = (dtype,) if _floating(dtype) else ()
+        return device, dtypes
+    dtypes = ()
     for t in tensors:
         dtype = t.dtype
         if _floating(dtype) and dtype not in dtypes:
@@ -352,6 +365,8 @@ def _placement(op: str, args, kwargs) -> tuple[str, tuple[torch.dtype, ...]]:
     return device, dtypes
 
 
+# dtype -> the floating dtypes of a call whose judged tensors all have it: (dtype,), or () for an integer dtype.
+_ONE_DTYPE: dict[torch.dtype, tuple[torch.dtype, ...]] = {}
 _FLOATING: dict[torch.dtype, bool] = {}
 
 
@@ -393,19 +408,23 @@ def _candidates(key: tuple, impls: dict[str, Implementation]):
 
 def select(op: str, backend: str, *args, **kwargs) -> Implementation:
     """The implementation of ``op`` that runs for these inputs (see the module docstring for the rules)."""
-    requested = get_backend() if backend == AUTO else backend
-    fixed = _fixed_choice.get((op, requested), _UNDECIDED)
-    if fixed is not None and fixed is not _UNDECIDED:
-        return fixed
-    if fixed is _UNDECIDED and requested != AUTO:  # once per (op, name): is the name valid, is the choice fixed?
-        _check_name(backend, "backend")
-        impls = _implementations(op)
-        if requested not in impls:
-            raise RuntimeError(
-                f"backend={requested!r} was asked for, but {op} has no {requested} implementation "
-                f"(it has: {sorted(impls)})"
-            )
-        fixed = _fixed_choice[(op, requested)] = impls[requested] if _unconditional(impls[requested]) else None
+    if backend != AUTO:
+        requested = backend
+    elif _override is None and os.environ is _ENVIRON and _ENV_KEY not in _ENVIRON_DATA:
+        requested = AUTO  # get_backend()'s usual answer, without its call (this runs on every op call)
+    else:
+        requested = get_backend()
+    if requested != AUTO:  # "auto" is never fixed: its answer depends on the inputs' device and dtypes
+        fixed = _fixed_choice.get((op, requested), _UNDECIDED)
+        if fixed is _UNDECIDED:  # once per (op, name): is the name valid, is the choice fixed?
+            _check_name(backend, "backend")
+            impls = _implementations(op)
+            if requested not in impls:
+                raise RuntimeError(
+                    f"backend={requested!r} was asked for, but {op} has no {requested} implementation "
+                    f"(it has: {sorted(impls)})"
+                )
+            fixed = _fixed_choice[(op, requested)] = impls[requested] if _unconditional(impls[requested]) else None
         if fixed is not None:
             return fixed
     device, dtypes = _placement(op, args, kwargs)

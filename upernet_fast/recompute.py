@@ -97,7 +97,7 @@ def remember(made: torch.Tensor, build: Callable[..., torch.Tensor], inputs: Seq
     """
     # is_compiling stays first (under torch.compile nothing else is looked at). ``made`` need not require grad
     # to be saved: with a frozen backbone, a convolution still saves its input for its weight's gradient.
-    if torch.compiler.is_compiling() or not _active():
+    if torch.compiler.is_compiling() or not _state.depth or _state.disabled:  # _active(), inlined: every op call
         return
     _recipes[made] = Recipe(made, build, inputs)
 
@@ -110,7 +110,9 @@ def remember_from_recipes(
     For ops whose backward saves none of their inputs (``upsample_add``, a layout copy): a recipe holding such
     an input as a tensor would keep alive what autograd had let go, costing memory instead of saving it.
     """
-    if torch.compiler.is_compiling() or not _active() or not all(_recipe_of(t) for t in inputs):
+    if torch.compiler.is_compiling() or not _state.depth or _state.disabled:  # _active(), inlined: every op call
+        return
+    if not all(_recipe_of(t) for t in inputs):
         return
     _recipes[made] = Recipe(made, build, inputs)
 

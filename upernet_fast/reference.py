@@ -87,8 +87,12 @@ def uses_batch_stats(batch_norm: torch.nn.Module) -> bool:
     """Whether BN normalises with the batch's statistics (as ``_BatchNorm.forward`` decides)."""
     if batch_norm.training:
         return True
-    # The buffers read from the module's dicts: this runs on every op call, where Module.__getattr__ is slow.
-    return module_tensor(batch_norm, "running_mean") is None and module_tensor(batch_norm, "running_var") is None
+    # The buffers read from the module's dict: this runs on every op call, where Module.__getattr__ is slow.
+    try:
+        buffers = batch_norm._buffers
+        return buffers["running_mean"] is None and buffers["running_var"] is None
+    except (AttributeError, KeyError):  # not a stock BatchNorm module
+        return module_tensor(batch_norm, "running_mean") is None and module_tensor(batch_norm, "running_var") is None
 
 
 def sync_group(batch_norm: torch.nn.Module):

@@ -113,8 +113,13 @@ class KernelOp:
         _EXTENSION_OPS.setdefault(namespace, []).append(self)
         forward = f"{namespace}::{self.name}"
 
+        op = None
+
         def call(*args):
-            return _resolved(forward)(*args)
+            nonlocal op
+            if op is None:  # the first call comes after the extension was loaded (see above)
+                op = _resolved(forward).default  # the overload itself: no per-call overload resolution
+            return op(*args)
 
         return call
 

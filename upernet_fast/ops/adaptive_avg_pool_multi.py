@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import torch
@@ -80,11 +79,9 @@ def _triton_backward(grads: list[torch.Tensor], input_shape: list[int], channels
     return pool_backward(grads, input_shape, [g.shape[-1] for g in grads], channels_last)
 
 
-def _run(kernel_op, x: torch.Tensor, scales: Sequence[int]) -> tuple[torch.Tensor, ...]:
-    return tuple(kernel_op(x, list(scales)))
-
-
 # The tensors whose device and dtype select the backend (given here, every backend's: no scan of the arguments).
 _backend.register(OP, "eager", reference.adaptive_avg_pool_multi, tensors=lambda x, scales: (x,))
-_backend.register(OP, "triton", functools.partial(_run, KERNEL_OP.define("upernet_fast", _triton_forward, _triton_backward)))
-_backend.register(OP, "cpp", functools.partial(_run, KERNEL_OP.in_extension(_backend.CPP_NAMESPACE)))
+# The kernel ops themselves: they return a list, which the entry point makes a tuple; scales is the entry point's
+# tuple, which their int[] argument takes.
+_backend.register(OP, "triton", KERNEL_OP.define("upernet_fast", _triton_forward, _triton_backward))
+_backend.register(OP, "cpp", KERNEL_OP.in_extension(_backend.CPP_NAMESPACE))

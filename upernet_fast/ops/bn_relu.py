@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from upernet_fast import backend as _backend
 from upernet_fast import recompute, reference
@@ -43,7 +44,7 @@ def bn_relu(y: torch.Tensor, batch_norm: nn.Module, *, backend: str = "auto") ->
     eval, folding BN into the convolution (:func:`conv_bn_relu`) removes the pass altogether.
     """
     check_tensor("y", y, ndim=4, floating=True)
-    if not isinstance(batch_norm, nn.modules.batchnorm._BatchNorm):
+    if not isinstance(batch_norm, _BatchNorm):
         raise TypeError(f"batch_norm must be a torch.nn BatchNorm module, got {type(batch_norm).__name__}")
     if y.shape[1] != batch_norm.num_features:
         raise ValueError(
@@ -360,9 +361,12 @@ def batch_stats_path(train_op, y: torch.Tensor, batch_norm: nn.Module) -> torch.
     return out
 
 
+_STOCK_BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
 def batch_norm_why_not(y: torch.Tensor, batch_norm: nn.Module) -> str | None:
     """Why the kernels' BN+ReLU cannot normalise ``y`` with ``batch_norm`` (module type, empty input), or None."""
-    if type(batch_norm) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
+    if type(batch_norm) not in _STOCK_BATCH_NORMS:
         # A subclass may override forward; only the stock modules' semantics are reproduced.
         return f"batch_norm must be a torch.nn.BatchNorm2d or SyncBatchNorm, got {type(batch_norm).__name__}"
     if y.numel() == 0:
@@ -380,8 +384,13 @@ def _train_why_not(y: torch.Tensor, batch_norm: nn.Module) -> str | None:
 
 def bn_parameters(y: torch.Tensor, batch_norm: nn.Module) -> list[torch.Tensor]:
     """The tensors whose device and dtype a backend must take: the map and BatchNorm's parameters and buffers."""
-    return [y] + [t for t in (module_tensor(batch_norm, "weight"), module_tensor(batch_norm, "running_var"))
-                  if t is not None]
+    try:  # read from the module's dicts, as module_tensor does, without its call: on every op call
+        weight, running_var = batch_norm._parameters["weight"], batch_norm._buffers["running_var"]
+    except (AttributeError, KeyError):  # not a stock BatchNorm module
+        weight, running_var = module_tensor(batch_norm, "weight"), module_tensor(batch_norm, "running_var")
+    if weight is None or running_var is None:  # affine=False, track_running_stats=False
+        return [t for t in (y, weight, running_var) if t is not None]
+    return [y, weight, running_var]
 
 
 def _cpp_bn_relu(y: torch.Tensor, batch_norm: nn.Module) -> torch.Tensor:

@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from upernet_fast import backend as _backend
 from upernet_fast import recompute, reference
@@ -524,7 +525,7 @@ def _keeps_bn_unfolded(x: torch.Tensor, conv: nn.Conv2d) -> bool:
 def _kernels_why_not(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> str | None:
     if not isinstance(conv, nn.Conv2d):
         return f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}"
-    if isinstance(batch_norm, nn.modules.batchnorm._BatchNorm) and batch_norm.num_features != conv.out_channels:
+    if isinstance(batch_norm, _BatchNorm) and batch_norm.num_features != conv.out_channels:
         return f"batch_norm has {batch_norm.num_features} features but conv has {conv.out_channels} out_channels"
     return batch_norm_why_not(x, batch_norm)
 
@@ -540,10 +541,14 @@ def _cpp_why_not(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> str
 
 
 def _judged_tensors(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> list[torch.Tensor]:
-    conv_weight = module_tensor(conv, "weight") if isinstance(conv, nn.Module) else None
-    weight = [conv_weight] if isinstance(conv_weight, torch.Tensor) else []
-    bn = bn_parameters(x, batch_norm)[1:] if isinstance(batch_norm, nn.Module) else []
-    return [x, *weight, *bn]
+    tensors = bn_parameters(x, batch_norm) if isinstance(batch_norm, nn.Module) else [x]
+    try:  # read from the module's dict, as module_tensor does, without its call: on every op call
+        weight = conv._parameters["weight"]
+    except (AttributeError, KeyError):
+        weight = module_tensor(conv, "weight") if isinstance(conv, nn.Module) else None
+    if isinstance(weight, torch.Tensor):
+        tensors.append(weight)  # x stays first: its device is the call's
+    return tensors
 
 
 _backend.register(OP, "eager", reference.conv_bn_relu)

@@ -26,7 +26,12 @@ def upsample_add(low: torch.Tensor, lateral: torch.Tensor, *, backend: str = "au
     Differentiable in both inputs.
     """
     # The common case in one test; the checks that name what is wrong run only when it fails.
-    if not (is_feature_map(low) and is_feature_map(lateral) and same_device(low, lateral)):
+    # (Both on the CPU is same_device's first test, made here without its call: this runs on every call.)
+    if not (
+        is_feature_map(low)
+        and is_feature_map(lateral)
+        and ((low.is_cpu and lateral.is_cpu) or same_device(low, lateral))
+    ):
         check_feature_map("low", low)
         check_feature_map("lateral", lateral)
         check_same_placement(("lateral", "low"), (lateral, low), dtype=False)
@@ -37,7 +42,8 @@ def upsample_add(low: torch.Tensor, lateral: torch.Tensor, *, backend: str = "au
             f"and lateral {tuple(lateral.shape)}"
         )
     impl = _backend.select(OP, backend, low, lateral)
-    low, lateral = promote_for_kernels(impl.backend, (low, lateral))
+    if low.dtype is not lateral.dtype:  # (dtypes are singletons) mixed dtypes, under autocast
+        low, lateral = promote_for_kernels(impl.backend, (low, lateral))
     out = impl.fn(low, lateral)
     # In the FPN both inputs are rebuilt in the backward anyway (BN+ReLU outputs, earlier sums), and the sum is
     # what fpn_convs' convolutions save: rebuilt from them instead of kept (upernet_fast.recompute).

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import torch
@@ -15,7 +14,6 @@ from upernet_fast._checks import (
     check_size,
     is_feature_map,
     promote_for_kernels,
-    same_device,
 )
 from upernet_fast.kernels._utils import is_channels_last, memory_format
 from upernet_fast.ops._kernel_op import KernelOp
@@ -30,10 +28,11 @@ def upsample_concat(tensors: Sequence[torch.Tensor], size: Sequence[int], *, bac
     returns (B, sum C_i, *size).
     Differentiable in every input.
     """
-    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)) or len(tensors) == 0:
+    if not isinstance(tensors, (list, tuple)) or len(tensors) == 0:  # (a tensor is neither)
         raise TypeError("tensors must be a non-empty list or tuple of 4D tensors")
     tensors = tuple(tensors)
-    if not _plain_maps(tensors):  # the checks that name what is wrong (and their messages) only on failure
+    one_dtype = _plain_maps(tensors)
+    if one_dtype is None:  # the checks that name what is wrong (and their messages) only on failure
         names = [f"tensors[{i}]" for i in range(len(tensors))]
         for name, t in zip(names, tensors):
             check_feature_map(name, t)
@@ -41,25 +40,31 @@ def upsample_concat(tensors: Sequence[torch.Tensor], size: Sequence[int], *, bac
         for name, t in zip(names[1:], tensors[1:]):
             if t.shape[0] != tensors[0].shape[0]:
                 raise ValueError(f"{name} has batch size {t.shape[0]} but tensors[0] has {tensors[0].shape[0]}")
+        one_dtype = False  # (unreachable: a failed check raised above)
     size = check_size("size", size)
     impl = _backend.select(OP, backend, tensors, size)
-    parts = promote_for_kernels(impl.backend, tensors)
+    parts = tensors if one_dtype else promote_for_kernels(impl.backend, tensors)
     out = impl.fn(parts, size)
     # A resize and a copy of its inputs: rebuilt in the backward rather than saved (upernet_fast.recompute).
     recompute.remember(out, lambda *rebuilt: impl.fn(rebuilt, size), parts)
     return out
 
 
-def _plain_maps(tensors: tuple) -> bool:
-    """Whether every check of the entry point passes: feature maps on one device with one batch size."""
+def _plain_maps(tensors: tuple) -> bool | None:
+    """None unless every check of the entry point passes (feature maps on one device with one batch size); then
+    whether they also share one dtype (else they are promoted for the kernels, as under autocast)."""
     first = tensors[0]
     if not is_feature_map(first):
-        return False
-    batch = first.shape[0]
+        return None
+    batch, on_cpu, dtype = first.shape[0], first.is_cpu, first.dtype
+    one_dtype = True
     for t in tensors[1:]:
-        if not (is_feature_map(t) and same_device(t, first) and t.shape[0] == batch):
-            return False
-    return True
+        # same_device(t, first), inlined: this loop runs on every call, over up to five maps in the model
+        if not (is_feature_map(t) and ((on_cpu and t.is_cpu) or t.device == first.device) and t.shape[0] == batch):
+            return None
+        if t.dtype is not dtype:  # (dtypes are singletons)
+            one_dtype = False
+    return one_dtype
 
 
 # ---- kernel backends: one declaration (schemas, fakes, autograd) for the Triton and the C++ kernels --------
@@ -157,11 +162,8 @@ def _triton_backward(
     return upsample_concat_backward(grad, _new_grads(grad, shapes, channels_last), channel_offsets)
 
 
-def _run(kernel_op, tensors: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
-    return kernel_op(list(tensors), list(size))
-
-
 # The tensors whose device and dtype select the backend (given here, every backend's: no scan of the arguments).
 _backend.register(OP, "eager", reference.upsample_concat, tensors=lambda tensors, size: tensors)
-_backend.register(OP, "triton", functools.partial(_run, KERNEL_OP.define("upernet_fast", _triton_forward, _triton_backward)))
-_backend.register(OP, "cpp", functools.partial(_run, KERNEL_OP.in_extension(_backend.CPP_NAMESPACE)))
+# The kernel ops themselves, called with the entry point's tuples (their list arguments take tuples).
+_backend.register(OP, "triton", KERNEL_OP.define("upernet_fast", _triton_forward, _triton_backward))
+_backend.register(OP, "cpp", KERNEL_OP.in_extension(_backend.CPP_NAMESPACE))

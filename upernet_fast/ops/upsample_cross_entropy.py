@@ -82,6 +82,8 @@ def upsample_cross_entropy(
                 f"got {tuple(resized.shape)} on {resized.device}"
             )
     impl = _backend.select(OP, backend, logits, labels, ignore_index, reduction, weight, align_corners)
+    if impl.backend == "cpp":  # checks the labels itself, in its pass over them (see below)
+        return impl.fn(logits, labels, ignore_index, reduction, weight, align_corners)
     compiling = torch.compiler.is_compiling()
     # Labels are checked where they are read, when that is possible: by the C++ kernel in its pass over them, and by
     # PyTorch's own CPU cross-entropy (its error translated below). Elsewhere (Triton, eager on a GPU) by a host
