@@ -324,10 +324,8 @@ def main(argv: list[str] | None = None) -> None:
         now, before = _median_round(runs_now), _median_round(runs_before)
     import torch
 
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
     header = [
-        f"# python -m benchmarks.dispatch_overhead{' '.join([''] + (argv if argv is not None else sys.argv[1:]))}, "
-        f"{stamp}, {_commit(tree)}" + (f", before = {_commit(args.against)}" if args.against else ""),
+        _command_line(argv, tree, args.against),
         f"# torch {torch.__version__}, 1 thread, {os.cpu_count()} CPUs ({platform.machine()}), tiny fp32 CPU inputs, "
         f"best of {args.repeats} x {args.calls} calls per side; overhead: median of {args.pairs} paired differences"
         + (f", median of {args.rounds} alternating rounds" if args.against else "")
@@ -340,6 +338,13 @@ def main(argv: list[str] | None = None) -> None:
         RESULTS.write_text(text)
 
 
+def _command_line(argv: list[str] | None, tree: Path, against: Path | None) -> str:
+    """The results file's first line: the command, when, and the commits measured."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+    command = " ".join(["python -m benchmarks.dispatch_overhead", *(argv if argv is not None else sys.argv[1:])])
+    return f"# {command}, {stamp}, {_commit(tree)}" + (f", before = {_commit(against)}" if against else "")
+
+
 def _main_callgrind(args, argv, tree: Path) -> None:
     import torch
 
@@ -348,10 +353,8 @@ def _main_callgrind(args, argv, tree: Path) -> None:
         runs.append(_callgrind_rows(args.against.resolve(), args.calls))
     now = _callgrind_result(runs[0])
     before = _callgrind_result(runs[1]) if args.against is not None else None
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
     header = [
-        f"# python -m benchmarks.dispatch_overhead{' '.join([''] + (argv if argv is not None else sys.argv[1:]))}, "
-        f"{stamp}, {_commit(tree)}" + (f", before = {_commit(args.against)}" if args.against else ""),
+        _command_line(argv, tree, args.against),
         f"# torch {torch.__version__}, 1 thread, tiny fp32 CPU inputs, valgrind callgrind: instructions per call over "
         f"{args.calls} calls per side (after 20 warm-up calls)",
     ]

@@ -408,12 +408,7 @@ def _candidates(key: tuple, impls: dict[str, Implementation]):
 
 def select(op: str, backend: str, *args, **kwargs) -> Implementation:
     """The implementation of ``op`` that runs for these inputs (see the module docstring for the rules)."""
-    if backend != AUTO:
-        requested = backend
-    elif _override is None and os.environ is _ENVIRON and _ENV_KEY not in _ENVIRON_DATA:
-        requested = AUTO  # get_backend()'s usual answer, without its call (this runs on every op call)
-    else:
-        requested = get_backend()
+    requested = get_backend() if backend == AUTO else backend
     if requested != AUTO:  # "auto" is never fixed: its answer depends on the inputs' device and dtypes
         fixed = _fixed_choice.get((op, requested), _UNDECIDED)
         if fixed is _UNDECIDED:  # once per (op, name): is the name valid, is the choice fixed?

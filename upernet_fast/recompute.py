@@ -85,10 +85,6 @@ def _recipe_of(tensor: torch.Tensor) -> Recipe | None:
     return recipe if recipe is not None and recipe.version == tensor._version else None
 
 
-def _active() -> bool:
-    return _state.depth > 0 and not _state.disabled
-
-
 def remember(made: torch.Tensor, build: Callable[..., torch.Tensor], inputs: Sequence[object]) -> None:
     """Records that ``made`` equals ``build(*inputs)`` (run under no_grad), while :func:`recomputing` is active.
 
@@ -97,7 +93,7 @@ def remember(made: torch.Tensor, build: Callable[..., torch.Tensor], inputs: Seq
     """
     # is_compiling stays first (under torch.compile nothing else is looked at). ``made`` need not require grad
     # to be saved: with a frozen backbone, a convolution still saves its input for its weight's gradient.
-    if torch.compiler.is_compiling() or not _state.depth or _state.disabled:  # _active(), inlined: every op call
+    if torch.compiler.is_compiling() or not _state.depth or _state.disabled:  # outside recomputing(), or disabled
         return
     _recipes[made] = Recipe(made, build, inputs)
 
@@ -110,7 +106,7 @@ def remember_from_recipes(
     For ops whose backward saves none of their inputs (``upsample_add``, a layout copy): a recipe holding such
     an input as a tensor would keep alive what autograd had let go, costing memory instead of saving it.
     """
-    if torch.compiler.is_compiling() or not _state.depth or _state.disabled:  # _active(), inlined: every op call
+    if torch.compiler.is_compiling() or not _state.depth or _state.disabled:  # outside recomputing(), or disabled
         return
     if not all(_recipe_of(t) for t in inputs):
         return
