@@ -71,6 +71,11 @@ TORCH_LIBRARY(upernet_fast_cpp, m) {
   m.def(
       "bn_relu_eval_from_buffers(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, Tensor? bias, "
       "float eps) -> Tensor");
+  // conv + BatchNorm + ReLU of a 1x1 conv on an NCHW map, eval, autograd-free, in one call (csrc/cpu/conv_bn_relu.cpp):
+  // BN folded into the weight (fold) or applied after the products (the PPM's blocks, fold=false).
+  m.def(
+      "conv_bn_relu_pointwise_eval(Tensor x, Tensor weight, Tensor? conv_bias, Tensor running_mean, "
+      "Tensor running_var, Tensor? bn_weight, Tensor? bn_bias, float eps, bool fold) -> Tensor");
   // 3x3 stride-1 padding-1 convolution + bias + ReLU by Winograd F(4x4, 3x3), no autograd formula (training's is in Python):
   // the filter transform (36, C_out, C_in; values in the products' packed order), computed once per weight and
   // cached by the caller, and the conv.

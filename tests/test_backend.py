@@ -113,6 +113,46 @@ def test_a_cached_choice_still_runs_its_per_call_check(monkeypatch):
         backend.clear_cache()
 
 
+def test_entry_points_hand_select_the_placement_it_would_read(monkeypatch):
+    """Entry points whose checks saw one device and one dtype hand select a tensor to read them from (``like``)
+    rather than have it read every judged tensor: its reading must be the full one, for every dtype mix (one
+    dtype, mixed floating dtypes, integer labels, class weights in another dtype), or the cached choice of another
+    placement would be taken. Every backend name, so that both the fixed eager choice and auto's path see it."""
+    real_select = backend.select
+    handed = []
+
+    def checked_select(op, name, *args, like=None, **kwargs):
+        if like is not None:
+            placed = ("cpu" if like.is_cpu else like.device.type), (like.dtype,)
+            assert placed == backend._placement(op, args, kwargs), (op, placed)
+            handed.append(op)
+        return real_select(op, name, *args, like=like, **kwargs)
+
+    monkeypatch.setattr(backend, "select", checked_select)
+    gen = torch.Generator().manual_seed(3)
+    for dtype, other in ((torch.float32, torch.float32), (torch.float64, torch.float64),
+                         (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float64),
+                         (torch.bfloat16, torch.float32)):
+        low, lateral = torch.randn(2, 3, 4, 5, generator=gen).to(dtype), torch.randn(2, 3, 8, 9, generator=gen)
+        lateral = lateral.to(other)
+        logits = torch.randn(2, 4, 3, 3, generator=gen).to(dtype)
+        labels = torch.randint(0, 4, (2, 6, 6), generator=gen)
+        for name in ("auto", "eager", "cpp"):
+            if name == "cpp" and backend.backend_unavailable("cpp") is not None:
+                continue
+            ops.upsample_add(low, lateral, backend=name)
+            ops.upsample_concat([lateral, low], (8, 9), backend=name)
+            ops.adaptive_avg_pool_multi(low, (1, 2, 3), backend=name)
+            for weight in (None, torch.rand(4, generator=gen).to(dtype), torch.rand(4, generator=gen).to(other)):
+                for label_dtype in (torch.int64, torch.int32):
+                    try:
+                        ops.upsample_cross_entropy(logits, labels.to(label_dtype), weight=weight, backend=name)
+                    except RuntimeError:  # PyTorch's own cross-entropy takes no weight of another dtype (the
+                        if weight is None or weight.dtype == dtype:  # placement was checked before it ran)
+                            raise
+    assert set(handed) == {"upsample_add", "upsample_concat", "adaptive_avg_pool_multi", "upsample_cross_entropy"}
+
+
 def test_describe_lists_every_op_and_backend():
     rows = backend.describe()
     names = {r["op"] for r in rows}

@@ -593,7 +593,10 @@ def test_cpp_pointwise_convs_run_as_matrix_products(mode, bias):
             tolerance = 1e-5 if name == "output" else 1e-4
             _close(a, b, rtol=tolerance, atol=tolerance * b.abs().max().item(), what=name)
     assert not any("convolution" in name for name in seen.names), seen.names
-    assert any(name.split(".")[1] in ("mm", "addmm") for name in seen.names), seen.names
+    if mode == "eval_no_grad":  # one C++ call, whose products are ATen's addmm (bits compared in the test below)
+        assert "upernet_fast_cpp.conv_bn_relu_pointwise_eval.default" in seen.names, seen.names
+    else:
+        assert any(name.split(".")[1] in ("mm", "addmm") for name in seen.names), seen.names
 
     for other in ("channels_last", "hooked"):
         module = copy.deepcopy(block)
@@ -616,3 +619,106 @@ def test_pointwise_conv_gradcheck_float64():
     assert "channels_last" in op_module.pointwise_why_not(x.contiguous(memory_format=torch.channels_last),
                                                            nn.Conv2d(3, 4, 1).double())
     assert "1x1" in op_module.pointwise_why_not(x, nn.Conv2d(3, 4, 3, padding=1).double())
+
+
+def _composed_eval(x, block):
+    """The cpp backend's autograd-free eval block as it runs where the one-call op does not apply: the Python
+    composition (fold + products + ReLU, or products + bn_relu_eval_from_buffers), forced by declaring the call
+    not autograd-free while grad mode stays off."""
+    real = op_module._autograd_free
+    op_module._autograd_free = lambda *args: False
+    try:
+        with torch.no_grad():
+            return op_module._cpp_conv_bn_relu(x, block.conv, block.batch_norm)
+    finally:
+        op_module._autograd_free = real
+
+
+POINTWISE_EVAL = "upernet_fast_cpp::conv_bn_relu_pointwise_eval"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, "float32_with_float64_bn"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+def test_cpp_pointwise_eval_is_one_call_with_the_composition_bits(dtype, bias, affine):
+    """Autograd-free eval 1x1 blocks of NCHW maps on the cpp backend are one C++ call (conv_bn_relu_pointwise_eval,
+    recorded by the profiler), folded or not (weight outnumbering the output, the PPM's), with exactly the bits of
+    the Python composition it replaces (the same ATen products, the fold's arithmetic in the same order and
+    dtype): odd sizes, 1x1 maps, batch 1 and 3, BN without affine parameters, BN statistics in another dtype. A
+    call needing gradients, a channels_last map and a hooked conv in the unfolded form keep the composition."""
+    from op_testing import require_backend
+
+    require_backend("cpp")
+    conv_dtype = torch.float32 if dtype == "float32_with_float64_bn" else dtype
+    generator = torch.Generator().manual_seed(40)
+    forms = set()
+    for cin, cout, h, w in ((3, 5, 9, 7), (24, 40, 2, 2), (7, 3, 1, 1), (16, 33, 5, 6), (40, 24, 1, 1)):
+        block = _make_block(cin, cout, 1, 0, bias=bias, seed=cin, device="cpu").eval()
+        if not affine:
+            block.batch_norm = nn.BatchNorm2d(cout, affine=False).eval()
+            with torch.no_grad():
+                block.batch_norm.running_mean.uniform_(-0.5, 0.5)
+                block.batch_norm.running_var.uniform_(0.3, 2.0)
+        block.conv.to(conv_dtype)
+        block.batch_norm.to(torch.float64 if dtype == "float32_with_float64_bn" else conv_dtype)
+        for batch in (1, 3):
+            x = torch.randn(batch, cin, h, w, generator=generator).to(conv_dtype)
+            unfolded = op_module._keeps_bn_unfolded(x, block.conv)
+            forms.add(unfolded)
+            with torch.no_grad(), torch.profiler.profile() as prof:
+                got = conv_bn_relu(x, block.conv, block.batch_norm, backend="cpp")
+            names = {event.name for event in prof.events()}
+            assert POINTWISE_EVAL in names, names
+            assert ("upernet_fast_cpp::bn_relu_eval_from_buffers" in names) == unfolded, names
+            want = _composed_eval(x, block)
+            assert torch.equal(got, want) and got.stride() == want.stride(), (cin, cout, h, w, batch)
+            exact = copy.deepcopy(block).double()  # (PyTorch's own BatchNorm takes no float64 statistics for float32)
+            with torch.no_grad():
+                expected = reference.conv_bn_relu(x.double(), exact.conv, exact.batch_norm)
+            tolerance = 1e-5 if conv_dtype == torch.float32 else 1e-12  # rounding of the fold (module docstring)
+            _close(got, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item(), what="vs reference")
+    assert forms == {True, False}
+    x = torch.randn(2, 40, 3, 1, generator=generator).to(conv_dtype)  # the last block (40 -> 24): unfolded
+    assert op_module._keeps_bn_unfolded(x, block.conv)
+    hooked = copy.deepcopy(block)
+    hooked.conv.register_forward_hook(lambda *args: None)
+    for what, run in (
+        ("needs gradients", lambda: conv_bn_relu(x.clone().requires_grad_(), block.conv, block.batch_norm)),
+        ("channels_last", lambda: conv_bn_relu(x.contiguous(memory_format=torch.channels_last), block.conv,
+                                               block.batch_norm)),
+        ("hooked unfolded conv", lambda: conv_bn_relu(x, hooked.conv, hooked.batch_norm)),
+    ):
+        with torch.profiler.profile() as prof:
+            with torch.set_grad_enabled(what == "needs gradients"):
+                run()
+        assert POINTWISE_EVAL not in {event.name for event in prof.events()}, what
+
+
+def test_cpp_pointwise_eval_opcheck_and_bad_arguments():
+    from op_testing import require_backend
+
+    require_backend("cpp")
+    op = torch.ops.upernet_fast_cpp.conv_bn_relu_pointwise_eval
+    block = _make_block(4, 6, 1, 0, bias=True, seed=41, device="cpu").eval().requires_grad_(False)
+    conv, bn = block.conv, block.batch_norm
+    x = torch.randn(2, 4, 3, 5)
+    stats = (bn.running_mean, bn.running_var, bn.weight, bn.bias, 1e-5)
+    for fold in (True, False):
+        for conv_bias in (conv.bias, None):
+            torch.library.opcheck(op.default, (x, conv.weight, conv_bias, *stats, fold))
+    torch.library.opcheck(op.default, (x, conv.weight, None, bn.running_mean, bn.running_var, None, None, 1e-3, True))
+    bad = {
+        "x must be a non-empty NCHW-contiguous map": (x.contiguous(memory_format=torch.channels_last), conv.weight),
+        "x must be float32 or float64": (x.bfloat16(), conv.weight.bfloat16()),
+        r"weight must be a CPU \(C_out, 4, 1, 1\) tensor": (x, torch.randn(6, 4, 3, 3)),
+        "weight must have x's dtype": (x, conv.weight.double()),
+    }
+    for message, (xx, weight) in bad.items():
+        with pytest.raises(RuntimeError, match=message):
+            op(xx, weight, conv.bias, *stats, True)
+    with pytest.raises(RuntimeError, match=r"running_var must have shape \(6,\)"):
+        op(x, conv.weight, None, bn.running_mean, bn.running_var[:5], None, None, 1e-5, True)
+    with pytest.raises(RuntimeError, match="conv_bias must have x's dtype"):
+        op(x, conv.weight, conv.bias.double(), *stats, False)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        op(x.clone().requires_grad_(), conv.weight, None, *stats, True)

@@ -40,7 +40,8 @@ def test_kernels_run_on_every_thread_torch_allows():
     for name in ("adaptive_avg_pool_multi", "adaptive_avg_pool_multi_backward", "upsample_add",
                  "upsample_add_backward", "upsample_concat", "upsample_concat_backward", "upsample_cross_entropy",
                  "upsample_cross_entropy_backward", "bn_relu_channel_stats", "bn_relu_apply",
-                 "bn_relu_backward_reduce", "bn_relu_backward_input", "bn_relu_eval", "bn_relu_eval_backward"):
+                 "bn_relu_backward_reduce", "bn_relu_backward_input", "bn_relu_eval", "bn_relu_eval_backward",
+                 "conv_bn_relu_pointwise_eval"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"upernet_fast_cpp::{name}", "CPU"), name
 
 

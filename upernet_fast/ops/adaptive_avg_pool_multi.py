@@ -25,7 +25,7 @@ def adaptive_avg_pool_multi(
     """
     check_feature_map("x", x)
     scales = check_scales("scales", scales)
-    impl = _backend.select(OP, backend, x, scales)
+    impl = _backend.select(OP, backend, x, scales, like=x)  # x: the one judged tensor
     return tuple(impl.fn(x, scales))
 
 

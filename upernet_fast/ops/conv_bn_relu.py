@@ -13,6 +13,9 @@ Triton and C++ backends:
 * C++ backend only, eval, autograd-free, float32 CPU, 3x3 stride 1 padding 1 convolutions: Winograd F(4x4, 3x3)
   with BN folded in, bias and ReLU in its output transform, and the filter transform cached (recomputed
   whenever any input of the fold changes): :mod:`upernet_fast.ops.winograd_conv_bn_relu`.
+* C++ backend only, eval, autograd-free, 1x1 convolutions of NCHW float32/float64 CPU maps: the whole block in one
+  C++ call (``conv_bn_relu_pointwise_eval``, csrc/cpu/conv_bn_relu.cpp), BN folded or, where the weight outnumbers
+  the output, applied after the products; bitwise the Python composition of the same steps.
 * C++ backend only, training, the same convolutions on maps of at least ``TRAIN_MIN_PIXELS`` output pixels: the
   conv and its input gradient by Winograd (weight gradient ATen's), then the BN+ReLU op, the bottlenecks one input
   map at a time (:class:`_ConcatConv`): :func:`.winograd_conv_bn_relu.training_conv`.
@@ -31,7 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from upernet_fast import backend as _backend
 from upernet_fast import recompute, reference
-from upernet_fast._checks import check_tensor, module_tensor, overridden_forward
+from upernet_fast._checks import FLOAT_DTYPES, check_tensor, module_tensor, overridden_forward
 from upernet_fast.ops.bn_relu import (
     batch_norm_why_not,
     batch_stats_path,
@@ -41,6 +44,7 @@ from upernet_fast.ops.bn_relu import (
     running_stats_path,
 )
 from upernet_fast.ops import winograd_conv_bn_relu as winograd
+from upernet_fast.ops._kernel_op import InferenceOp
 
 OP = "conv_bn_relu"
 
@@ -52,7 +56,8 @@ def conv_bn_relu(
 
     x: (B, C_in, H, W); returns (B, C_out, H', W') in the conv output's layout and dtype.
     """
-    check_tensor("x", x, ndim=4, floating=True)
+    if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.dtype in FLOAT_DTYPES):  # (no call when it passes)
+        check_tensor("x", x, ndim=4, floating=True)
     if x.shape[1] != conv.in_channels:
         raise ValueError(f"x must have {conv.in_channels} channels (conv.in_channels), got shape {tuple(x.shape)}")
     impl = _backend.select(OP, backend, x, conv, batch_norm)
@@ -308,7 +313,9 @@ def pointwise_why_not(x: torch.Tensor, conv: nn.Module) -> str | None:
     """
     if torch.compiler.is_compiling():
         return "under torch.compile or torch.export (the traced graph keeps ATen's convolution)"
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or conv.weight.dtype != x.dtype:
+    # (x.is_cpu and module_tensor: a device object and nn.Module.__getattr__ cost about 1 us each, every call)
+    weight = module_tensor(conv, "weight")
+    if not x.is_cpu or x.dtype not in (torch.float32, torch.float64) or weight is None or weight.dtype != x.dtype:
         return "x and the conv weight must be float32 or float64 CPU tensors of one dtype"
     if torch.is_autocast_enabled("cpu"):
         return "CPU autocast is on"
@@ -474,14 +481,52 @@ def _cpp_conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, batch_norm: nn.Module) -
     tensors run Winograd F(4x4, 3x3) with a cached filter transform (:mod:`.winograd_conv_bn_relu`), and blocks
     whose weight outnumbers their output (the pyramid pooling module's 1x1 convs on 1x1 to 6x6 maps) keep BN
     unfolded: the conv, then one C++ pass of relu(y * scale + shift) over its small output, instead of
-    rewriting the whole weight on every call to fold BN into it."""
+    rewriting the whole weight on every call to fold BN into it. Autograd-free 1x1 blocks (folded or not) are
+    one C++ call, :func:`_pointwise_eval_cpp`, with the bits of the composition it replaces."""
     if not reference.uses_batch_stats(batch_norm):
         if winograd.why_not(x, conv, batch_norm) is None:
             return winograd.winograd_conv_bn_relu(x, conv, batch_norm)
-        if _keeps_bn_unfolded(x, conv):
+        unfolded = _keeps_bn_unfolded(x, conv)
+        pointwise = pointwise_why_not(x, conv) is None
+        # The unfolded form calls the conv itself: a hook on it must see that call (the fold never calls it).
+        if pointwise and _autograd_free(x, conv, batch_norm) and not (unfolded and _has_forward_hooks(conv)):
+            return _pointwise_eval_cpp(
+                x, module_tensor(conv, "weight"), module_tensor(conv, "bias"),
+                module_tensor(batch_norm, "running_mean"), module_tensor(batch_norm, "running_var"),
+                module_tensor(batch_norm, "weight"), module_tensor(batch_norm, "bias"), float(batch_norm.eps),
+                not unfolded,
+            )
+        if unfolded:
             return running_stats_path(_cpp_plain_conv(x, conv), batch_norm)
-        return conv_bn_relu_folded(x, conv, batch_norm, pointwise=pointwise_why_not(x, conv) is None)
+        return conv_bn_relu_folded(x, conv, batch_norm, pointwise=pointwise)
     return batch_stats_path(bn_relu_train_cpp, _cpp_training_conv(x, conv), batch_norm)
+
+
+def _autograd_free(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> bool:
+    """Whether autograd records nothing of this block's call: grad mode off, or no input, parameter or statistic
+    requiring grad (a frozen, served model)."""
+    if not torch.is_grad_enabled():
+        return True
+    for t in (x, module_tensor(conv, "weight"), module_tensor(conv, "bias"), module_tensor(batch_norm, "weight"),
+              module_tensor(batch_norm, "bias"), module_tensor(batch_norm, "running_mean"),
+              module_tensor(batch_norm, "running_var")):
+        if t is not None and t.requires_grad:
+            return False
+    return True
+
+
+# The eval 1x1 block without autograd in one C++ call (csrc/cpu/conv_bn_relu.cpp): fold=True folds BN into the
+# weight (conv_bn_relu_folded's _fold, products and ReLU), fold=False runs the products with the conv's bias, then
+# bn_relu_eval_from_buffers (running_stats_path's autograd-free form). The same ATen products and the same
+# arithmetic as those Python paths, so the same bits; a dozen Python-to-ATen calls fewer (about 60 against 15 us
+# on a tiny block here), which also leaves the interpreter's working set in cache for the code that follows.
+POINTWISE_EVAL_OP = InferenceOp(
+    "conv_bn_relu_pointwise_eval(Tensor x, Tensor weight, Tensor? conv_bias, Tensor running_mean, "
+    "Tensor running_var, Tensor? bn_weight, Tensor? bn_bias, float eps, bool fold) -> Tensor",
+    lambda x, weight, *_: x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3])),
+    op_name=OP,
+)
+_pointwise_eval_cpp = POINTWISE_EVAL_OP.in_extension(_backend.CPP_NAMESPACE)
 
 
 def _cpp_training_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -512,14 +557,19 @@ def _keeps_bn_unfolded(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     Never under torch.compile (dynamo would guard, and recompile, on dynamic sizes; the fold is what it traced
     before), nor on symbolic sizes in torch.export (the comparison would specialise them); a static export makes
     the eager choice, so that its program is bitwise eager."""
-    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+    shape = x.shape
+    if torch.compiler.is_compiling():  # (torch.export included; eager sizes are never symbolic)
+        if not torch.compiler.is_exporting():
+            return False
+        if any(isinstance(d, torch.SymInt) for d in (shape[0], shape[-2], shape[-1])):
+            return False
+    if x.dtype not in _UNFOLDED_DTYPES or torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type):
         return False
-    if torch.is_autocast_enabled(x.device.type) or x.dtype not in (torch.float32, torch.float64, torch.bfloat16):
-        return False
-    if any(isinstance(d, torch.SymInt) for d in (x.shape[0], x.shape[-2], x.shape[-1])):
-        return False
-    out_pixels = (x.shape[-2] // conv.stride[0]) * (x.shape[-1] // conv.stride[1])
-    return conv.weight.numel() > x.shape[0] * conv.out_channels * out_pixels
+    out_pixels = (shape[-2] // conv.stride[0]) * (shape[-1] // conv.stride[1])
+    return module_tensor(conv, "weight").numel() > shape[0] * conv.out_channels * out_pixels
+
+
+_UNFOLDED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def _kernels_why_not(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> str | None:
@@ -532,8 +582,9 @@ def _kernels_why_not(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) ->
 
 def _cpp_why_not(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> str | None:
     reason = _kernels_why_not(x, conv, batch_norm)
-    if reason is None and reference.uses_batch_stats(batch_norm) and torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    # (Only CPU tensors reach the cpp backend: no device object, about 1 us, built per call.)
+    if reason is None and reference.uses_batch_stats(batch_norm) and torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
         taken = _backend.BACKENDS_DECLARED["cpp"].capabilities.dtypes
         if dtype not in taken:  # the conv output, which the BN+ReLU kernels read, comes out in this dtype
             return f"autocast runs the convolution in {dtype}; the C++ kernels take {taken}"

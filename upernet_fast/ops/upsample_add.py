@@ -41,8 +41,9 @@ def upsample_add(low: torch.Tensor, lateral: torch.Tensor, *, backend: str = "au
             f"low and lateral must have the same batch and channel sizes, got low {tuple(low.shape)} "
             f"and lateral {tuple(lateral.shape)}"
         )
-    impl = _backend.select(OP, backend, low, lateral)
-    if low.dtype is not lateral.dtype:  # (dtypes are singletons) mixed dtypes, under autocast
+    one_dtype = low.dtype is lateral.dtype  # (dtypes are singletons) then low's placement is the call's (checked)
+    impl = _backend.select(OP, backend, low, lateral, like=low if one_dtype else None)
+    if not one_dtype:  # mixed dtypes, under autocast
         low, lateral = promote_for_kernels(impl.backend, (low, lateral))
     out = impl.fn(low, lateral)
     # In the FPN both inputs are rebuilt in the backward anyway (BN+ReLU outputs, earlier sums), and the sum is

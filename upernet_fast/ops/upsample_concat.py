@@ -42,7 +42,8 @@ def upsample_concat(tensors: Sequence[torch.Tensor], size: Sequence[int], *, bac
                 raise ValueError(f"{name} has batch size {t.shape[0]} but tensors[0] has {tensors[0].shape[0]}")
         one_dtype = False  # (unreachable: a failed check raised above)
     size = check_size("size", size)
-    impl = _backend.select(OP, backend, tensors, size)
+    # One device (checked); with one dtype, the first map's placement is the call's.
+    impl = _backend.select(OP, backend, tensors, size, like=tensors[0] if one_dtype else None)
     parts = tensors if one_dtype else promote_for_kernels(impl.backend, tensors)
     out = impl.fn(parts, size)
     # A resize and a copy of its inputs: rebuilt in the backward rather than saved (upernet_fast.recompute).

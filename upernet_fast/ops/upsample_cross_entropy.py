@@ -81,7 +81,10 @@ def upsample_cross_entropy(
                 f"resized must be logits resized to the labels' size, shape {resized_shape} on {logits.device}, "
                 f"got {tuple(resized.shape)} on {resized.device}"
             )
-    impl = _backend.select(OP, backend, logits, labels, ignore_index, reduction, weight, align_corners)
+    # The judged tensors (_judged_tensors: logits, weight) share a device (checked); with one dtype, logits'
+    # placement is the call's.
+    like = logits if weight is None or weight.dtype is logits.dtype else None
+    impl = _backend.select(OP, backend, logits, labels, ignore_index, reduction, weight, align_corners, like=like)
     if impl.backend == "cpp":  # checks the labels itself, in its pass over them (see below)
         return impl.fn(logits, labels, ignore_index, reduction, weight, align_corners)
     compiling = torch.compiler.is_compiling()
