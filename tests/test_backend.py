@@ -114,9 +114,11 @@ def test_a_cached_choice_still_runs_its_per_call_check(monkeypatch):
 
 
 def test_entry_points_hand_select_the_placement_it_would_read(monkeypatch):
-    """Entry points whose checks saw one device and one dtype hand select a tensor to read them from (``like``)
-    rather than have it read every judged tensor: its reading must be the full one, for every dtype mix (one
-    dtype, mixed floating dtypes, integer labels, class weights in another dtype), or the cached choice of another
+    """Entry points that saw one device and one dtype among the tensors an op judges hand select a tensor to read
+    them from (``like``) rather than have it read every judged tensor: that reading must be the full one, for every
+    dtype mix (one
+    dtype, mixed floating dtypes, integer labels, class weights in another dtype, BatchNorm and conv parameters in
+    another dtype, BatchNorm without affine parameters or running statistics), or the cached choice of another
     placement would be taken. Every backend name, so that both the fixed eager choice and auto's path see it."""
     real_select = backend.select
     handed = []
@@ -150,7 +152,19 @@ def test_entry_points_hand_select_the_placement_it_would_read(monkeypatch):
                     except RuntimeError:  # PyTorch's own cross-entropy takes no weight of another dtype (the
                         if weight is None or weight.dtype == dtype:  # placement was checked before it ran)
                             raise
-    assert set(handed) == {"upsample_add", "upsample_concat", "adaptive_avg_pool_multi", "upsample_cross_entropy"}
+            for bn_dtype, conv_dtype, affine, stats in ((dtype, dtype, True, True), (other, dtype, True, True),
+                                                         (dtype, other, False, True), (dtype, dtype, False, False)):
+                bn = torch.nn.BatchNorm2d(3, affine=affine, track_running_stats=stats).to(bn_dtype).eval()
+                conv = torch.nn.Conv2d(3, 3, 1).to(conv_dtype)
+                for call in (lambda: ops.bn_relu(low, bn, backend=name),
+                             lambda: ops.conv_bn_relu(low, conv, bn, backend=name)):
+                    try:
+                        call()
+                    except RuntimeError:  # PyTorch's own modules take no parameters of another dtype
+                        if bn_dtype == dtype and conv_dtype == dtype:
+                            raise
+    assert set(handed) == {"upsample_add", "upsample_concat", "adaptive_avg_pool_multi", "upsample_cross_entropy",
+                           "bn_relu", "conv_bn_relu"}
 
 
 def test_describe_lists_every_op_and_backend():

@@ -42,6 +42,7 @@ from upernet_fast.ops.bn_relu import (
     bn_relu_train,
     bn_relu_train_cpp,
     running_stats_path,
+    shares_dtype,
 )
 from upernet_fast.ops import winograd_conv_bn_relu as winograd
 from upernet_fast.ops._kernel_op import InferenceOp
@@ -60,7 +61,9 @@ def conv_bn_relu(
         check_tensor("x", x, ndim=4, floating=True)
     if x.shape[1] != conv.in_channels:
         raise ValueError(f"x must have {conv.in_channels} channels (conv.in_channels), got shape {tuple(x.shape)}")
-    impl = _backend.select(OP, backend, x, conv, batch_norm)
+    # (eager asked for by name reads no placement: the test is skipped there)
+    like = x if backend != "eager" and _shares_dtype(x, conv, batch_norm) else None
+    impl = _backend.select(OP, backend, x, conv, batch_norm, like=like)
     return impl.fn(x, conv, batch_norm)
 
 
@@ -600,6 +603,15 @@ def _judged_tensors(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> 
     if isinstance(weight, torch.Tensor):
         tensors.append(weight)  # x stays first: its device is the call's
     return tensors
+
+
+def _shares_dtype(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> bool:
+    """Whether every tensor :func:`_judged_tensors` picks has ``x``'s dtype (then ``select(..., like=x)``)."""
+    try:  # (the conv weight _judged_tensors reads; anything but a stock module takes the full reading)
+        weight = conv._parameters["weight"]
+    except (AttributeError, KeyError):
+        return False
+    return isinstance(batch_norm, nn.Module) and shares_dtype(x, batch_norm, weight)
 
 
 _backend.register(OP, "eager", reference.conv_bn_relu)
