@@ -625,13 +625,13 @@ def _composed_eval(x, block):
     """The cpp backend's autograd-free eval block as it runs where the one-call op does not apply: the Python
     composition (fold + products + ReLU, or products + bn_relu_eval_from_buffers), forced by declaring the call
     not autograd-free while grad mode stays off."""
-    real = op_module._autograd_free
-    op_module._autograd_free = lambda *args: False
+    real = op_module.needs_grad
+    op_module.needs_grad = lambda *args: True
     try:
         with torch.no_grad():
             return op_module._cpp_conv_bn_relu(x, block.conv, block.batch_norm)
     finally:
-        op_module._autograd_free = real
+        op_module.needs_grad = real
 
 
 POINTWISE_EVAL = "upernet_fast_cpp::conv_bn_relu_pointwise_eval"

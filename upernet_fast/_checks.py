@@ -39,6 +39,17 @@ def module_tensor(module: torch.nn.Module, name: str) -> torch.Tensor | None:
 _MISSING = object()
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records a call on these tensors (None entries skipped): grad mode on and one of them
+    requiring grad. Where it does not, the inference-only kernels may run."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:  # (a loop, not any() over a generator: on every eval block call)
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
 def overridden_forward(module: torch.nn.Module, base: type, *methods: str) -> str | None:
     """Why ``module`` cannot be computed as a stock ``base`` by a kernel of our own (it overrides one of
     ``methods``, which the kernel would silently skip), or None."""

@@ -412,8 +412,8 @@ def select(op: str, backend: str, *args, like: torch.Tensor | None = None, **kwa
     ``like``: the first tensor the op judges (see :func:`register`), where the entry point has just seen that every
     judged tensor has its floating dtype; the call's placement (the first judged tensor's device type, the judged
     tensors' floating dtypes) is then read from it alone instead of from every judged tensor (tests/test_backend.py
-    checks each entry point's against the full reading). The full reading was 60% of a cached selection's instructions (6K of 10.6K for
-    ``upsample_add``); asked for by name, eager reads neither.
+    checks each entry point's against the full reading). The full reading was 60% of a cached selection's
+    instructions (6K of 10.6K for ``upsample_add``); asked for by name, eager reads neither.
     """
     requested = get_backend() if backend == AUTO else backend
     if requested != AUTO:  # "auto" is never fixed: its answer depends on the inputs' device and dtypes

@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from upernet_fast import backend as _backend
 from upernet_fast import recompute, reference
-from upernet_fast._checks import check_tensor, module_tensor
+from upernet_fast._checks import check_tensor, module_tensor, needs_grad
 from upernet_fast.kernels._utils import is_channels_last, memory_format
 from upernet_fast.ops._kernel_op import ExtensionOp, InferenceOp, KernelOp, stats_dtype
 from upernet_fast.ops._triton_support import on_input_device
@@ -270,9 +270,7 @@ def running_stats_path(y: torch.Tensor, batch_norm: nn.Module) -> torch.Tensor:
     and shift are computed in fp32 (at least) from BN's parameters, differentiably; where nothing needs a
     gradient, by the C++ op itself, with the same bits (no tensor ops in Python)."""
     weight, bias = batch_norm.weight, batch_norm.bias
-    if not torch.is_grad_enabled() or not (
-        y.requires_grad or any(p is not None and p.requires_grad for p in (weight, bias))
-    ):
+    if not needs_grad(y, weight, bias):
         return _bn_relu_eval_from_buffers_cpp(y, batch_norm.running_mean, batch_norm.running_var, weight, bias,
                                               float(batch_norm.eps))
     acc = torch.promote_types(y.dtype, torch.float32)

@@ -34,7 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from upernet_fast import backend as _backend
 from upernet_fast import recompute, reference
-from upernet_fast._checks import FLOAT_DTYPES, check_tensor, module_tensor, overridden_forward
+from upernet_fast._checks import FLOAT_DTYPES, check_tensor, module_tensor, needs_grad, overridden_forward
 from upernet_fast.ops.bn_relu import (
     batch_norm_why_not,
     batch_stats_path,
@@ -492,30 +492,17 @@ def _cpp_conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, batch_norm: nn.Module) -
         unfolded = _keeps_bn_unfolded(x, conv)
         pointwise = pointwise_why_not(x, conv) is None
         # The unfolded form calls the conv itself: a hook on it must see that call (the fold never calls it).
-        if pointwise and _autograd_free(x, conv, batch_norm) and not (unfolded and _has_forward_hooks(conv)):
-            return _pointwise_eval_cpp(
-                x, module_tensor(conv, "weight"), module_tensor(conv, "bias"),
-                module_tensor(batch_norm, "running_mean"), module_tensor(batch_norm, "running_var"),
-                module_tensor(batch_norm, "weight"), module_tensor(batch_norm, "bias"), float(batch_norm.eps),
-                not unfolded,
-            )
+        if pointwise and not (unfolded and _has_forward_hooks(conv)):
+            # The op's tensors, read once: judged for autograd (statistics included), then passed.
+            tensors = (module_tensor(conv, "weight"), module_tensor(conv, "bias"),
+                       module_tensor(batch_norm, "running_mean"), module_tensor(batch_norm, "running_var"),
+                       module_tensor(batch_norm, "weight"), module_tensor(batch_norm, "bias"))
+            if not needs_grad(x, *tensors):  # autograd records nothing: a frozen, served model, or no_grad
+                return _pointwise_eval_cpp(x, *tensors, float(batch_norm.eps), not unfolded)
         if unfolded:
             return running_stats_path(_cpp_plain_conv(x, conv), batch_norm)
         return conv_bn_relu_folded(x, conv, batch_norm, pointwise=pointwise)
     return batch_stats_path(bn_relu_train_cpp, _cpp_training_conv(x, conv), batch_norm)
-
-
-def _autograd_free(x: torch.Tensor, conv: nn.Module, batch_norm: nn.Module) -> bool:
-    """Whether autograd records nothing of this block's call: grad mode off, or no input, parameter or statistic
-    requiring grad (a frozen, served model)."""
-    if not torch.is_grad_enabled():
-        return True
-    for t in (x, module_tensor(conv, "weight"), module_tensor(conv, "bias"), module_tensor(batch_norm, "weight"),
-              module_tensor(batch_norm, "bias"), module_tensor(batch_norm, "running_mean"),
-              module_tensor(batch_norm, "running_var")):
-        if t is not None and t.requires_grad:
-            return False
-    return True
 
 
 # The eval 1x1 block without autograd in one C++ call (csrc/cpu/conv_bn_relu.cpp): fold=True folds BN into the

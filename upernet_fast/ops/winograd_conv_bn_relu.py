@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from upernet_fast import backend as _backend
-from upernet_fast._checks import module_tensor, overridden_forward
+from upernet_fast._checks import module_tensor, needs_grad, overridden_forward
 from upernet_fast.kernels._utils import is_channels_last, memory_format
 from upernet_fast.ops._kernel_op import InferenceOp
 
@@ -181,7 +181,7 @@ def _block_why_not(size, inputs, conv: nn.Module, batch_norm: nn.Module) -> str 
     fold = [t for t in _fold_inputs(conv, batch_norm) if t is not None]
     if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in fold):
         return "conv and BN parameters and running statistics must be float32 CPU tensors"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *fold)):
+    if needs_grad(*inputs, *fold):
         return "autograd needs gradients of this call (the eval block's Winograd has no backward)"
     return None
 
