@@ -113,10 +113,28 @@ class Ceilings:
     matmul_n: int
     matmul_dtype: str
     matmul_timing: Timing
+    autograd_timing: Timing  # torch.autograd.grad through a one-element graph of one node (autograd_floor)
+
+
+def autograd_floor(device: str) -> Timing:
+    """What ``torch.autograd.grad`` costs before any kernel of consequence runs: the gradient of a one-element
+    ``x * 2`` (one multiply node, one element). Every backward row pays it once per call, whatever the op: on the
+    small maps' rows it is a large share of both sides' time, and it bounds the speed-up any kernel can show there."""
+    leaf = torch.ones(1, device=device, requires_grad=True)
+    out = leaf * 2
+    grad = torch.ones_like(out)
+
+    def call():
+        torch.autograd.grad(out, [leaf], grad, retain_graph=True)
+
+    if device == "cuda":
+        return time_do_bench(call, warmup_ms=25, rep_ms=100)
+    return time_cpu(call, warmup=50, min_repeats=200, max_repeats=2000, budget_s=0.2)
 
 
 def measure_ceilings(device: str, size: str) -> Ceilings:
-    """Copy bandwidth (``dst.copy_(src)``, bytes read + written) and dense matmul throughput, measured now.
+    """Copy bandwidth (``dst.copy_(src)``, bytes read + written), dense matmul throughput and the fixed cost of
+    ``torch.autograd.grad`` (:func:`autograd_floor`), measured now.
 
     CUDA: 1 GiB buffers and a bf16 8192^3 matmul. CPU: fp32, 64 MiB and 1024^3 (``size="small"``: 8 MiB and
     256^3, for the tests)."""
@@ -142,6 +160,7 @@ def measure_ceilings(device: str, size: str) -> Ceilings:
         copy_gbps=moved / (copy_t.p50 * 1e-3) / 1e9, copy_bytes=moved, copy_timing=copy_t,
         matmul_tflops=flops / (mm_t.p50 * 1e-3) / 1e12, matmul_n=n,
         matmul_dtype={torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype], matmul_timing=mm_t,
+        autograd_timing=autograd_floor(device),
     )
 
 

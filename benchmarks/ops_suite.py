@@ -218,6 +218,9 @@ def ceiling_rows(c: measure.Ceilings, stamp: dict) -> list[dict]:
         make_row(stamp, **common, op="matmul_peak", mode="mm", shape=f"{c.matmul_n}^3", dtype=c.matmul_dtype,
                  p20_ms=c.matmul_timing.p20, p50_ms=c.matmul_timing.p50, p80_ms=c.matmul_timing.p80,
                  tflops=c.matmul_tflops, pct_matmul=100.0),
+        make_row(stamp, **{**common, "note": "floor measured in this run: every backward row pays it once per call"},
+                 op="autograd_floor", mode="autograd.grad", shape="x * 2, one element (one node)", dtype="fp32",
+                 p20_ms=c.autograd_timing.p20, p50_ms=c.autograd_timing.p50, p80_ms=c.autograd_timing.p80),
     ]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.results import baseline_provider, eager_time, is_measured, latest_run, read_rows
+from benchmarks.results import CEILING_OPS, baseline_provider, eager_time, is_measured, latest_run, read_rows
 
 PROVIDER_COLORS = {"eager": "#888888", "compile": "#1f77b4", "triton": "#d62728", "cpp": "#2ca02c",
                    "reference": "#888888", "converted": "#d62728", "reference+compile": "#1f77b4",
@@ -88,7 +88,7 @@ def plot_file(csv_file: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    rows = [r for r in latest_run(read_rows(csv_file)) if r["op"] not in ("copy_bandwidth", "matmul_peak")]
+    rows = [r for r in latest_run(read_rows(csv_file)) if r["op"] not in CEILING_OPS]
     measured = [r for r in rows if is_measured(r)]
     stem = csv_file.with_suffix("")
     title = (f"{csv_file.stem}: {rows[0]['device_name']}, {rows[0]['date']}, commit {rows[0]['git_commit']}"

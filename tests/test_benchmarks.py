@@ -18,10 +18,9 @@ if str(REPO_ROOT) not in sys.path:  # benchmarks/ is not installed; the CLI adds
 from benchmarks import run  # noqa: E402
 from benchmarks.bytes_model import op_bytes, op_flops  # noqa: E402
 from benchmarks.measure import quantiles  # noqa: E402
-from benchmarks.results import ALWAYS_REQUIRED, COLUMNS, append_rows, make_row, read_rows  # noqa: E402
+from benchmarks.results import ALWAYS_REQUIRED, CEILING_OPS, COLUMNS, append_rows, make_row, read_rows  # noqa: E402
 from benchmarks.shapes import conv_blocks, ops_plan, workload  # noqa: E402
 
-CEILING_OPS = ("copy_bandwidth", "matmul_peak")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -76,6 +75,7 @@ def test_ops_rows_have_bandwidth_and_conv_rows_have_flops(quick_run):
     ceilings = {r["op"]: r for r in rows if r["op"] in CEILING_OPS}
     assert float(ceilings["copy_bandwidth"]["gbps"]) > 0
     assert float(ceilings["matmul_peak"]["tflops"]) > 0
+    assert float(ceilings["autograd_floor"]["p50_ms"]) > 0 and ceilings["autograd_floor"]["mode"] == "autograd.grad"
     measured = [r for r in rows if r["p50_ms"] and r["op"] not in CEILING_OPS]
     assert {r["op"] for r in measured} == {"adaptive_avg_pool_multi", "upsample_add", "upsample_concat",
                                            "upsample_cross_entropy", "conv_bn_relu", "bn_relu"}

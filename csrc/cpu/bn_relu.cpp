@@ -239,34 +239,34 @@ std::array<Vec<opmath_t>, 2> block_grad_sums(const opmath_t* X, const opmath_t* 
 }
 
 // The backward on a small NCHW map, block by block: each channel's sums into sg and sgx (backward_reduce's), and,
-// where dp is not null, its grad_x (backward_input's expression, count = N*H*W) into dp.
+// where dp is not null, its grad_x (backward_input's expression, count = N*H*W) into dp, computed on the transposed
+// block (a full vector per pixel where the rows would leave most of each vector empty) and transposed back.
 template <typename scalar_t, typename opmath_t>
 void small_backward(const DenseMap& m, const scalar_t* xp, const scalar_t* gp, const std::vector<opmath_t>& mu,
                     const std::vector<opmath_t>& is, const std::vector<opmath_t>& w, const std::vector<opmath_t>& b,
                     opmath_t* sg, opmath_t* sgx, scalar_t* dp) {
   using V = Vec<opmath_t>;
   constexpr int64_t L = V::size();
-  const opmath_t inv_count = static_cast<opmath_t>(1.0 / static_cast<double>(m.P()));  // backward_input's
-  for_each_block<opmath_t>(m, 2 * m.P() * L + 3 * m.HW, [&](int64_t c0, int64_t lanes, opmath_t* X) {
-    opmath_t* G = X + m.P() * L;
+  const int64_t P = m.P();
+  const opmath_t inv_count = static_cast<opmath_t>(1.0 / static_cast<double>(P));  // backward_input's
+  for_each_block<opmath_t>(m, 3 * P * L, [&](int64_t c0, int64_t lanes, opmath_t* X) {
+    opmath_t* G = X + P * L;
     load_block(m, xp, c0, lanes, X);
     load_block(m, gp, c0, lanes, G);
     const V mean_v = vload(mu.data() + c0, lanes), is_v = vload(is.data() + c0, lanes);
     const V w_v = vload(w.data() + c0, lanes), b_v = vload(b.data() + c0, lanes);
-    const auto sums = block_grad_sums(X, G, m.P(), mean_v, is_v, w_v, b_v);
+    const auto sums = block_grad_sums(X, G, P, mean_v, is_v, w_v, b_v);
     const V sum_gxhat = sums[1] * is_v;
     vstore(sg + c0, lanes, sums[0]);
     vstore(sgx + c0, lanes, sum_gxhat);
     if (!dp) return;
-    alignas(64) opmath_t mean_g[L], mean_gx[L];  // backward_input's sum * (1 / count), per channel
-    (sums[0] * V(inv_count)).store(mean_g);
-    (sum_gxhat * V(inv_count)).store(mean_gx);
-    opmath_t* rows = G + m.P() * L;  // 3 * HW values
-    for (int64_t j = 0; j < lanes; ++j) {
-      const int64_t c = c0 + j;
-      grad_rows(m, xp, gp, dp, c, V(mu[c]), V(is[c]), V(w[c]), V(b[c]), V(mean_g[j]), V(mean_gx[j]), rows,
-                rows + m.HW, rows + 2 * m.HW);
+    const V mean_g = sums[0] * V(inv_count), mean_gx = sum_gxhat * V(inv_count);  // backward_input's sum * (1 / count)
+    opmath_t* D = G + P * L;
+    for (int64_t p = 0; p < P; ++p) {
+      bn_grad_input(V::loadu(X + p * L), V::loadu(G + p * L), mean_v, is_v, w_v, b_v, mean_g, mean_gx)
+          .store(D + p * L);
     }
+    store_block(m, D, c0, lanes, dp);
   });
 }
 
@@ -428,21 +428,23 @@ std::tuple<Tensor, Tensor, Tensor> train_step(const Tensor& x_in, const Tensor& 
     const auto w = per_channel<opmath_t>(weight), b = per_channel<opmath_t>(bias);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    if (small_nchw_stats(m)) {  // channel_stats' arithmetic on a transposed block, then apply's by rows
+    if (small_nchw_stats(m)) {  // channel_stats' arithmetic and apply's expression on a transposed block
       constexpr int64_t L = Vec<opmath_t>::size();
-      for_each_block<opmath_t>(m, m.P() * L + 2 * m.HW, [&](int64_t c0, int64_t lanes, opmath_t* X) {
+      for_each_block<opmath_t>(m, 2 * m.P() * L, [&](int64_t c0, int64_t lanes, opmath_t* X) {
         load_block(m, xp, c0, lanes, X);
         const auto [mu, v] = block_moments(X, m.P());
         alignas(64) opmath_t mus[L], vars[L];
         mu.store(mus);
         v.store(vars);
-        opmath_t* rows = X + m.P() * L;
-        for (int64_t j = 0; j < lanes; ++j) {
-          const int64_t c = c0 + j;
-          finish_channel(c, mus[j], vars[j]);
-          apply_rows(m, xp, yp, c, Vec<opmath_t>(mean_p[c]), Vec<opmath_t>(invstd_p[c]), Vec<opmath_t>(w[c]),
-                     Vec<opmath_t>(b[c]), rows, rows + m.HW);
+        for (int64_t j = 0; j < lanes; ++j) finish_channel(c0 + j, mus[j], vars[j]);
+        const Vec<opmath_t> mean_v = vload(mean_p + c0, lanes), invstd_v = vload(invstd_p + c0, lanes);
+        const Vec<opmath_t> w_v = vload(w.data() + c0, lanes), b_v = vload(b.data() + c0, lanes);
+        opmath_t* Y = X + m.P() * L;
+        for (int64_t p = 0; p < m.P(); ++p) {
+          at::vec::maximum(bn_affine(Vec<opmath_t>::loadu(X + p * L), mean_v, invstd_v, w_v, b_v), Vec<opmath_t>(0))
+              .store(Y + p * L);
         }
+        store_block(m, Y, c0, lanes, yp);
       });
       return;
     }

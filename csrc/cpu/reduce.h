@@ -190,17 +190,21 @@ void for_each_chunk(const DenseMap& m, Task task) {
 //
 // An NCHW map whose rows are short (the pyramid pooling module's 1x1 to 6x6 maps) leaves vectors along pixels
 // mostly empty: most of a channel's time went to partial vectors, lane sums and per-channel chains of dependent
-// steps. There, the per-channel sums take each block of Vec::size() channels transposed (load_block: one vector
-// gather per pixel) into a scratch of pixels x channels, one channel per lane, summed exactly as the channels_last
-// kernels sum (in pixel order from 0, one chunk since every bound below is at most kChunkPixels): such a map gives
-// the statistics and sums of the same map in channels_last, bit for bit. Elementwise outputs are written by rows as
-// on large maps (no reduction there: the same bits either way). Which path a map takes depends on its shape only,
-// never on the number of threads.
-// The bounds, measured side by side against the large-map path (2 threads, 512 channels): the forward's statistics
-// gain up to 2x on 6x6 rows at batch 1, 2 and 4 (36 to 144 pixels per channel) and lose on 12x12 and 16x16 rows
-// (0.9x-1.0x); the backward, which gathers two inputs, gains at 36 pixels (1.2x-1.5x) and is on par or slower from
-// 72 (0.7x at 144). The forward (statistics) and the backward (sums) each take one rule everywhere, so that the
-// one-call op and the composite, and the fused backward and the two-op one, keep the same bits.
+// steps. There, the per-channel sums take each block of Vec::size() channels transposed (load_block, by register
+// transposes) into a scratch of pixels x channels, one channel per lane, summed exactly as the channels_last kernels
+// sum (in pixel order from 0, one chunk since every bound below is at most kChunkPixels): such a map gives the
+// statistics and sums of the same map in channels_last, bit for bit. The one-call training op and the fused backward
+// also compute their elementwise outputs on the transposed block and transpose them back (store_block); the
+// composite's kernels write them by rows, as on large maps (no reduction there: the same bits either way). Which path
+// a map takes depends on its shape only, never on the number of threads.
+// The bounds, measured side by side against the large-map path (2 threads, 512 channels), with one vector gather
+// per pixel where load_block now transposes: the forward's statistics gained up to 2x on 6x6 rows at batch 1, 2 and
+// 4 (36 to 144 pixels per channel) and lost on 12x12 and 16x16 rows (0.9x-1.0x); the backward, which reads two
+// inputs, gained at 36 pixels (1.2x-1.5x) and was on par or slower from 72 (0.7x at 144). With the transposes (and
+// the outputs on the block), 1x512x6x6 gained 1.2x more, and bounds of 256 pixels measured on par at 72 and 144
+// pixels but 0.66x-0.81x at 12x12 and 16x16, so they stay. The forward (statistics) and the backward (sums) each take
+// one rule everywhere, so that the one-call op and the composite, and the fused backward and the two-op one, keep
+// the same bits.
 constexpr int64_t kSmallRow = 64;          // forward: rows of at most this many pixels ...
 constexpr int64_t kSmallStatsPixels = 256;  // ... and at most this many pixels per channel over the batch
 constexpr int64_t kSmallGradPixels = 64;    // backward: at most this many pixels per channel over the batch
@@ -215,28 +219,94 @@ inline bool small_nchw_grads(const DenseMap& m) {
   return !m.cl && m.P() <= kSmallGradPixels;
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// An up-to-16 x 16 float tile transposed in registers: dst[j * ld_dst + i] = src[i * ld_src + j] for i < M, j < N
+// (masked loads and stores at the edges; rows past M read as zeros). The shuffle network of at::vec's
+// transpose_block, written with the tile's size fixed: at::vec's runtime-sized transpose_mxn keeps its sixteen
+// vectors in memory, and was slower than the gathers it was meant to replace.
+inline void transpose_tile16(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t M, int64_t N) {
+  const __mmask16 cols = static_cast<__mmask16>((1u << N) - 1), rows = static_cast<__mmask16>((1u << M) - 1);
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = i < M ? _mm512_maskz_loadu_ps(cols, src + i * ld_src) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // 32-bit interleave of row pairs
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // 64-bit interleave
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) {  // 128-bit lanes
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {
+      t[8 * i + k] = _mm512_shuffle_f32x4(r[8 * i + k], r[8 * i + 4 + k], 0x88);
+      t[8 * i + 4 + k] = _mm512_shuffle_f32x4(r[8 * i + k], r[8 * i + 4 + k], 0xdd);
+    }
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) {
+    if (j < N) {
+      const __m512 out = j < 8 ? _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88) : _mm512_shuffle_f32x4(t[j - 8], t[j], 0xdd);
+      _mm512_mask_storeu_ps(dst + j * ld_dst, rows, out);
+    }
+  }
+}
+#endif
+
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < M, j < N (an M x N matrix transposed). float by register
+// transposes of 16 x 16 tiles (AVX-512) or full 8 x 8 tiles (AVX2: at::vec's, the rest value by value); other types
+// value by value. Only moves values: the bits of what is computed on them never depend on it.
+template <typename T>
+inline void transpose(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t M, int64_t N) {
+  int64_t i0 = 0;
+  if constexpr (std::is_same_v<T, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    for (; i0 < M; i0 += 16) {
+      for (int64_t j0 = 0; j0 < N; j0 += 16) {
+        transpose_tile16(src + i0 * ld_src + j0, ld_src, dst + j0 * ld_dst + i0, ld_dst, std::min<int64_t>(16, M - i0),
+                         std::min<int64_t>(16, N - j0));
+      }
+    }
+    return;
+#elif defined(CPU_CAPABILITY_AVX2)
+    for (; i0 + 8 <= M; i0 += 8) {
+      int64_t j0 = 0;
+      for (; j0 + 8 <= N; j0 += 8) {
+        at::vec::transpose_mxn<float, 8, 8>(src + i0 * ld_src + j0, ld_src, dst + j0 * ld_dst + i0, ld_dst);
+      }
+      for (int64_t i = i0; i < i0 + 8; ++i) {
+        for (int64_t j = j0; j < N; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+      }
+    }
+#endif
+  }
+  for (int64_t i = i0; i < M; ++i) {
+    for (int64_t j = 0; j < N; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+  }
+}
+
 // The rows of channels [c0, c0 + lanes) (HW values per image) as the columns of dst: value (p, j) of the block,
-// pixel p = n * HW + hw, at dst[p * Vec::size() + j]. float and double by one vector gather per pixel (indices
-// j * HW; a partial block's unused lanes read its last channel again, never stored); bfloat16 converted one value
-// at a time.
+// pixel p = n * HW + hw, at dst[p * Vec::size() + j]. float and double by register transposes (transpose); bfloat16
+// converted one value at a time. A partial block's unused lanes are left as they were (computed on, never stored).
+// Why transposes rather than one vector gather per pixel: a gather is one load per lane, and the gathers were a
+// fifth of the small-map backward's instructions.
 template <typename scalar_t, typename opmath_t>
 void load_block(const DenseMap& m, const scalar_t* x, int64_t c0, int64_t lanes, opmath_t* dst) {
   constexpr int64_t L = at::vec::Vectorized<opmath_t>::size();
-  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-    using Index = at::vec::int_same_size_t<opmath_t>;
-    alignas(64) Index offsets[L];
-    for (int64_t j = 0; j < L; ++j) offsets[j] = static_cast<Index>(std::min(j, lanes - 1) * m.HW);
-    const auto index = at::vec::Vectorized<Index>::loadu(offsets);
-    for (int64_t n = 0; n < m.N; ++n) {
-      const opmath_t* src = x + (n * m.C + c0) * m.HW;
-      for (int64_t hw = 0; hw < m.HW; ++hw) {
-        at::vec::gather<sizeof(opmath_t)>(src + hw, index).store(dst + (n * m.HW + hw) * L);
-      }
-    }
-  } else {
-    for (int64_t n = 0; n < m.N; ++n) {
-      const scalar_t* src = x + (n * m.C + c0) * m.HW;
-      opmath_t* out = dst + n * m.HW * L;
+  for (int64_t n = 0; n < m.N; ++n) {
+    const scalar_t* src = x + (n * m.C + c0) * m.HW;
+    opmath_t* out = dst + n * m.HW * L;
+    if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+      transpose(src, m.HW, out, L, lanes, m.HW);
+    } else {
       for (int64_t j = 0; j < lanes; ++j) {
         for (int64_t hw = 0; hw < m.HW; ++hw) out[hw * L + j] = static_cast<opmath_t>(src[j * m.HW + hw]);
       }
@@ -244,8 +314,27 @@ void load_block(const DenseMap& m, const scalar_t* x, int64_t c0, int64_t lanes,
   }
 }
 
+// load_block's inverse: the block's values src[p * Vec::size() + j] (opmath) written to the rows of channels
+// [c0, c0 + lanes) of the NCHW map y, in its dtype.
+template <typename scalar_t, typename opmath_t>
+void store_block(const DenseMap& m, const opmath_t* src, int64_t c0, int64_t lanes, scalar_t* y) {
+  constexpr int64_t L = at::vec::Vectorized<opmath_t>::size();
+  for (int64_t n = 0; n < m.N; ++n) {
+    const opmath_t* in = src + n * m.HW * L;
+    scalar_t* dst = y + (n * m.C + c0) * m.HW;
+    if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+      transpose(in, L, dst, m.HW, m.HW, lanes);
+    } else {
+      for (int64_t j = 0; j < lanes; ++j) {
+        for (int64_t hw = 0; hw < m.HW; ++hw) dst[j * m.HW + hw] = static_cast<scalar_t>(in[hw * L + j]);
+      }
+    }
+  }
+}
+
 // Runs task(c0, lanes, scratch) for every block of Vec::size() channels of a small NCHW map, in parallel; scratch
-// holds `scratch_values` opmath values (zeroed once: a partial bfloat16 block's unused lanes compute on zeros).
+// holds `scratch_values` opmath values (zeroed once: a partial block's unused lanes compute on zeros or on an earlier
+// block's values, and are never stored).
 template <typename opmath_t, typename Task>
 void for_each_block(const DenseMap& m, int64_t scratch_values, Task task) {
   constexpr int64_t L = at::vec::Vectorized<opmath_t>::size();
