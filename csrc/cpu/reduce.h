@@ -254,7 +254,8 @@ inline void transpose_tile16(const float* src, int64_t ld_src, float* dst, int64
 #pragma GCC unroll 16
   for (int j = 0; j < 16; ++j) {
     if (j < N) {
-      const __m512 out = j < 8 ? _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88) : _mm512_shuffle_f32x4(t[j - 8], t[j], 0xdd);
+      const __m512 out =
+          j < 8 ? _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88) : _mm512_shuffle_f32x4(t[j - 8], t[j], 0xdd);
       _mm512_mask_storeu_ps(dst + j * ld_dst, rows, out);
     }
   }
