@@ -35,6 +35,7 @@ class Timing:
     p80: float
     samples: int
     method: str
+    values: tuple = ()  # the CPU timer's samples (ms), for pooling several timings of one call
 
 
 def sync(device: str) -> None:
@@ -57,7 +58,7 @@ def time_cpu(fn: Callable, *, setup: Callable | None = None, warmup: int = 2, mi
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
     p20, p50, p80 = quantiles(samples)
-    return Timing(p20, p50, p80, len(samples), "perf_counter")
+    return Timing(p20, p50, p80, len(samples), "perf_counter", tuple(samples))
 
 
 def time_cuda_events(fn: Callable, *, setup: Callable | None = None, warmup: int = 2, repeats: int = 10) -> Timing:

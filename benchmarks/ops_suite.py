@@ -78,17 +78,39 @@ def compile_skip_reason(case: OpCase, opts: Options) -> str | None:
     return None
 
 
-def _timer(device: str, shape_set: str):
-    quick = shape_set != "full"
+# CPU runs time their providers in this many interleaved rounds (see run_case).
+CPU_ROUNDS = 3
 
-    def run(fn, setup, leaves):
+
+def _interleaves(device: str, shape_set: str, providers: tuple[str, ...]) -> bool:
+    """Whether run_case times its providers in interleaved rounds: on the CPU (a shared VM, whose speed moves by
+    phases of seconds: timed one after another, eager and cpp rows of the same code moved up to 2x apart between
+    runs), with two providers or more, at real sizes."""
+    return device == "cpu" and not toy_sizes(shape_set) and len(providers) > 1
+
+
+def _timer(device: str, shape_set: str, rounds: int = 1):
+    """The timer of one case. ``rounds`` > 1 (CPU): each call times for 1/rounds of the budget and pools its samples
+    with the earlier calls' under the same key (provider, mode); the Timing returned covers every round so far."""
+    quick = shape_set != "full"
+    pool: dict = {}
+
+    def run(fn, setup, leaves, key=None):
         if device == "cuda":
             return measure.time_do_bench(fn, grad_to_none=leaves, warmup_ms=10 if quick else 25,
                                          rep_ms=40 if quick else 100)
         if toy_sizes(shape_set):  # the harness's own tests, the GPU dry run: the fewest samples that still time
             return measure.time_cpu(fn, setup=setup, warmup=0 if gpu_dry_run() else 1, budget_s=0.01,
                                     min_repeats=1 if gpu_dry_run() else 3)
-        return measure.time_cpu(fn, setup=setup, budget_s=0.05 if quick else 0.3, min_repeats=5)
+        budget = 0.05 if quick else 0.3
+        if rounds == 1:
+            return measure.time_cpu(fn, setup=setup, budget_s=budget, min_repeats=5)
+        timing = measure.time_cpu(fn, setup=setup, budget_s=budget / rounds, min_repeats=2)
+        samples = pool.setdefault(key, [])
+        samples += timing.values
+        p20, p50, p80 = measure.quantiles(samples)
+        return measure.Timing(p20, p50, p80, len(samples), f"perf_counter, providers interleaved in {rounds} rounds",
+                              tuple(samples))
     return run
 
 
@@ -96,18 +118,36 @@ def run_case(case: OpCase, dtype_name: str, layout: str, modes: tuple[str, ...],
              opts: Options, ceilings: measure.Ceilings, stamp: dict) -> list[dict]:
     dtype = DTYPES[dtype_name]
     base = dict(suite="ops", op=case.op, shape=case.shape, dtype=dtype_name, layout=layout)
-    rows = []
     built = build(case, dtype, layout, opts.device)
-    timer = _timer(opts.device, opts.shape_set)
+    # Interleaved (CPU, several providers): every provider's modes in turn, CPU_ROUNDS times, the order rotated each
+    # round; each row's timing pools its rounds' samples, and the last round's rows (peak memory, notes) are kept.
+    reasons = {provider: _skip_reason(case, provider, opts, built) for provider in providers}  # once, not per round
+    rounds = CPU_ROUNDS if _interleaves(opts.device, opts.shape_set, providers) else 1
+    timer = _timer(opts.device, opts.shape_set, rounds)
+    for r in range(rounds):
+        order = providers[r % len(providers):] + providers[:r % len(providers)]
+        rows = _run_providers(case, dtype_name, dtype, layout, modes, order, reasons, opts, ceilings, stamp, base,
+                              built, timer)
+    return sorted(rows, key=lambda row: (providers.index(row["provider"]), modes.index(row["mode"])))
+
+
+def _skip_reason(case: OpCase, provider: str, opts: Options, built: Built) -> str | None:
+    if provider == "compile":
+        reason = compile_skip_reason(case, opts)
+    elif provider == "eager":
+        reason = None
+    else:
+        reason = provider_skip_reason(case.op, provider, opts.device, built)
+    if reason is None and time.monotonic() > opts.deadline:
+        reason = "time budget used up before this case (see --budget-s)"
+    return reason
+
+
+def _run_providers(case, dtype_name, dtype, layout, modes, providers, reasons, opts, ceilings, stamp, base, built,
+                   timer):
+    rows = []
     for provider in providers:
-        if provider == "compile":
-            reason = compile_skip_reason(case, opts)
-        elif provider == "eager":
-            reason = None
-        else:
-            reason = provider_skip_reason(case.op, provider, opts.device, built)
-        if reason is None and time.monotonic() > opts.deadline:
-            reason = "time budget used up before this case (see --budget-s)"
+        reason = reasons[provider]
         if reason is not None:
             rows += [make_row(stamp, **base, provider=provider, mode=m, note=SKIPPED_PREFIX + reason) for m in modes]
             continue
@@ -188,7 +228,7 @@ def _measure_mode(built, call, mode, case, dtype, device, timer, ceilings, stamp
             def fn():
                 torch.autograd.grad(_outputs(forward()), built.leaves, grads, allow_unused=True)
 
-    timing = timer(fn, zero_grads, built.leaves)
+    timing = timer(fn, zero_grads, built.leaves, key=(provider, mode))
     zero_grads()
     peak, base_mb = peak_memory_mb(fn, device, setup=zero_grads, cpu=False)
     zero_grads()

@@ -142,6 +142,41 @@ def test_triton_refused_on_cpu_even_when_registered_and_available(monkeypatch):
     assert reason is not None and "interpreter" in reason
 
 
+def test_cpu_providers_are_timed_in_interleaved_rounds(monkeypatch):
+    """On the CPU at real sizes, run_case times every provider's modes in turn, CPU_ROUNDS times with the order
+    rotated (a VM's slow phase then falls on every provider alike), and each row pools its rounds' samples."""
+    from benchmarks import measure as bench_measure
+    from benchmarks import ops_suite
+    from benchmarks.shapes import TINY, head_op_cases
+
+    assert ops_suite._interleaves("cpu", "full", ("eager", "cpp"))
+    assert not ops_suite._interleaves("cpu", "full", ("compile",))  # (the compile pass runs alone)
+    assert not ops_suite._interleaves("cuda", "full", ("eager", "cpp"))
+    assert not ops_suite._interleaves("cpu", "tiny", ("eager", "cpp"))
+
+    timer = ops_suite._timer("cpu", "full", rounds=3)
+    counts = [timer(lambda: None, None, [], key=("eager", "forward")).samples for _ in range(3)]
+    assert 2 <= counts[0] < counts[1] < counts[2]  # each round adds its samples to the row's
+    other = timer(lambda: None, None, [], key=("cpp", "forward"))  # another row: its own samples only
+    assert other.samples < counts[2] and len(other.values) == other.samples and "interleaved in 3 rounds" in other.method
+
+    case = next(c for c in head_op_cases(TINY, primary=True, all_instances=False, conv="none")
+                if c.op == "upsample_add")
+    order = []
+    monkeypatch.setattr(ops_suite, "_interleaves", lambda *args: True)
+    monkeypatch.setattr(ops_suite, "_timer", lambda device, shape_set, rounds=1: (
+        lambda fn, setup, leaves, key=None: order.append(key) or bench_measure.Timing(1.0, 1.0, 1.0, rounds, "t")))
+    opts = ops_suite.Options(device="cpu", shape_set="tiny", log=lambda line: None)
+    ceilings = bench_measure.Ceilings(1.0, 1, None, 1.0, 1, "fp32", None, None)
+    rows = ops_suite.run_case(case, "fp32", "nchw", ("forward", "backward"), ("eager", "cpp"), opts, ceilings, {})
+    rotations = [("eager", "cpp"), ("cpp", "eager")]
+    assert order == [(provider, mode) for r in range(ops_suite.CPU_ROUNDS) for provider in rotations[r % 2]
+                     for mode in ("forward", "backward")]
+    assert [(r["provider"], r["mode"]) for r in rows] == [("eager", "forward"), ("eager", "backward"),
+                                                          ("cpp", "forward"), ("cpp", "backward")]
+    assert all(r["p50_ms"] and not r["note"].startswith(("failed", "skipped")) for r in rows), rows
+
+
 def test_e2e_rows(quick_run):
     _, results = quick_run
     rows = _rows(results, "e2e")
