@@ -14,7 +14,8 @@
 //
 // Named bn_relu_autograd.cpp, not bn_relu.cpp: torch.utils.cpp_extension names object files by the source's
 // base name alone, so a second bn_relu.cpp would build the same bn_relu.o as csrc/cpu/bn_relu.cpp.
-#include <ATen/core/dispatch/Dispatcher.h>
+#include "op_handle.h"
+
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -27,11 +28,6 @@ namespace {
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 using TrainStep = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                      const Tensor&, const Tensor&, std::optional<double>, double);

@@ -16,9 +16,9 @@
 // bn_relu_eval_from_buffers (called through the dispatcher, so that the profiler records it as when Python
 // called it). Only speed differs from the Python path; tests/test_conv_bn_relu.py compares the bits.
 #include "common.h"
+#include "op_handle.h"
 
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/relu.h>
@@ -125,10 +125,8 @@ Tensor conv_bn_relu_pointwise_eval(const Tensor& x, const Tensor& weight, const 
         given(conv_bias) ? std::optional<Tensor>(conv_bias->view({cout, 1})) : std::nullopt;
     const Tensor y = products(x, weight.reshape({cout, x.size(1)}), bias);
     static const auto eval_from_buffers =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("upernet_fast_cpp::bn_relu_eval_from_buffers", "")
-            .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                          const std::optional<Tensor>&, double)>();
+        op_handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                         const std::optional<Tensor>&, double)>("upernet_fast_cpp::bn_relu_eval_from_buffers");
     // Below autograd (this op is autograd-free; the op's Python autograd formula would only cost time), but
     // through the dispatcher, where the profiler records the call.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
