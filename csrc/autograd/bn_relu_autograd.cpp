@@ -38,6 +38,11 @@ using BackwardReduce = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, 
 using BackwardInput = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                              const Tensor&, const Tensor&, const Tensor&, double);
 
+// t in like's dtype; t itself when it is already (no dispatcher call for the float32 parameters' usual case).
+Tensor as_dtype_of(const Tensor& t, const Tensor& like) {
+  return t.scalar_type() == like.scalar_type() ? t : t.to(like.scalar_type());
+}
+
 class BnReluTrainStep : public torch::autograd::Function<BnReluTrainStep> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& bias,
@@ -74,6 +79,10 @@ class BnReluTrainStep : public torch::autograd::Function<BnReluTrainStep> {
     const Tensor grad = grads[0].contiguous(channels_last ? at::MemoryFormat::ChannelsLast
                                                           : at::MemoryFormat::Contiguous);
     Tensor grad_x, sum_g, sum_gxhat;
+    // Straight to the CPU kernels: below the Autograd and ADInplaceOrView keys, which these backward ops have
+    // no kernels for (the dispatcher's boxed fallbacks there cost microseconds per call on the PPM's small maps,
+    // and gradient mode is off here anyway).
+    at::AutoDispatchBelowADInplaceOrView guard;
     if (!channels_last) {
       std::tie(grad_x, sum_g, sum_gxhat) = fused.call(grad, x, mean, invstd, weight, bias);
     } else {
@@ -83,7 +92,7 @@ class BnReluTrainStep : public torch::autograd::Function<BnReluTrainStep> {
       grad_x = input.call(grad, x, mean, invstd, weight, bias, sum_g, sum_gxhat, count);
     }
     // The sums are fresh tensors: returned as they are where the parameters share their dtype (float32).
-    return {grad_x, sum_gxhat.to(weight.scalar_type()), sum_g.to(bias.scalar_type()),
+    return {grad_x, as_dtype_of(sum_gxhat, weight), as_dtype_of(sum_g, bias),
             Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
