@@ -94,7 +94,7 @@ class Target:
     """A head or a whole model, with its inputs, under one provider."""
 
     def __init__(self, kind: str, module, channels, plan: E2EPlan, device: str, converted: bool, compiled: bool):
-        self.compiled = compiled
+        self.compiled, self.converted = compiled, converted
         self.kind, self.module, self.plan, self.device = kind, module, plan, device
         self.channels_last = plan.amp_channels_last
         self.amp = torch.bfloat16 if plan.amp_channels_last else None
@@ -157,27 +157,56 @@ def _skip_compile_reason(opts: Options) -> str | None:
     return None
 
 
-def _measure(target: Target, mode: str, opts: Options):
-    fn = target.inference if mode == "inference" else target.train_step
+# CPU rounds of the uncompiled providers (see _interleaves).
+CPU_ROUNDS = 3
+
+
+def _interleaves(opts: Options, compiled: bool) -> bool:
+    """Whether a target's uncompiled providers are timed in interleaved rounds: on the CPU (a shared VM whose speed
+    moves by phases of seconds to minutes: one model timed after the other, a slow phase falls on one side only), at
+    real sizes. Compiled providers keep their own pass (each compiles from a fresh cache)."""
+    return opts.device == "cpu" and not toy_sizes(opts.shape_set) and not compiled and len(BASE_PROVIDERS) > 1
+
+
+def _call(target: Target, mode: str):
+    return target.inference if mode == "inference" else target.train_step
+
+
+def _first_call(target: Target, mode: str, opts: Options) -> float:
+    """The first call (compiles under torch.compile, allocates optimizer state in training), in seconds."""
+    target.module.train(mode != "inference")
+    t0 = time.perf_counter()
+    _call(target, mode)()
+    measure.sync(opts.device)
+    return time.perf_counter() - t0
+
+
+def _time(target: Target, mode: str, opts: Options, rounds: int = 1) -> measure.Timing:
+    """One timing of the call; with rounds > 1 (CPU), one round's share of the budget, no warm-up (the first call,
+    and the earlier rounds, warmed it)."""
+    fn, setup = _call(target, mode), target.clear_input_grads
     target.module.train(mode != "inference")
     quick = opts.shape_set != "full"
-    t0 = time.perf_counter()
-    fn()  # first call: compiles under torch.compile, allocates optimizer state in training
-    measure.sync(opts.device)
-    first_s = time.perf_counter() - t0
-    setup = target.clear_input_grads
     if opts.device == "cuda":
-        timing = measure.time_cuda_events(fn, setup=setup, warmup=1 if quick else 2, repeats=5 if quick else 10)
-    else:
-        toy = toy_sizes(opts.shape_set)
-        timing = measure.time_cpu(fn, setup=setup, warmup=0 if toy else 1,
-                                  min_repeats=(1 if gpu_dry_run() else 3) if toy else 5,
-                                  max_repeats=20, budget_s=0.0 if toy else {"quick": 0.2}.get(opts.shape_set, 1.0))
-    peak, base_mb = peak_memory_mb(fn, opts.device, setup=setup, cpu=False)
+        return measure.time_cuda_events(fn, setup=setup, warmup=1 if quick else 2, repeats=5 if quick else 10)
+    toy = toy_sizes(opts.shape_set)
+    budget_s = 0.0 if toy else {"quick": 0.2}.get(opts.shape_set, 1.0)
+    if rounds > 1:
+        return measure.time_cpu(fn, setup=setup, warmup=0, min_repeats=2, max_repeats=max(2, 20 // rounds),
+                                budget_s=budget_s / rounds)
+    return measure.time_cpu(fn, setup=setup, warmup=0 if toy else 1,
+                            min_repeats=(1 if gpu_dry_run() else 3) if toy else 5, max_repeats=20, budget_s=budget_s)
+
+
+def _memory(target: Target, mode: str, opts: Options):
+    """Peak memory of one call (and the base it starts from), and in training what autograd saves for backward."""
+    fn = _call(target, mode)
+    target.module.train(mode != "inference")
+    peak, base_mb = peak_memory_mb(fn, opts.device, setup=target.clear_input_grads, cpu=False)
     saved_mb = None
     if mode == "train_step" and not target.compiled:  # hooks do not see inside a compiled graph
         saved_mb = saved_activation_mb(target.forward_loss)
-    return timing, peak, base_mb, first_s, saved_mb
+    return peak, base_mb, saved_mb
 
 
 def run_e2e(opts: Options, stamp: dict) -> list[dict]:
@@ -199,50 +228,102 @@ def _run_plan(plan: E2EPlan, opts: Options, stamp: dict) -> list[dict]:
         rows.append(row)
         emit([row])
 
-    # Uncompiled providers of every target first, then the compiled ones: the budget guard drops the costliest.
-    order = [(t, p, False) for t in targets for p in BASE_PROVIDERS]
-    order += [(t, p, True) for t in targets for p in BASE_PROVIDERS]
-    for (kind, backbone), provider, compiled in order:
-        name = f"{kind} {backbone}"
+    def row_of(provider, compiled, kind, backbone, mode, **fields):
+        label = provider + ("+compile" if compiled else "")
         shape = (f"b{plan.batch} 3x{plan.crop}x{plan.crop}" if kind == "model" else
                  f"b{plan.batch} features of {plan.crop}px, hidden {plan.hidden}, {plan.num_classes} classes")
-        label = provider + ("+compile" if compiled else "")
-        base = dict(suite="e2e", op=name, provider=label, shape=shape, dtype=dtype, layout=layout)
-        for mode in plan.modes:
-            reason = compile_reason if compiled else None
-            if reason is None and time.monotonic() > opts.deadline:
-                reason = "time budget used up before this case (see --budget-s)"
-            if reason is not None:
-                add(make_row(stamp, **base, mode=mode, note=SKIPPED_PREFIX + reason))
-                continue
-            opts.log(f"[e2e] {name} {label} {mode}")
-            try:
-                model = build_model(plan, backbone).to(opts.device)
-                if provider == "converted":
-                    model = _convert(model)
-                module = model.decode_head if kind == "head" else model
-                if compiled:
-                    measure.fresh_compile_cache()
-                target = Target(kind, module, model.backbone.channels, plan, opts.device,
-                                converted=provider == "converted", compiled=compiled)
-                timing, peak, base_mb, first_s, saved_mb = _measure(target, mode, opts)
-            except ConvertUnavailable as exc:
-                add(make_row(stamp, **base, mode=mode, note=SKIPPED_PREFIX + str(exc)))
-                continue
-            except Exception as exc:
-                add(make_row(stamp, **base, mode=mode,
-                             note=FAILED_PREFIX + f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]))
-                continue
-            finally:
-                model = module = target = None
-                if opts.device == "cuda":
-                    torch.cuda.empty_cache()
-            note = [f"images/s {plan.batch / (timing.p50 * 1e-3):.1f}", f"first call {first_s:.1f}s"]
-            if base_mb is not None:
-                note.append(f"base {base_mb:.0f} MB")
-            if saved_mb is not None:
-                note.append(f"saved for backward {saved_mb:.1f} MB")
-            note.append(timing.method + (f" n={timing.samples}" if timing.samples else ""))
-            add(make_row(stamp, **base, mode=mode, p20_ms=timing.p20, p50_ms=timing.p50, p80_ms=timing.p80,
-                         peak_mb=peak, note="; ".join(note)))
+        return make_row(stamp, suite="e2e", op=f"{kind} {backbone}", provider=label, shape=shape, dtype=dtype,
+                        layout=layout, mode=mode, **fields)
+
+    # Uncompiled providers of every target first, then the compiled ones: the budget guard drops the costliest.
+    for compiled in (False, True):
+        for kind, backbone in targets:
+            for mode in plan.modes:
+                for row in _run_group(plan, opts, kind, backbone, mode, compiled, compile_reason, row_of):
+                    add(row)
     return rows
+
+
+def _run_group(plan: E2EPlan, opts: Options, kind: str, backbone: str, mode: str, compiled: bool,
+               compile_reason: str | None, row_of) -> list[dict]:
+    """Every provider of one target and mode: built, called once, timed (in interleaved rounds where _interleaves
+    says so, the order rotated each round and each provider's samples pooled; else one provider after another,
+    each freed before the next is built), and its memory measured. Rows in BASE_PROVIDERS' order."""
+    rows: dict[str, dict] = {}
+    interleaved = _interleaves(opts, compiled)
+    rounds = CPU_ROUNDS if interleaved else 1
+    live: dict[str, tuple[Target, float]] = {}
+
+    def fail(provider, exc):
+        note = (SKIPPED_PREFIX + str(exc) if isinstance(exc, ConvertUnavailable) else
+                FAILED_PREFIX + f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300])
+        rows[provider] = row_of(provider, compiled, kind, backbone, mode, note=note)
+
+    def build(provider):
+        model = build_model(plan, backbone).to(opts.device)
+        if provider == "converted":
+            model = _convert(model)
+        module = model.decode_head if kind == "head" else model
+        if compiled:
+            measure.fresh_compile_cache()
+        target = Target(kind, module, model.backbone.channels, plan, opts.device,
+                        converted=provider == "converted", compiled=compiled)
+        return target, _first_call(target, mode, opts)
+
+    def finish(provider, target, first_s, timing):
+        peak, base_mb, saved_mb = _memory(target, mode, opts)
+        note = [f"images/s {plan.batch / (timing.p50 * 1e-3):.1f}", f"first call {first_s:.1f}s"]
+        if base_mb is not None:
+            note.append(f"base {base_mb:.0f} MB")
+        if saved_mb is not None:
+            note.append(f"saved for backward {saved_mb:.1f} MB")
+        note.append(timing.method + (f" n={timing.samples}" if timing.samples else ""))
+        rows[provider] = row_of(provider, compiled, kind, backbone, mode, p20_ms=timing.p20, p50_ms=timing.p50,
+                                p80_ms=timing.p80, peak_mb=peak, note="; ".join(note))
+
+    def release():
+        if opts.device == "cuda":
+            torch.cuda.empty_cache()
+
+    for provider in BASE_PROVIDERS:
+        reason = compile_reason if compiled else None
+        if reason is None and time.monotonic() > opts.deadline:
+            reason = "time budget used up before this case (see --budget-s)"
+        if reason is not None:
+            rows[provider] = row_of(provider, compiled, kind, backbone, mode, note=SKIPPED_PREFIX + reason)
+            continue
+        label = provider + ("+compile" if compiled else "")
+        opts.log(f"[e2e] {kind} {backbone} {label} {mode}")
+        try:
+            target, first_s = build(provider)
+            if not interleaved:  # one at a time: timed, measured and freed before the next provider is built
+                finish(provider, target, first_s, _time(target, mode, opts))
+                target = None
+                release()
+                continue
+            live[provider] = (target, first_s)
+        except Exception as exc:  # a build, compile or kernel failure is a result too: record it
+            target = None
+            release()
+            fail(provider, exc)
+    pooled: dict[str, list[float]] = {provider: [] for provider in live}
+    order = list(live)
+    for r in range(rounds if live else 0):
+        for provider in order[r % len(order):] + order[:r % len(order)]:
+            if provider not in live:
+                continue
+            try:
+                pooled[provider] += _time(live[provider][0], mode, opts, rounds).values
+            except Exception as exc:
+                live.pop(provider)
+                fail(provider, exc)
+    for provider, (target, first_s) in list(live.items()):
+        p20, p50, p80 = measure.quantiles(pooled[provider])
+        timing = measure.Timing(p20, p50, p80, len(pooled[provider]),
+                                f"perf_counter, providers interleaved in {rounds} rounds")
+        try:
+            finish(provider, target, first_s, timing)
+        except Exception as exc:
+            fail(provider, exc)
+        live.pop(provider)
+    return [rows[p] for p in BASE_PROVIDERS if p in rows]

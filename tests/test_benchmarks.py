@@ -177,6 +177,49 @@ def test_cpu_providers_are_timed_in_interleaved_rounds(monkeypatch):
     assert all(r["p50_ms"] and not r["note"].startswith(("failed", "skipped")) for r in rows), rows
 
 
+def test_e2e_cpu_providers_are_timed_in_interleaved_rounds(monkeypatch):
+    """On the CPU at real sizes, the e2e suite builds a target's uncompiled providers together and times them
+    CPU_ROUNDS times in rotated order, each row pooling its rounds' samples (a VM's slow phase then falls on both
+    models alike); elsewhere one provider after another, each timed once."""
+    from benchmarks import e2e_suite
+    from benchmarks import measure as bench_measure
+    from benchmarks.shapes import e2e_plans
+
+    cpu_real = e2e_suite.Options(device="cpu", shape_set="cpu-inference")
+    assert e2e_suite._interleaves(cpu_real, compiled=False)
+    assert not e2e_suite._interleaves(cpu_real, compiled=True)  # (each compiled provider keeps its own pass)
+    assert not e2e_suite._interleaves(e2e_suite.Options(device="cuda", shape_set="full"), compiled=False)
+    assert not e2e_suite._interleaves(e2e_suite.Options(device="cpu", shape_set="tiny"), compiled=False)
+
+    plan = e2e_plans("tiny", "cpu")[0]
+    opts = e2e_suite.Options(device="cpu", shape_set="tiny", log=lambda line: None)
+    calls = []
+
+    def fake_time(target, mode, opts, rounds=1):
+        calls.append(("converted" if target.converted else "reference", rounds))
+        return bench_measure.Timing(1.0, 1.0, 1.0, 2, "t", (1.0, 3.0))
+
+    def row_of(provider, compiled, kind, backbone, mode, **fields):
+        return dict(provider=provider, **fields)
+
+    monkeypatch.setattr(e2e_suite, "_time", fake_time)
+    for interleaved in (True, False):
+        calls.clear()
+        monkeypatch.setattr(e2e_suite, "_interleaves", lambda opts, compiled: interleaved)
+        rows = e2e_suite._run_group(plan, opts, "head", plan.backbones[0], "inference", False, None, row_of)
+        assert [r["provider"] for r in rows] == ["reference", "converted"]
+        assert all(r["p50_ms"] and not r["note"].startswith(("failed", "skipped")) for r in rows), rows
+        if interleaved:
+            rotations = [("reference", "converted"), ("converted", "reference")]
+            assert calls == [(p, e2e_suite.CPU_ROUNDS) for r in range(e2e_suite.CPU_ROUNDS) for p in rotations[r % 2]]
+            n = 2 * e2e_suite.CPU_ROUNDS  # every round's samples pooled into the row
+            assert all(f"interleaved in {e2e_suite.CPU_ROUNDS} rounds n={n}" in r["note"] for r in rows), rows
+            assert all(r["p50_ms"] == 2.0 for r in rows)  # the median of the pooled (1, 3, 1, 3, 1, 3)
+        else:
+            assert calls == [("reference", 1), ("converted", 1)]
+            assert all(r["p50_ms"] == 1.0 for r in rows)
+
+
 def test_e2e_rows(quick_run):
     _, results = quick_run
     rows = _rows(results, "e2e")
