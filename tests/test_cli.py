@@ -30,6 +30,19 @@ def test_demo_checks_and_times_a_converted_model():
     assert "-> OK" in result.stdout
     for row in ("forward           reference", "forward           converted", "forward+backward  converted"):
         assert row in result.stdout
+    assert "1.00x" in result.stdout  # the speed-up column (the reference against itself)
+
+
+def test_demo_times_the_two_models_in_alternation():
+    """The demo's timings alternate the models round by round (order rotated), one call each per round."""
+    from upernet_fast.demo import time_interleaved
+
+    order = []
+    runs = {name: (lambda name=name: order.append(name)) for name in ("reference", "converted")}
+    samples = time_interleaved(runs, "cpu", rounds=3)
+    assert order == ["reference", "converted", "converted", "reference", "reference", "converted"]
+    assert {name: len(v) for name, v in samples.items()} == {"reference": 3, "converted": 3}
+    assert all(t >= 0 for v in samples.values() for t in v)
 
 
 @pytest.mark.parametrize(

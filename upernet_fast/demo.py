@@ -39,12 +39,23 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
 
 
+def time_interleaved(runs: dict, device, rounds: int) -> dict[str, list[float]]:
+    """Each run timed once per round (ms), the order rotated every round, so that a shared machine's slow phase
+    (seconds to minutes on a VM) falls on every run alike instead of on whichever was timed during it."""
+    names = list(runs)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            samples[name] += time_ms(runs[name], device, repeats=1, warmup=0)
+    return samples
+
+
 def run_demo(device=None, batch=None, size=None, weights=None, repeats=None) -> int:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cuda = device.type == "cuda"
     batch = batch or (16 if on_cuda else 2)
     size = size or (512 if on_cuda else 256)
-    repeats = repeats or (10 if on_cuda else 2)
+    repeats = repeats or (10 if on_cuda else 3)
     torch.manual_seed(0)
     reference = build_convnext_tiny_upernet(weights).to(device)
     converted = upernet_fast.convert(copy.deepcopy(reference))
@@ -110,13 +121,17 @@ def run_demo(device=None, batch=None, size=None, weights=None, repeats=None) -> 
             loss.backward()
         return run
 
-    print(f"\n{'mode':<18}{'model':<12}{'p50 ms':>10}{'p20-p80 ms':>18}{'peak MiB':>11}")
+    print(f"\n{'mode':<18}{'model':<12}{'p50 ms':>10}{'p20-p80 ms':>18}{'speed-up':>10}{'peak MiB':>11}")
     for mode, make in (("forward", forward), ("forward+backward", forward_backward)):
-        for name, model in (("reference", reference), ("converted", converted)):
-            run = make(model)
-            peak, _ = peak_memory_mb(run, device)  # also the warm-up run of the timing below
-            p20, p50, p80 = quantiles(time_ms(run, device, repeats=repeats, warmup=0))
-            print(f"{mode:<18}{name:<12}{p50:>10.1f}{f'{p20:.1f}-{p80:.1f}':>18}{peak:>11.0f}")
+        runs = {name: make(model) for name, model in (("reference", reference), ("converted", converted))}
+        peaks = {name: peak_memory_mb(run, device)[0] for name, run in runs.items()}  # also the warm-up runs
+        samples = time_interleaved(runs, device, rounds=repeats)
+        p50_ref = quantiles(samples["reference"])[1]
+        for name in runs:
+            p20, p50, p80 = quantiles(samples[name])
+            print(f"{mode:<18}{name:<12}{p50:>10.1f}{f'{p20:.1f}-{p80:.1f}':>18}{f'{p50_ref / p50:.2f}x':>10}"
+                  f"{peaks[name]:>11.0f}")
+    print(f"(each model timed {repeats} times, the two in alternation: a machine's slow phase falls on both alike)")
     dev = torch.cuda.get_device_name(device) if on_cuda else "CPU"
     print(f"\n{dev}, torch {torch.__version__}. CPU numbers say nothing about GPU speed; see benchmarks/.")
     return 0 if ok else 1
