@@ -223,17 +223,25 @@ std::pair<Vec<opmath_t>, Vec<opmath_t>> block_moments(const opmath_t* X, int64_t
 
 // Each lane's backward sums {sum(g_relu), sum(g_relu * (x - mean))} over a transposed block (X, G): backward_reduce's
 // chunk sums (from 0, pixel order), then channel_sums2's combination of one chunk (0 + the chunk's sum).
-template <typename opmath_t>
-std::array<Vec<opmath_t>, 2> block_grad_sums(const opmath_t* X, const opmath_t* G, int64_t P,
-                                             const Vec<opmath_t>& mean, const Vec<opmath_t>& invstd,
-                                             const Vec<opmath_t>& weight, const Vec<opmath_t>& bias) {
+// keep: overwrite G with each pixel's g_relu and X with its x - mean (bn_backward_terms' own values).
+template <typename opmath_t, bool keep>
+std::array<Vec<opmath_t>, 2> block_grad_sums(opmath_t* X, opmath_t* G, int64_t P, const Vec<opmath_t>& mean,
+                                             const Vec<opmath_t>& invstd, const Vec<opmath_t>& weight,
+                                             const Vec<opmath_t>& bias) {
   using V = Vec<opmath_t>;
   constexpr int64_t L = V::size();
   V a(0), q(0);
   for (int64_t p = 0; p < P; ++p) {
-    const auto terms = bn_backward_terms(V::loadu(X + p * L), V::loadu(G + p * L), mean, invstd, weight, bias);
-    a = a + terms[0];
-    q = q + terms[1];
+    const V x = V::loadu(X + p * L);
+    // bn_backward_terms written out: {g_relu, g_relu * (x - mean)}.
+    const V g_relu = where_positive(bn_affine(x, mean, invstd, weight, bias), V::loadu(G + p * L));
+    const V d = x - mean;
+    a = a + g_relu;
+    q = q + g_relu * d;
+    if constexpr (keep) {
+      g_relu.store(G + p * L);
+      d.store(X + p * L);
+    }
   }
   return {V(0) + a, V(0) + q};
 }
@@ -255,16 +263,22 @@ void small_backward(const DenseMap& m, const scalar_t* xp, const scalar_t* gp, c
     load_block(m, gp, c0, lanes, G);
     const V mean_v = vload(mu.data() + c0, lanes), is_v = vload(is.data() + c0, lanes);
     const V w_v = vload(w.data() + c0, lanes), b_v = vload(b.data() + c0, lanes);
-    const auto sums = block_grad_sums(X, G, P, mean_v, is_v, w_v, b_v);
+    // With grad_x to compute, the sums' pass keeps each pixel's g_relu (in G) and x - mean (in X) for it.
+    const auto sums = dp ? block_grad_sums<opmath_t, true>(X, G, P, mean_v, is_v, w_v, b_v)
+                         : block_grad_sums<opmath_t, false>(X, G, P, mean_v, is_v, w_v, b_v);
     const V sum_gxhat = sums[1] * is_v;
     vstore(sg + c0, lanes, sums[0]);
     vstore(sgx + c0, lanes, sum_gxhat);
     if (!dp) return;
     const V mean_g = sums[0] * V(inv_count), mean_gx = sum_gxhat * V(inv_count);  // backward_input's sum * (1 / count)
+    // bn_grad_input's expression on the kept g_relu and x - mean (the same operations on the same values, so the
+    // same bits, without recomputing the affine and the ReLU mask): weight * invstd * (g_relu - mean_g - xhat *
+    // mean_gx), xhat = (x - mean) * invstd.
+    const V scale = w_v * is_v;
     opmath_t* D = G + P * L;
     for (int64_t p = 0; p < P; ++p) {
-      bn_grad_input(V::loadu(X + p * L), V::loadu(G + p * L), mean_v, is_v, w_v, b_v, mean_g, mean_gx)
-          .store(D + p * L);
+      const V xhat = V::loadu(X + p * L) * is_v;
+      (scale * (V::loadu(G + p * L) - mean_g - xhat * mean_gx)).store(D + p * L);
     }
     store_block(m, D, c0, lanes, dp);
   });
