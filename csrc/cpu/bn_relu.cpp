@@ -52,14 +52,22 @@ inline std::array<Vec<opmath_t>, 2> bn_backward_terms(const Vec<opmath_t>& x, co
 
 // grad_x = weight * invstd * (g_relu - mean(g_relu) - xhat * mean(g_relu * xhat)), the means over the batch:
 // one definition for backward_input and backward_fused.
+// bn_grad_input from a pixel's g_relu and x - mean (kept from the sums' pass, where the small-map kernel has them).
+template <typename opmath_t>
+inline Vec<opmath_t> bn_grad_input_from(const Vec<opmath_t>& g_relu, const Vec<opmath_t>& x_minus_mean,
+                                        const Vec<opmath_t>& invstd, const Vec<opmath_t>& weight,
+                                        const Vec<opmath_t>& mean_g, const Vec<opmath_t>& mean_gx) {
+  const auto xhat = x_minus_mean * invstd;
+  return weight * invstd * (g_relu - mean_g - xhat * mean_gx);
+}
+
 template <typename opmath_t>
 inline Vec<opmath_t> bn_grad_input(const Vec<opmath_t>& x, const Vec<opmath_t>& g, const Vec<opmath_t>& mean,
                                    const Vec<opmath_t>& invstd, const Vec<opmath_t>& weight,
                                    const Vec<opmath_t>& bias, const Vec<opmath_t>& mean_g,
                                    const Vec<opmath_t>& mean_gx) {
   const auto g_relu = where_positive(bn_affine(x, mean, invstd, weight, bias), g);
-  const auto xhat = (x - mean) * invstd;
-  return weight * invstd * (g_relu - mean_g - xhat * mean_gx);
+  return bn_grad_input_from(g_relu, x - mean, invstd, weight, mean_g, mean_gx);
 }
 
 // grad must be a float map of x's shape and dtype (the backward kernels' incoming gradient).
@@ -223,7 +231,8 @@ std::pair<Vec<opmath_t>, Vec<opmath_t>> block_moments(const opmath_t* X, int64_t
 
 // Each lane's backward sums {sum(g_relu), sum(g_relu * (x - mean))} over a transposed block (X, G): backward_reduce's
 // chunk sums (from 0, pixel order), then channel_sums2's combination of one chunk (0 + the chunk's sum).
-// keep: overwrite G with each pixel's g_relu and X with its x - mean (bn_backward_terms' own values).
+// keep: G then holds each pixel's g_relu and X its x - mean, for bn_grad_input_from (the compiler computes x - mean
+// once: bn_affine's and this one are the same operation on the same values).
 template <typename opmath_t, bool keep>
 std::array<Vec<opmath_t>, 2> block_grad_sums(opmath_t* X, opmath_t* G, int64_t P, const Vec<opmath_t>& mean,
                                              const Vec<opmath_t>& invstd, const Vec<opmath_t>& weight,
@@ -233,14 +242,12 @@ std::array<Vec<opmath_t>, 2> block_grad_sums(opmath_t* X, opmath_t* G, int64_t P
   V a(0), q(0);
   for (int64_t p = 0; p < P; ++p) {
     const V x = V::loadu(X + p * L);
-    // bn_backward_terms written out: {g_relu, g_relu * (x - mean)}.
-    const V g_relu = where_positive(bn_affine(x, mean, invstd, weight, bias), V::loadu(G + p * L));
-    const V d = x - mean;
-    a = a + g_relu;
-    q = q + g_relu * d;
+    const auto terms = bn_backward_terms(x, V::loadu(G + p * L), mean, invstd, weight, bias);
+    a = a + terms[0];
+    q = q + terms[1];
     if constexpr (keep) {
-      g_relu.store(G + p * L);
-      d.store(X + p * L);
+      terms[0].store(G + p * L);
+      (x - mean).store(X + p * L);
     }
   }
   return {V(0) + a, V(0) + q};
@@ -271,14 +278,10 @@ void small_backward(const DenseMap& m, const scalar_t* xp, const scalar_t* gp, c
     vstore(sgx + c0, lanes, sum_gxhat);
     if (!dp) return;
     const V mean_g = sums[0] * V(inv_count), mean_gx = sum_gxhat * V(inv_count);  // backward_input's sum * (1 / count)
-    // bn_grad_input's expression on the kept g_relu and x - mean (the same operations on the same values, so the
-    // same bits, without recomputing the affine and the ReLU mask): weight * invstd * (g_relu - mean_g - xhat *
-    // mean_gx), xhat = (x - mean) * invstd.
-    const V scale = w_v * is_v;
+    // bn_grad_input on the kept g_relu and x - mean: the same bits, without recomputing the affine and the mask.
     opmath_t* D = G + P * L;
     for (int64_t p = 0; p < P; ++p) {
-      const V xhat = V::loadu(X + p * L) * is_v;
-      (scale * (V::loadu(G + p * L) - mean_g - xhat * mean_gx)).store(D + p * L);
+      bn_grad_input_from(V::loadu(G + p * L), V::loadu(X + p * L), is_v, w_v, mean_g, mean_gx).store(D + p * L);
     }
     store_block(m, D, c0, lanes, dp);
   });
