@@ -8,6 +8,9 @@ activations and weights; on CPU in fp32 with toy configs.
 Providers: ``reference``, ``converted``, and each ``+compile`` (``torch.compile`` of the module, or of
 head + loss for the head's training step). Modes: ``inference`` (eval, no grad, forward) and ``train_step``
 (forward, loss, backward, AdamW step, grads cleared).
+
+On the CPU at real sizes, a target's uncompiled providers are built together and timed in CPU_ROUNDS interleaved
+rounds (``_interleaves``); elsewhere, and for the compiled providers, one after another.
 """
 
 from __future__ import annotations

@@ -220,6 +220,38 @@ def test_e2e_cpu_providers_are_timed_in_interleaved_rounds(monkeypatch):
             assert all(r["p50_ms"] == 1.0 for r in rows)
 
 
+def test_backward_chain_interleaves_its_cases_and_stores_rows(tmp_path, monkeypatch):
+    """benchmarks.backward_chain: every case (eager and cpp, one op and a chain, the floor) timed once per round, the
+    order rotated each round; a real run (the cpp extension built) stores the floor and three rows per provider."""
+    import csv
+    import itertools
+
+    from benchmarks import backward_chain
+
+    real_graph, real_floor = backward_chain._graph, backward_chain._floor
+    order = []
+    monkeypatch.setattr(backward_chain, "_graph", lambda p, shape, ops: (lambda: order.append((p, ops))))
+    monkeypatch.setattr(backward_chain, "_floor", lambda: (lambda: order.append(("torch", 0))))
+    samples = backward_chain.measure_shape((1, 4, 2, 2), chain=3, rounds=2, calls=3)
+    keys = [("eager", 1), ("eager", 3), ("cpp", 1), ("cpp", 3), ("torch", 0)]
+    assert [k for k, _ in itertools.groupby(order)] == keys + keys[1:] + keys[:1]
+    assert {k: len(v) for k, v in samples.items()} == {k: 2 for k in keys}
+
+    monkeypatch.setattr(backward_chain, "_graph", real_graph)
+    monkeypatch.setattr(backward_chain, "_floor", real_floor)
+    assert backward_chain.main(["--shapes", "1x8x2x3", "--rounds", "2", "--chain", "2", "--calls", "4",
+                                "--results-dir", str(tmp_path)]) == 0
+    rows = list(csv.DictReader((tmp_path / "backward_chain_cpu.csv").open()))
+    assert [(r["provider"], r["mode"]) for r in rows] == [("torch", "autograd.grad")] + [
+        (p, m) for p in ("eager", "cpp") for m in ("backward", "bwd net of floor", "bwd chain of 2")]
+    assert all(r["shape"] == "1x8x2x3" and r["p50_ms"] for r in rows)
+    single = {r["provider"]: float(r["p50_ms"]) for r in rows if r["mode"] == "backward"}
+    net = {r["provider"]: float(r["p50_ms"]) for r in rows if r["mode"] == "bwd net of floor"}
+    floor = float(rows[0]["p50_ms"])
+    # (rows keep 4 significant digits)
+    assert all(abs(single[p] - floor - net[p]) <= 1e-3 * single[p] for p in ("eager", "cpp"))
+
+
 def test_e2e_rows(quick_run):
     _, results = quick_run
     rows = _rows(results, "e2e")
