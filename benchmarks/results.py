@@ -88,11 +88,11 @@ def _speedup(row: dict, rows: list[dict]) -> str:
 
 
 def baseline_provider(row: dict) -> str:
-    return "eager" if row["suite"] in ("ops", "winograd") else "reference"
+    return "eager" if row["suite"] in ("ops", "winograd", "backward_chain") else "reference"
 
 
 def eager_time(row: dict, rows: list[dict]) -> float | None:
-    """p50 of the baseline (ops and winograd: eager; e2e: the reference model) for the same case, mode, dtype and
+    """p50 of the baseline (ops, winograd and backward_chain: eager; e2e: the reference model) for the same case, mode, dtype and
     layout."""
     key = ("suite", "op", "mode", "shape", "dtype", "layout")
     base = baseline_provider(row)
