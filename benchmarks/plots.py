@@ -84,6 +84,10 @@ def _chart(path: Path, title: str, groups: dict, providers: list[str], xlabel: s
     return _save(fig, ax, title, path)
 
 
+# Suites whose rows have no bytes model, FLOPs or peak memory (latencies through autograd only): speed-up chart only.
+SPEEDUP_ONLY_SUITES = ("backward_chain",)
+
+
 def plot_file(csv_file: Path) -> list[Path]:
     import matplotlib
 
@@ -109,6 +113,8 @@ def plot_file(csv_file: Path) -> list[Path]:
                       "speed-up over the baseline (p50 / p50; > 1 is faster)", 1.0,
                       "no provider besides the baseline was measured in the latest run\n"
                       "(see the CSV notes for why each was skipped)"))
+    if rows and rows[0]["suite"] in SPEEDUP_ONLY_SUITES:
+        return out
     out.append(_chart(Path(f"{stem}_roofline.png"), title, _by_label(measured, column("pct_roofline")), providers,
                       "percent of measured copy bandwidth (bytes model / p50)", 100.0,
                       "no bandwidth figures in the latest run (end-to-end rows have none)"))

@@ -250,6 +250,9 @@ def test_backward_chain_interleaves_its_cases_and_stores_rows(tmp_path, monkeypa
     floor = float(rows[0]["p50_ms"])
     # (rows keep 4 significant digits)
     assert all(abs(single[p] - floor - net[p]) <= 1e-3 * single[p] for p in ("eager", "cpp"))
+    from benchmarks.plots import plot_file  # a speed-up chart only: these rows have no bytes, FLOPs or peak memory
+
+    assert [p.name for p in plot_file(tmp_path / "backward_chain_cpu.csv")] == ["backward_chain_cpu_speedup.png"]
 
 
 def test_e2e_rows(quick_run):
