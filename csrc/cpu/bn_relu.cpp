@@ -35,6 +35,13 @@ inline Vec<opmath_t> bn_affine(const Vec<opmath_t>& x, const Vec<opmath_t>& mean
   return (x - mean) * invstd * weight + bias;
 }
 
+// The forward's output, relu(bn_affine(x)): one definition for apply's rows and the small-map blocks (the same bits).
+template <typename opmath_t>
+inline Vec<opmath_t> bn_relu_value(const Vec<opmath_t>& x, const Vec<opmath_t>& mean, const Vec<opmath_t>& invstd,
+                                   const Vec<opmath_t>& weight, const Vec<opmath_t>& bias) {
+  return at::vec::maximum(bn_affine(x, mean, invstd, weight, bias), Vec<opmath_t>(0));
+}
+
 template <typename opmath_t>
 inline Vec<opmath_t> where_positive(const Vec<opmath_t>& z, const Vec<opmath_t>& v) {
   return Vec<opmath_t>::blendv(Vec<opmath_t>(0), v, z > Vec<opmath_t>(0));
@@ -50,9 +57,9 @@ inline std::array<Vec<opmath_t>, 2> bn_backward_terms(const Vec<opmath_t>& x, co
   return {g_relu, g_relu * (x - mean)};
 }
 
-// grad_x = weight * invstd * (g_relu - mean(g_relu) - xhat * mean(g_relu * xhat)), the means over the batch:
-// one definition for backward_input and backward_fused.
-// bn_grad_input from a pixel's g_relu and x - mean (kept from the sums' pass, where the small-map kernel has them).
+// grad_x = weight * invstd * (g_relu - mean(g_relu) - xhat * mean(g_relu * xhat)), the means over the batch, from a
+// pixel's g_relu and x - mean (the small-map kernel keeps them from its sums' pass); bn_grad_input computes them
+// from x and g first. One definition for backward_input and backward_fused.
 template <typename opmath_t>
 inline Vec<opmath_t> bn_grad_input_from(const Vec<opmath_t>& g_relu, const Vec<opmath_t>& x_minus_mean,
                                         const Vec<opmath_t>& invstd, const Vec<opmath_t>& weight,
@@ -176,7 +183,7 @@ void apply_rows(const DenseMap& m, const scalar_t* xp, scalar_t* yp, int64_t c, 
     const opmath_t* xr = row_in(xp + off, 1, m.HW, tx);
     opmath_t* o = row_buffer<scalar_t, opmath_t>(yp + off, 1, to);
     vec_for<opmath_t>(m.HW, [&](int64_t i, int64_t cnt) {
-      vstore(o + i, cnt, at::vec::maximum(bn_affine(vload(xr + i, cnt), mean, invstd, weight, bias), Vec<opmath_t>(0)));
+      vstore(o + i, cnt, bn_relu_value(vload(xr + i, cnt), mean, invstd, weight, bias));
     });
     row_out(yp + off, 1, m.HW, o);
   }
@@ -458,8 +465,7 @@ std::tuple<Tensor, Tensor, Tensor> train_step(const Tensor& x_in, const Tensor& 
         const Vec<opmath_t> w_v = vload(w.data() + c0, lanes), b_v = vload(b.data() + c0, lanes);
         opmath_t* Y = X + m.P() * L;
         for (int64_t p = 0; p < m.P(); ++p) {
-          at::vec::maximum(bn_affine(Vec<opmath_t>::loadu(X + p * L), mean_v, invstd_v, w_v, b_v), Vec<opmath_t>(0))
-              .store(Y + p * L);
+          bn_relu_value(Vec<opmath_t>::loadu(X + p * L), mean_v, invstd_v, w_v, b_v).store(Y + p * L);
         }
         store_block(m, Y, c0, lanes, yp);
       });
