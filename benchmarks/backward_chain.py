@@ -31,6 +31,7 @@ import torch
 
 from benchmarks import measure
 from benchmarks.results import DEFAULT_RESULTS_DIR, append_rows, csv_path, format_table, make_row
+from upernet_fast.measure import rotated
 
 # The head's BN+ReLU maps below the large-map sizes: the PPM's 6x6 branch and its 16x16 bottleneck (ConvNeXt-T,
 # 512x512, batch 1).
@@ -74,24 +75,17 @@ def _graph(provider: str, shape: tuple[int, ...], ops: int):
     return lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True)
 
 
-def _floor():
-    x = torch.ones(1, requires_grad=True)
-    y = x * 2
-    grad = torch.ones(1)
-    return lambda: torch.autograd.grad(y, [x], grad, retain_graph=True)
-
-
 def measure_shape(shape, chain: int, rounds: int, calls: int) -> dict:
     """Per-op samples (ms) of every case at one shape: {(provider, ops per call): [ms per op, ...]}."""
     cases = {(p, k): _graph(p, shape, k) for p in PROVIDERS for k in (1, chain)}
-    cases[("torch", 0)] = _floor()
+    cases[("torch", 0)] = measure.autograd_floor_call("cpu")  # the ops suite's autograd_floor row
     samples: dict = {key: [] for key in cases}
     keys = list(cases)
     enabled = gc.isenabled()
     gc.disable()  # a collection inside a timed loop would land on whichever case ran then
     try:
         for r in range(rounds):
-            for key in keys[r % len(keys):] + keys[: r % len(keys)]:
+            for key in rotated(keys, r):
                 fn, per_op = cases[key], max(1, key[1])
                 n = max(1, calls // per_op)
                 for _ in range(max(1, n // 10)):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from benchmarks import measure
 from benchmarks.results import FAILED_PREFIX, SKIPPED_PREFIX, make_row
 from benchmarks.shapes import STRIDES, E2EPlan, e2e_plans, gpu_dry_run, toy_sizes
-from upernet_fast.measure import peak_memory_mb, saved_activation_mb
+from upernet_fast.measure import peak_memory_mb, rotated, saved_activation_mb
 
 OUT_FEATURES = ["stage1", "stage2", "stage3", "stage4"]
 IGNORE_INDEX = 255
@@ -168,7 +168,7 @@ def _interleaves(opts: Options, compiled: bool) -> bool:
     """Whether a target's uncompiled providers are timed in interleaved rounds: on the CPU (a shared VM whose speed
     moves by phases of seconds to minutes: one model timed after the other, a slow phase falls on one side only), at
     real sizes. Compiled providers keep their own pass (each compiles from a fresh cache)."""
-    return opts.device == "cpu" and not toy_sizes(opts.shape_set) and not compiled and len(BASE_PROVIDERS) > 1
+    return opts.device == "cpu" and not toy_sizes(opts.shape_set) and not compiled
 
 
 def _call(target: Target, mode: str):
@@ -311,8 +311,8 @@ def _run_group(plan: E2EPlan, opts: Options, kind: str, backbone: str, mode: str
             fail(provider, exc)
     pooled: dict[str, list[float]] = {provider: [] for provider in live}
     order = list(live)
-    for r in range(rounds if live else 0):
-        for provider in order[r % len(order):] + order[:r % len(order)]:
+    for r in range(rounds):
+        for provider in rotated(order, r):
             if provider not in live:
                 continue
             try:

@@ -117,17 +117,20 @@ class Ceilings:
     autograd_timing: Timing  # torch.autograd.grad through a one-element graph of one node (autograd_floor)
 
 
-def autograd_floor(device: str) -> Timing:
-    """What ``torch.autograd.grad`` costs before any kernel of consequence runs: the gradient of a one-element
-    ``x * 2`` (one multiply node, one element). Every backward row pays it once per call, whatever the op: on the
-    small maps' rows it is a large share of both sides' time, and it bounds the speed-up any kernel can show there."""
+def autograd_floor_call(device: str) -> Callable[[], object]:
+    """The call :func:`autograd_floor` times: ``torch.autograd.grad`` of a one-element ``x * 2`` (one multiply node,
+    one element), for timers that interleave it with other calls (``benchmarks.backward_chain``)."""
     leaf = torch.ones(1, device=device, requires_grad=True)
     out = leaf * 2
     grad = torch.ones_like(out)
+    return lambda: torch.autograd.grad(out, [leaf], grad, retain_graph=True)
 
-    def call():
-        torch.autograd.grad(out, [leaf], grad, retain_graph=True)
 
+def autograd_floor(device: str) -> Timing:
+    """What ``torch.autograd.grad`` costs before any kernel of consequence runs (:func:`autograd_floor_call`). Every
+    backward row pays it once per call, whatever the op: on the small maps' rows it is a large share of both sides'
+    time, and it bounds the speed-up any kernel can show there."""
+    call = autograd_floor_call(device)
     if device == "cuda":
         return time_do_bench(call, warmup_ms=25, rep_ms=100)
     return time_cpu(call, warmup=50, min_repeats=200, max_repeats=2000, budget_s=0.2)

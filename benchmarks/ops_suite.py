@@ -22,7 +22,7 @@ from benchmarks.bytes_model import OPS, op_bytes, op_flops, op_module
 from benchmarks.op_bench import Built
 from benchmarks.results import FAILED_PREFIX, SKIPPED_PREFIX, make_row
 from benchmarks.shapes import OpCase, gpu_dry_run, ops_plan, toy_sizes
-from upernet_fast.measure import peak_memory_mb
+from upernet_fast.measure import peak_memory_mb, rotated
 
 PROVIDERS = ("eager", "compile", "triton", "cpp")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -125,9 +125,8 @@ def run_case(case: OpCase, dtype_name: str, layout: str, modes: tuple[str, ...],
     rounds = CPU_ROUNDS if _interleaves(opts.device, opts.shape_set, providers) else 1
     timer = _timer(opts.device, opts.shape_set, rounds)
     for r in range(rounds):
-        order = providers[r % len(providers):] + providers[:r % len(providers)]
-        rows = _run_providers(case, dtype_name, dtype, layout, modes, order, reasons, opts, ceilings, stamp, base,
-                              built, timer)
+        rows = _run_providers(case, dtype_name, dtype, layout, modes, rotated(providers, r), reasons, opts, ceilings,
+                              stamp, base, built, timer)
     return sorted(rows, key=lambda row: (providers.index(row["provider"]), modes.index(row["mode"])))
 
 

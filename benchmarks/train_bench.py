@@ -25,6 +25,7 @@ import torch
 
 from benchmarks import measure
 from benchmarks.results import DEFAULT_RESULTS_DIR, append_rows, csv_path, format_table, make_row
+from upernet_fast.measure import rotated
 
 PROVIDERS = {"reference": "transformers", "converted eager": "eager", "converted": "auto"}
 
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     timed = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
-            for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+            for name in rotated(names, round_):
                 out = Path(tmp) / f"{PROVIDERS[name]}-{round_}"
                 timed[name] += _run(args, PROVIDERS[name], out)[args.warmup_steps:]
     for provider, steps in timed.items():

@@ -228,17 +228,18 @@ def test_backward_chain_interleaves_its_cases_and_stores_rows(tmp_path, monkeypa
 
     from benchmarks import backward_chain
 
-    real_graph, real_floor = backward_chain._graph, backward_chain._floor
+    real_graph, real_floor = backward_chain._graph, backward_chain.measure.autograd_floor_call
     order = []
     monkeypatch.setattr(backward_chain, "_graph", lambda p, shape, ops: (lambda: order.append((p, ops))))
-    monkeypatch.setattr(backward_chain, "_floor", lambda: (lambda: order.append(("torch", 0))))
+    monkeypatch.setattr(backward_chain.measure, "autograd_floor_call",
+                        lambda device: (lambda: order.append(("torch", 0))))
     samples = backward_chain.measure_shape((1, 4, 2, 2), chain=3, rounds=2, calls=3)
     keys = [("eager", 1), ("eager", 3), ("cpp", 1), ("cpp", 3), ("torch", 0)]
     assert [k for k, _ in itertools.groupby(order)] == keys + keys[1:] + keys[:1]
     assert {k: len(v) for k, v in samples.items()} == {k: 2 for k in keys}
 
     monkeypatch.setattr(backward_chain, "_graph", real_graph)
-    monkeypatch.setattr(backward_chain, "_floor", real_floor)
+    monkeypatch.setattr(backward_chain.measure, "autograd_floor_call", real_floor)
     assert backward_chain.main(["--shapes", "1x8x2x3", "--rounds", "2", "--chain", "2", "--calls", "4",
                                 "--results-dir", str(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "backward_chain_cpu.csv").open()))

@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--batch", type=int, default=None, help="default: 16 on CUDA, 2 on CPU")
     demo.add_argument("--size", type=int, default=None, help="input side in pixels (default: 512 on CUDA, 256 on CPU)")
     demo.add_argument("--weights", default=None, help="local folder of a saved UperNet checkpoint (save_pretrained)")
-    demo.add_argument("--repeats", type=int, default=None, help="timed runs of each model per measurement, the two models alternating (default 10 CUDA, 3 CPU)")
+    demo.add_argument("--repeats", type=int, default=None,
+                      help="timed runs of each model per measurement, the two models alternating (default 10 CUDA, 3 CPU)")
     sub.add_parser("bench", help="benchmarks (see `upernet-fast bench --help`)")
     sub.add_parser("selfcheck", help="every op of a backend against eager, forward and backward (see --help)")
     sub.add_parser("build", help="build the C++ extension (csrc/) now, print where it is and how long it took")

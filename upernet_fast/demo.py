@@ -15,7 +15,7 @@ import torch
 
 import upernet_fast
 from upernet_fast import backend
-from upernet_fast.measure import peak_memory_mb, quantiles, time_ms
+from upernet_fast.measure import peak_memory_mb, quantiles, rotated, time_ms
 
 NUM_LABELS = 150
 
@@ -45,7 +45,7 @@ def time_interleaved(runs: dict, device, rounds: int) -> dict[str, list[float]]:
     names = list(runs)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in rotated(names, r):
             samples[name] += time_ms(runs[name], device, repeats=1, warmup=0)
     return samples
 

@@ -31,6 +31,14 @@ def time_ms(fn: Callable[[], object], device: torch.device | str, repeats: int =
     return samples
 
 
+def rotated(items, round_: int) -> list:
+    """``items`` in round ``round_``'s order when several things are timed in interleaved rounds: rotated by one each
+    round, so that each takes every position in turn and a shared machine's slow phase falls on all alike."""
+    items = list(items)
+    shift = round_ % len(items) if items else 0
+    return items[shift:] + items[:shift]
+
+
 QUANTILES = (0.2, 0.5, 0.8)
 
 
