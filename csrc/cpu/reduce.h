@@ -108,9 +108,11 @@ struct Scratch {
 
 // One chunk's K per-channel sums of f(lanes, x, g, y) (f returns std::array<Vec, K>) over pixels [p0, p1).
 // NCHW: channel c only, out[k]. channels_last: every channel, out[k * C + c]. g and y may be null.
+// keep (NCHW only; may be null): receives every pixel's f(...)[0], pixel p at keep[p - p0], for a later pass over the
+// same pixels that needs it (the fused backward's g_relu).
 template <int K, typename scalar_t, typename opmath_t, typename F>
 void chunk_sums(const DenseMap& m, const scalar_t* x, const scalar_t* g, const scalar_t* y, int64_t p0, int64_t p1,
-                int64_t c, F f, opmath_t* out, Scratch<opmath_t>& tmp) {
+                int64_t c, F f, opmath_t* out, Scratch<opmath_t>& tmp, opmath_t* keep = nullptr) {
   using Vec = at::vec::Vectorized<opmath_t>;
   if (!m.cl) {
     std::array<Vec, K> acc;
@@ -128,6 +130,7 @@ void chunk_sums(const DenseMap& m, const scalar_t* x, const scalar_t* g, const s
       vec_for<opmath_t>(len, [&](int64_t i, int64_t cnt) {
         const Lanes<opmath_t> lanes{false, c, cnt};
         const auto part = f(lanes, vload(xr + i, cnt), gr ? vload(gr + i, cnt) : Vec(0), yr ? vload(yr + i, cnt) : Vec(0));
+        if (keep) vstore(keep + (p - p0) + i, cnt, part[0]);
         // Padded lanes add 0. Vec::set with a runtime count is a 16-way switch, not inlined: full vectors skip
         // it (the same bits), which matters on small maps where most of a chunk is a handful of vectors.
         if (cnt == Vec::size()) {
@@ -141,6 +144,7 @@ void chunk_sums(const DenseMap& m, const scalar_t* x, const scalar_t* g, const s
     for (int k = 0; k < K; ++k) out[k] = lane_sum(acc[k]);
     return;
   }
+  TORCH_INTERNAL_ASSERT(keep == nullptr, "chunk_sums keeps values on NCHW maps only");
   for (int k = 0; k < K; ++k) std::fill(out + k * m.C, out + (k + 1) * m.C, opmath_t(0));
   for (int64_t p = p0; p < p1; ++p) {
     const opmath_t* xr = row_in(x + p * m.C, 1, m.C, tmp.x.data());
@@ -208,7 +212,10 @@ void for_each_chunk(const DenseMap& m, Task task) {
 constexpr int64_t kSmallRow = 64;          // forward: rows of at most this many pixels ...
 constexpr int64_t kSmallStatsPixels = 256;  // ... and at most this many pixels per channel over the batch
 constexpr int64_t kSmallGradPixels = 64;    // backward: at most this many pixels per channel over the batch
-static_assert(kSmallStatsPixels <= kChunkPixels && kSmallGradPixels <= kChunkPixels,
+// The fused backward keeps each pixel's g_relu between its two passes on channels of at most this many pixels, in
+// blocks of this many values (see bn_relu.cpp backward_fused).
+constexpr int64_t kKeptPixels = 1024;
+static_assert(kSmallStatsPixels <= kChunkPixels && kSmallGradPixels <= kChunkPixels && kKeptPixels <= kChunkPixels,
               "a small map's sums are one chunk's");
 
 inline bool small_nchw_stats(const DenseMap& m) {
