@@ -59,6 +59,10 @@ TORCH_LIBRARY(upernet_fast_cpp, m) {
   m.def(
       "bn_relu_backward_fused(Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias) "
       "-> (Tensor, Tensor, Tensor)");
+  // The same with grad_x written over grad (an incoming gradient nothing else holds): (sum_g, sum_gxhat).
+  m.def(
+      "bn_relu_backward_fused_(Tensor(a!) grad, Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias) "
+      "-> (Tensor, Tensor)");
   // The training forward in one call (statistics, y, running-statistics update in place): (y, mean, invstd).
   // Its autograd is C++ (csrc/autograd/bn_relu_autograd.cpp), its backward the kernel ops above; no Python per call.
   m.def(

@@ -111,25 +111,65 @@ def test_same_bits_on_1_2_and_3_threads(monkeypatch):
     _assert_same_bits(results[2], results[0])
 
 
-@pytest.mark.parametrize("fmt, kernels", [
-    (torch.contiguous_format, {"bn_relu_backward_fused"}),
-    (torch.channels_last, {"bn_relu_backward_reduce", "bn_relu_backward_input"}),
+@pytest.mark.parametrize("fmt, held, kernels", [
+    # y.sum()'s gradient is an expanded scalar: the node makes it contiguous, a tensor of its own, and writes over it.
+    (torch.contiguous_format, False, {"bn_relu_backward_fused_"}),
+    (torch.contiguous_format, True, {"bn_relu_backward_fused"}),  # the caller's gradient: never written over
+    (torch.channels_last, False, {"bn_relu_backward_reduce", "bn_relu_backward_input"}),
 ])
-def test_the_cpp_backward_runs_the_kernel_ops(fmt, kernels):
+def test_the_cpp_backward_runs_the_kernel_ops(fmt, held, kernels):
     """The C++ autograd node runs (recorded by the profiler: its forward op and its backward's kernel ops) and
     the Python composite does not."""
     bn = _batch_norm(6, torch.float32, 0.1)
     x = torch.randn(2, 6, 9, 7).contiguous(memory_format=fmt).requires_grad_()
     with torch.profiler.profile() as prof:
         y = ops.bn_relu(x, bn, backend="cpp")
-        y.sum().backward()
+        if held:
+            y.backward(torch.randn_like(y))
+        else:
+            y.sum().backward()
     names = {event.name for event in prof.events()}
     assert "BnReluTrainStep" in type(y.grad_fn).__name__ or "BnReluTrainStep" in y.grad_fn.name()
     assert f"{NS}::bn_relu_train_step" in names
     assert {f"{NS}::{k}" for k in kernels} <= names, names
-    others = {"bn_relu_backward_fused", "bn_relu_backward_reduce", "bn_relu_backward_input"} - kernels
+    others = {"bn_relu_backward_fused", "bn_relu_backward_fused_", "bn_relu_backward_reduce",
+              "bn_relu_backward_input"} - kernels
     assert not {f"{NS}::{k}" for k in others} & names
     assert not any("bn_relu_train_cpp" in name for name in names)
+
+
+def test_the_cpp_backward_writes_over_only_a_gradient_nothing_else_holds():
+    """In a chain of two BN+ReLU, the outer node's incoming gradient is the caller's (left unchanged: the copying
+    op runs) and the inner node's is the outer node's output, written over by the in-place op; with a hook keeping
+    that gradient, the inner node copies too and the hook's tensor keeps its values. The same bits either way."""
+    x = torch.randn(2, 6, 9, 7, requires_grad=True)
+    bns = [_batch_norm(6, torch.float32, 0.1, seed=s) for s in range(2)]
+    grad = torch.randn(2, 6, 9, 7)
+    grad_before = grad.clone()
+    leaves = [x, *bns[0].parameters(), *bns[1].parameters()]
+
+    def run(hook):
+        kept = []
+        inner = ops.bn_relu(x, bns[0], backend="cpp")
+        if hook:
+            inner.register_hook(kept.append)  # returns None: the gradient flows on unchanged, and stays referenced
+        outer = ops.bn_relu(inner, bns[1], backend="cpp")
+        expected_inner_grad = torch.autograd.grad(outer, inner, grad, retain_graph=True)[0].clone()
+        kept.clear()
+        with torch.profiler.profile() as prof:
+            grads = torch.autograd.grad(outer, leaves, grad)
+        names = [event.name for event in prof.events()]
+        return grads, names, kept, expected_inner_grad
+
+    plain, names, _, _ = run(hook=False)
+    assert names.count(f"{NS}::bn_relu_backward_fused_") == 1, names
+    assert names.count(f"{NS}::bn_relu_backward_fused") == 1, names
+    hooked, names, kept, expected_inner_grad = run(hook=True)
+    assert f"{NS}::bn_relu_backward_fused_" not in names, names
+    assert names.count(f"{NS}::bn_relu_backward_fused") == 2, names
+    assert len(kept) == 1 and torch.equal(kept[0], expected_inner_grad)
+    _assert_same_bits(plain, hooked)
+    assert torch.equal(grad, grad_before)
 
 
 def test_composite_where_the_buffers_are_not_the_statistics_dtype(monkeypatch):
@@ -193,6 +233,7 @@ def test_opcheck(layout):
     kernel_args.append(("bn_relu_backward_input", (grad, x, *params, *namespace.bn_relu_backward_reduce(grad, x, *params), 84.0)))
     if layout == "contiguous":
         kernel_args.append(("bn_relu_backward_fused", (grad, x, *params)))
+        kernel_args.append(("bn_relu_backward_fused_", (grad.clone(), x, *params)))
     for name, call_args in kernel_args:
         torch.library.opcheck(getattr(namespace, name).default, call_args)
 

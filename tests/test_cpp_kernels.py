@@ -317,6 +317,9 @@ BN_SHAPES = {
     # Small NCHW maps are computed in blocks of up to 16 channels (csrc/cpu/reduce.h block_channels): three blocks,
     # the last one partial.
     "channel_blocks": (2, 37, 3, 5),
+    # The fused backward keeps g_relu on channels of at most 1024 pixels, in blocks of 1024 values (bn_relu.cpp
+    # backward_fused): 128 pixels, blocks of 8 channels, the last one partial.
+    "kept_blocks": (2, 21, 8, 8),
 }
 
 
@@ -400,10 +403,19 @@ def test_bn_relu_backward_fused_is_reduce_then_input_bitwise(ops, shape, dtype):
     fused = _with_threads(2, lambda: ops.bn_relu_backward_fused(grad, x, mean, invstd, weight, bias))
     _assert_same_bits(list(fused), [dx, sum_g, sum_gxhat])
     _deterministic(lambda: ops.bn_relu_backward_fused(grad, x, mean, invstd, weight, bias))
+    # The in-place form (grad_x written over grad): the same bits.
+    written = grad.clone()
+    sums = _with_threads(2, lambda: ops.bn_relu_backward_fused_(written, x, mean, invstd, weight, bias))
+    _assert_same_bits([written, *sums], [dx, sum_g, sum_gxhat])
     if c > 1 and h * w > 1:
         cl = x.contiguous(memory_format=torch.channels_last)
         with pytest.raises(RuntimeError, match="x must be NCHW .*bn_relu_backward_reduce"):
             ops.bn_relu_backward_fused(grad, cl, mean, invstd, weight, bias)
+        with pytest.raises(RuntimeError, match="grad must be NCHW-contiguous for bn_relu_backward_fused_"):
+            ops.bn_relu_backward_fused_(grad.contiguous(memory_format=torch.channels_last), x, mean, invstd, weight,
+                                        bias)
+    with pytest.raises(RuntimeError, match="grad must not share memory with x"):
+        ops.bn_relu_backward_fused_(x, x, mean, invstd, weight, bias)
 
 
 # (shape, whether the forward's statistics take the small-map path, whether the backward's sums do): the rules of

@@ -7,7 +7,8 @@
 // The forward and the backward call the ops through the dispatcher (never a kernel function directly), so
 // FakeTensor tracing (opcheck, torch.compile) sees the same ops with their fake kernels.
 //
-// The backward is the composite's: bn_relu_backward_fused on NCHW maps (one pass per channel), else
+// The backward is the composite's: bn_relu_backward_fused on NCHW maps (one pass per channel; its in-place form,
+// bn_relu_backward_fused_, writing grad_x over the incoming gradient when nothing else holds it), else
 // bn_relu_backward_reduce then bn_relu_backward_input; weight and bias gradients are the per-channel sums in
 // the parameters' dtype. First-order only, as every kernel backward here: a backward that would itself be
 // differentiated (create_graph=True) is refused with what to do.
@@ -33,6 +34,8 @@ using TrainStep = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor
                                                      const Tensor&, const Tensor&, std::optional<double>, double);
 using BackwardFused = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                          const Tensor&, const Tensor&);
+using BackwardFusedInPlace = std::tuple<Tensor, Tensor>(Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                         const Tensor&, const Tensor&);
 using BackwardReduce = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                   const Tensor&, const Tensor&);
 using BackwardInput = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
@@ -41,6 +44,22 @@ using BackwardInput = Tensor(const Tensor&, const Tensor&, const Tensor&, const 
 // t in like's dtype; t itself when it is already (no dispatcher call for the float32 parameters' usual case).
 Tensor as_dtype_of(const Tensor& t, const Tensor& like) {
   return t.scalar_type() == like.scalar_type() ? t : t.to(like.scalar_type());
+}
+
+// Whether grad_x may be written over grad: a plain CPU tensor (not a tracing wrapper: FakeTensor, functionalization)
+// of x's shape and dtype, NCHW-contiguous, that no other tensor, hook or node holds (the only reference to its
+// TensorImpl and to its storage, which it spans whole: not a view).
+bool writable_gradient(const Tensor& grad, const Tensor& x) {
+  const auto keys = grad.key_set();
+  if (!keys.has(c10::DispatchKey::CPU) || keys.has(c10::DispatchKey::Python) ||
+      keys.has(c10::DispatchKey::Functionalize)) {
+    return false;
+  }
+  if (grad.use_count() != 1 || grad.is_view() || !grad.has_storage() || grad.storage().use_count() != 1) {
+    return false;
+  }
+  return grad.scalar_type() == x.scalar_type() && grad.sizes() == x.sizes() && grad.is_contiguous() &&
+         grad.storage_offset() == 0 && grad.storage().nbytes() == grad.nbytes() && !grad.requires_grad();
 }
 
 class BnReluTrainStep : public torch::autograd::Function<BnReluTrainStep> {
@@ -65,7 +84,9 @@ class BnReluTrainStep : public torch::autograd::Function<BnReluTrainStep> {
     return {y, mean, invstd};
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  // grads by reference: CppNode passes its own list of the incoming gradients, which it drops after this call; taking
+  // the gradient out of it (std::move) leaves ours the only reference where no hook or other node kept one.
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "upernet_fast: bn_relu's C++ backward has no backward of its own (double backward, e.g. a gradient "
                 "penalty, is not supported there); run bn_relu with backend='eager' for higher-order gradients");
@@ -76,14 +97,18 @@ class BnReluTrainStep : public torch::autograd::Function<BnReluTrainStep> {
     if (!grads[0].defined()) return variable_list(8);  // y unused: no gradient flows into x, weight or bias
     const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3], &invstd = saved[4];
     const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-    const Tensor grad = grads[0].contiguous(channels_last ? at::MemoryFormat::ChannelsLast
-                                                          : at::MemoryFormat::Contiguous);
+    Tensor grad = std::move(grads[0]);
+    grad = grad.contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
     Tensor grad_x, sum_g, sum_gxhat;
     // Straight to the CPU kernels: below the Autograd and ADInplaceOrView keys, which these backward ops have
     // no kernels for (the dispatcher's boxed fallbacks there cost microseconds per call on the PPM's small maps,
     // and gradient mode is off here anyway).
     at::AutoDispatchBelowADInplaceOrView guard;
-    if (!channels_last) {
+    if (!channels_last && writable_gradient(grad, x)) {
+      static const auto fused_in_place = op_handle<BackwardFusedInPlace>("upernet_fast_cpp::bn_relu_backward_fused_");
+      std::tie(sum_g, sum_gxhat) = fused_in_place.call(grad, x, mean, invstd, weight, bias);
+      grad_x = std::move(grad);
+    } else if (!channels_last) {
       std::tie(grad_x, sum_g, sum_gxhat) = fused.call(grad, x, mean, invstd, weight, bias);
     } else {
       std::tie(sum_g, sum_gxhat) = reduce.call(grad, x, mean, invstd, weight, bias);

@@ -9,6 +9,7 @@
 // for any number of threads.
 #include "reduce.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <array>
@@ -614,17 +615,11 @@ Tensor backward_input(const Tensor& grad_in, const Tensor& x_in, const Tensor& m
 // instead of twice. The same bits as backward_reduce followed by backward_input, for any number of threads.
 // channels_last maps have no contiguous channel to walk: the caller uses the two ops there (and wherever the sums
 // must be all-reduced between them).
-std::tuple<Tensor, Tensor, Tensor> backward_fused(const Tensor& grad_in, const Tensor& x_in, const Tensor& mean,
-                                                  const Tensor& invstd, const Tensor& weight, const Tensor& bias) {
-  check_grad_of(grad_in, x_in);
-  check_params({mean, invstd, weight, bias}, x_in.size(1));
-  DenseMap m;
-  const Tensor x = dense_map(x_in, m);
-  TORCH_CHECK(!m.cl, "x must be NCHW (contiguous) for bn_relu_backward_fused, got strides ", x_in.strides(),
-              " (channels_last maps take bn_relu_backward_reduce and bn_relu_backward_input)");
-  TORCH_CHECK(m.P() > 0, "x must have at least one value per channel, got shape ", x_in.sizes());
-  const Tensor grad = like_map(grad_in, m);
-  Tensor dx = new_map_like(x, m);
+// Both fused ops: grad_x into dx, which may be grad itself (every kernel below reads a value of grad before it
+// writes the value of dx at the same place: the small-map blocks load their channels whole, the large-map channels
+// are summed before their grad_x pass, which reads grad, if at all, value by value where it writes).
+std::tuple<Tensor, Tensor> fused_into(const Tensor& grad, const Tensor& x, const DenseMap& m, const Tensor& mean,
+                                      const Tensor& invstd, const Tensor& weight, const Tensor& bias, Tensor& dx) {
   Tensor sum_g = at::empty({m.C}, x.options().dtype(opmath_dtype(x)));
   Tensor sum_gxhat = at::empty({m.C}, sum_g.options());
   UPERNET_FAST_DISPATCH(x.scalar_type(), "bn_relu_backward_fused", [&] {
@@ -689,7 +684,41 @@ std::tuple<Tensor, Tensor, Tensor> backward_fused(const Tensor& grad_in, const T
       }
     });
   });
-  return {dx, sum_g, sum_gxhat};
+  return {sum_g, sum_gxhat};
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_fused(const Tensor& grad_in, const Tensor& x_in, const Tensor& mean,
+                                                  const Tensor& invstd, const Tensor& weight, const Tensor& bias) {
+  check_grad_of(grad_in, x_in);
+  check_params({mean, invstd, weight, bias}, x_in.size(1));
+  DenseMap m;
+  const Tensor x = dense_map(x_in, m);
+  TORCH_CHECK(!m.cl, "x must be NCHW (contiguous) for bn_relu_backward_fused, got strides ", x_in.strides(),
+              " (channels_last maps take bn_relu_backward_reduce and bn_relu_backward_input)");
+  TORCH_CHECK(m.P() > 0, "x must have at least one value per channel, got shape ", x_in.sizes());
+  Tensor dx = new_map_like(x, m);
+  auto sums = fused_into(like_map(grad_in, m), x, m, mean, invstd, weight, bias, dx);
+  return {dx, std::get<0>(sums), std::get<1>(sums)};
+}
+
+// Why: in a chain of BN+ReLU backward calls, a fresh grad_x per call (512 KB at 1x512x16x16) made glibc hand heap
+// memory back to the system and fault it in again on the next call, in about two processes of three: 30-60 page
+// faults per call, twice the call's time (measured with getrusage; none with glibc's trim threshold raised). The
+// C++ autograd hands its incoming gradient here when nothing else holds it (csrc/autograd/bn_relu_autograd.cpp).
+std::tuple<Tensor, Tensor> backward_fused_(Tensor& grad, const Tensor& x_in, const Tensor& mean, const Tensor& invstd,
+                                           const Tensor& weight, const Tensor& bias) {
+  check_grad_of(grad, x_in);
+  check_params({mean, invstd, weight, bias}, x_in.size(1));
+  DenseMap m;
+  const Tensor x = dense_map(x_in, m);
+  TORCH_CHECK(!m.cl, "x must be NCHW (contiguous) for bn_relu_backward_fused_, got strides ", x_in.strides());
+  TORCH_CHECK(grad.is_contiguous(),
+              "grad must be NCHW-contiguous for bn_relu_backward_fused_ (grad_x is written over it), got strides ",
+              grad.strides());
+  TORCH_CHECK(m.P() > 0, "x must have at least one value per channel, got shape ", x_in.sizes());
+  TORCH_CHECK(at::get_overlap_status(grad, x) == at::MemOverlapStatus::No,
+              "grad must not share memory with x for bn_relu_backward_fused_ (grad_x is written over grad)");
+  return fused_into(grad, x, m, mean, invstd, weight, bias, grad);
 }
 
 // Eval mode, BatchNorm folded into a per-channel affine: y = relu(x * scale + shift).
@@ -796,6 +825,7 @@ TORCH_LIBRARY_IMPL(upernet_fast_cpp, CPU, m) {
   m.impl("bn_relu_backward_reduce", &backward_reduce);
   m.impl("bn_relu_backward_input", &backward_input);
   m.impl("bn_relu_backward_fused", &backward_fused);
+  m.impl("bn_relu_backward_fused_", &backward_fused_);
   m.impl("bn_relu_train_step", &train_step);
   m.impl("bn_relu_eval", &eval_forward);
   m.impl("bn_relu_eval_from_buffers", &eval_from_buffers);

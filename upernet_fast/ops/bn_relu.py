@@ -306,6 +306,8 @@ _bn_relu_train_step_cpp = TRAIN_STEP_OP.in_extension(_backend.CPP_NAMESPACE)
 for _schema, _fake_kernel in (
     ("bn_relu_backward_fused(Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias) "
      "-> (Tensor, Tensor, Tensor)", lambda grad, x, *_: (_map_like(x), *_per_channel(x, 2))),
+    ("bn_relu_backward_fused_(Tensor(a!) grad, Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias) "
+     "-> (Tensor, Tensor)", lambda grad, x, *_: tuple(_per_channel(x, 2))),
     ("bn_relu_backward_reduce(Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias) "
      "-> (Tensor, Tensor)", lambda grad, x, *_: tuple(_per_channel(x, 2))),
     ("bn_relu_backward_input(Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, "
