@@ -411,6 +411,8 @@ def test_bn_relu_backward_fused_is_reduce_then_input_bitwise(ops, shape, dtype):
         cl = x.contiguous(memory_format=torch.channels_last)
         with pytest.raises(RuntimeError, match="x must be NCHW .*bn_relu_backward_reduce"):
             ops.bn_relu_backward_fused(grad, cl, mean, invstd, weight, bias)
+        with pytest.raises(RuntimeError, match="x must be NCHW .*bn_relu_backward_fused_, .*bn_relu_backward_reduce"):
+            ops.bn_relu_backward_fused_(grad.clone(), cl, mean, invstd, weight, bias)
         with pytest.raises(RuntimeError, match="grad must be NCHW-contiguous for bn_relu_backward_fused_"):
             ops.bn_relu_backward_fused_(grad.contiguous(memory_format=torch.channels_last), x, mean, invstd, weight,
                                         bias)

@@ -687,15 +687,22 @@ std::tuple<Tensor, Tensor> fused_into(const Tensor& grad, const Tensor& x, const
   return {sum_g, sum_gxhat};
 }
 
-std::tuple<Tensor, Tensor, Tensor> backward_fused(const Tensor& grad_in, const Tensor& x_in, const Tensor& mean,
-                                                  const Tensor& invstd, const Tensor& weight, const Tensor& bias) {
-  check_grad_of(grad_in, x_in);
+// Both fused ops' checks of their arguments; x as the NCHW map m.
+Tensor checked_fused_map(const Tensor& grad, const Tensor& x_in, const Tensor& mean, const Tensor& invstd,
+                         const Tensor& weight, const Tensor& bias, const char* op, DenseMap& m) {
+  check_grad_of(grad, x_in);
   check_params({mean, invstd, weight, bias}, x_in.size(1));
-  DenseMap m;
-  const Tensor x = dense_map(x_in, m);
-  TORCH_CHECK(!m.cl, "x must be NCHW (contiguous) for bn_relu_backward_fused, got strides ", x_in.strides(),
+  Tensor x = dense_map(x_in, m);
+  TORCH_CHECK(!m.cl, "x must be NCHW (contiguous) for ", op, ", got strides ", x_in.strides(),
               " (channels_last maps take bn_relu_backward_reduce and bn_relu_backward_input)");
   TORCH_CHECK(m.P() > 0, "x must have at least one value per channel, got shape ", x_in.sizes());
+  return x;
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_fused(const Tensor& grad_in, const Tensor& x_in, const Tensor& mean,
+                                                  const Tensor& invstd, const Tensor& weight, const Tensor& bias) {
+  DenseMap m;
+  const Tensor x = checked_fused_map(grad_in, x_in, mean, invstd, weight, bias, "bn_relu_backward_fused", m);
   Tensor dx = new_map_like(x, m);
   auto sums = fused_into(like_map(grad_in, m), x, m, mean, invstd, weight, bias, dx);
   return {dx, std::get<0>(sums), std::get<1>(sums)};
@@ -707,15 +714,11 @@ std::tuple<Tensor, Tensor, Tensor> backward_fused(const Tensor& grad_in, const T
 // C++ autograd hands its incoming gradient here when nothing else holds it (csrc/autograd/bn_relu_autograd.cpp).
 std::tuple<Tensor, Tensor> backward_fused_(Tensor& grad, const Tensor& x_in, const Tensor& mean, const Tensor& invstd,
                                            const Tensor& weight, const Tensor& bias) {
-  check_grad_of(grad, x_in);
-  check_params({mean, invstd, weight, bias}, x_in.size(1));
   DenseMap m;
-  const Tensor x = dense_map(x_in, m);
-  TORCH_CHECK(!m.cl, "x must be NCHW (contiguous) for bn_relu_backward_fused_, got strides ", x_in.strides());
+  const Tensor x = checked_fused_map(grad, x_in, mean, invstd, weight, bias, "bn_relu_backward_fused_", m);
   TORCH_CHECK(grad.is_contiguous(),
               "grad must be NCHW-contiguous for bn_relu_backward_fused_ (grad_x is written over it), got strides ",
               grad.strides());
-  TORCH_CHECK(m.P() > 0, "x must have at least one value per channel, got shape ", x_in.sizes());
   TORCH_CHECK(at::get_overlap_status(grad, x) == at::MemOverlapStatus::No,
               "grad must not share memory with x for bn_relu_backward_fused_ (grad_x is written over grad)");
   return fused_into(grad, x, m, mean, invstd, weight, bias, grad);
