@@ -1,5 +1,5 @@
-"""bn_relu in the ops suite (training BatchNorm + ReLU after a conv block's convolution): ``python -m
-benchmarks.bn_relu`` runs it alone (see benchmarks.op_bench)."""
+"""bn_relu in the ops suite (BatchNorm + ReLU after a conv block's convolution: training, and on the CPU also eval,
+the ``inference`` rows): ``python -m benchmarks.bn_relu`` runs it alone (see benchmarks.op_bench)."""
 
 from __future__ import annotations
 

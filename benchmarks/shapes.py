@@ -132,9 +132,11 @@ def conv_flops(p: dict) -> int:
     return 2 * p["batch"] * p["height"] * p["width"] * p["in_channels"] * p["out_channels"] * p["kernel"] ** 2
 
 
-def head_op_cases(w: Workload, *, primary: bool, all_instances: bool, conv: str) -> list[OpCase]:
+def head_op_cases(w: Workload, *, primary: bool, all_instances: bool, conv: str,
+                  bn_relu_inference: bool = False) -> list[OpCase]:
     """Op cases of one workload. ``all_instances``: every top-down step and both concats, else the largest.
-    ``conv``: "all" blocks, "none", or "cheap" (blocks under 5 GFLOP, for a CPU run)."""
+    ``conv``: "all" blocks, "none", or "cheap" (blocks under 5 GFLOP, for a CPU run). ``bn_relu_inference``: the
+    BN+ReLU cases in eval too (the CPU runs: the C++ eval kernel; Triton covers training only)."""
     b, hid = w.batch, w.hidden
     cases = [OpCase("adaptive_avg_pool_multi", "ppm pools", w, dict(x=w.feature_shape(3), scales=w.pool_scales), primary=primary)]
     steps = [(1, 0)] + ([(2, 1), (3, 2)] if all_instances else [])
@@ -160,7 +162,8 @@ def head_op_cases(w: Workload, *, primary: bool, all_instances: bool, conv: str)
         # bandwidth target); every size once, whatever the conv costs.
         for p in conv_blocks(w):
             y = (p["batch"], p["out_channels"], p["height"], p["width"])
-            cases.append(OpCase("bn_relu", p["block"], w, dict(y=y, block=p["block"]), primary=primary))
+            modes = ("inference",) * bn_relu_inference + ("forward", "backward", "forward+backward")
+            cases.append(OpCase("bn_relu", p["block"], w, dict(y=y, block=p["block"]), modes=modes, primary=primary))
     return cases
 
 
@@ -181,7 +184,8 @@ def ops_plan(shape_set: str, device: str) -> OpsPlan:
                     entries.append((c, dt, lay, tuple(m for m in c.modes if modes is None or m in modes)))
 
     if shape_set == "tiny":
-        add(head_op_cases(TINY, primary=True, all_instances=True, conv="all"), ["fp32"], ["nchw", "channels_last"])
+        add(head_op_cases(TINY, primary=True, all_instances=True, conv="all", bn_relu_inference=True), ["fp32"],
+            ["nchw", "channels_last"])
     elif shape_set == "headline":
         # The GPU session's list (3 minutes with e2e, torch.compile included): the headline workload, bf16
         # channels_last (what a converted model runs), forward and backward, one case per op: the largest
@@ -209,7 +213,8 @@ def ops_plan(shape_set: str, device: str) -> OpsPlan:
                     modes=("forward", "backward"))
     else:  # CPU (2-core machines): fp32, ConvNeXt-T channels at batch 1; --quick at a 128 crop, a smoke run
         w = workload("convnext_t", 128 if shape_set == "quick" else 512, 1)
-        add(head_op_cases(w, primary=True, all_instances=shape_set == "full", conv="cheap"), ["fp32"], ["nchw"])
+        add(head_op_cases(w, primary=True, all_instances=shape_set == "full", conv="cheap", bn_relu_inference=True),
+            ["fp32"], ["nchw"])
     return OpsPlan(entries)
 
 

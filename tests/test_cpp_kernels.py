@@ -494,12 +494,22 @@ def test_bn_relu_training_backward_takes_the_fused_kernel_for_nchw_only(ops, mon
         assert calls == expected, (fmt, calls)
 
 
+# NCHW maps whose rows are one to four vectors long take csrc/cpu/reduce.h map_nchw_flat (the map as one flat array,
+# a vector's parameters blended where it spans two channels' rows); the others map_elementwise's rows. Rows of 30
+# values (2x7x5x6, both dtypes), exactly one float vector (16), 63 (three vectors and 15, every vector after the
+# first spanning two rows), one double vector (8) and shorter rows (3x3: the rows path), channels wrapping across
+# images and a partial last vector.
+EVAL_SHAPES = [(2, 7, 5, 6), (1, 3, 4, 4), (3, 5, 9, 7), (2, 3, 2, 4), (2, 6, 3, 3)]
+
+
+@pytest.mark.parametrize("shape", EVAL_SHAPES)
 @pytest.mark.parametrize("layout", ("contiguous", "channels_last", "sliced"))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
-def test_bn_relu_eval_matches_eager(ops, layout, dtype):
-    x = in_layout(_randn((2, 7, 5, 6), dtype, 1), layout)
-    scale, shift = _randn((7,), dtype, 2), _randn((7,), dtype, 3)
-    grad = in_layout(_randn((2, 7, 5, 6), dtype, 4), layout)
+def test_bn_relu_eval_matches_eager(ops, shape, layout, dtype):
+    c = shape[1]
+    x = in_layout(_randn(shape, dtype, 1), layout)
+    scale, shift = _randn((c,), dtype, 2), _randn((c,), dtype, 3)
+    grad = in_layout(_randn(shape, dtype, 4), layout)
     y = ops.bn_relu_eval(x, scale, shift)
     leaves = [t.detach().clone().requires_grad_() for t in (x, scale, shift)]
     ref = F.relu(leaves[0] * leaves[1].view(1, -1, 1, 1) + leaves[2].view(1, -1, 1, 1))
