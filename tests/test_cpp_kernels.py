@@ -494,11 +494,9 @@ def test_bn_relu_training_backward_takes_the_fused_kernel_for_nchw_only(ops, mon
         assert calls == expected, (fmt, calls)
 
 
-# NCHW maps whose rows are one to four vectors long take csrc/cpu/reduce.h map_nchw_flat (the map as one flat array,
-# a vector's parameters blended where it spans two channels' rows); the others map_elementwise's rows. Rows of 30
-# values (2x7x5x6, both dtypes), exactly one float vector (16), 63 (three vectors and 15, every vector after the
-# first spanning two rows), one double vector (8) and shorter rows (3x3: the rows path), channels wrapping across
-# images and a partial last vector.
+# Rows (one channel's pixels of one image) of 30 values (2x7x5x6), exactly one float vector (16), 63 (three vectors
+# and 15), one double vector (8) and 9: full and partial vectors of csrc/cpu/reduce.h map_elementwise's rows, for
+# float32 and float64.
 EVAL_SHAPES = [(2, 7, 5, 6), (1, 3, 4, 4), (3, 5, 9, 7), (2, 3, 2, 4), (2, 6, 3, 3)]
 
 

@@ -400,19 +400,6 @@ Tensor relu_of_channel_affine(const Tensor& x_in, const std::array<Tensor, N>& p
     using opmath_t = at::opmath_type<scalar_t>;
     std::array<std::vector<opmath_t>, N> p;
     for (size_t i = 0; i < N; ++i) p[i] = per_channel<opmath_t>(params[i]);
-    if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-      // Rows of one to four vectors (the PPM's 6x6 maps: 36 float pixels), where map_elementwise's per-row work was
-      // most of the time. Measured side by side (eval from buffers, 2 threads, called from Python, alternating
-      // processes): 1x512x6x6 25.8 against 37.8 us; 1x512x16x16, rows of 16 full vectors, 111 against 82 us
-      // (the flat loop's per-vector channel tracking costs more there than the rows' set-up), so longer rows stay.
-      if (!m.cl && m.HW >= Vec<opmath_t>::size() && m.HW < 4 * Vec<opmath_t>::size()) {
-        map_nchw_flat<scalar_t>(m, x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                [&](const auto& l, Vec<opmath_t> v) {
-                                  return at::vec::maximum(affine(l, v, p), Vec<opmath_t>(0));
-                                });
-        return;
-      }
-    }
     map_elementwise<scalar_t>(m, x.const_data_ptr<scalar_t>(), nullptr, nullptr, y.data_ptr<scalar_t>(),
                               [&](const Lanes<opmath_t>& l, Vec<opmath_t> v, Vec<opmath_t>, Vec<opmath_t>) {
                                 return at::vec::maximum(affine(l, v, p), Vec<opmath_t>(0));

@@ -90,49 +90,6 @@ void map_elementwise(const DenseMap& m, const scalar_t* x, const scalar_t* a, co
   });
 }
 
-// A vector step of map_nchw_flat: lanes before `first` in channel c, the others (if any) in channel next. get() reads a
-// per-channel parameter array so, as Lanes::get does for one channel (the same values per lane: the same bits).
-template <typename opmath_t>
-struct SplitLanes {
-  using Vec = at::vec::Vectorized<opmath_t>;
-  int64_t c, next;
-  Vec second;  // all-ones in the lanes of channel next
-  Vec get(const opmath_t* arr) const { return Vec::blendv(Vec(arr[c]), Vec(arr[next]), second); }
-};
-
-// out = f(lanes, x) elementwise over a contiguous NCHW map of at least Vec::size() pixels a row, taken as one flat
-// array of full vectors (a vector then spans at most two channels' rows, its per-channel parameters blended): the
-// values map_elementwise computes (each lane's expression reads its own channel's parameters), without its per-row
-// work. Why: map_elementwise's rows are one channel's pixels each, 36 on the PPM's 6x6 maps: three vectors, the
-// last partial, and per-row set-up, about 80 cycles a row where this takes about a tenth of that per value (eval
-// BN+ReLU, 1x512x6x6: see bn_relu.cpp relu_of_channel_affine). scalar_t is its own opmath type (float, double).
-template <typename scalar_t, typename F>
-void map_nchw_flat(const DenseMap& m, const scalar_t* x, scalar_t* out, F f) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  constexpr int64_t L = Vec::size();
-  TORCH_INTERNAL_ASSERT(!m.cl && m.HW >= L, "map_nchw_flat takes NCHW maps of at least one vector a row");
-  const int64_t total = m.N * m.C * m.HW, vectors = (total + L - 1) / L;
-  const Vec lane = Vec::arange(0, 1);
-  at::parallel_for(0, vectors, tasks_of(L), [&](int64_t begin, int64_t end) {
-    int64_t row = begin * L / m.HW;  // one division per task, then counted along
-    int64_t pos = begin * L - row * m.HW, c = row % m.C;
-    for (int64_t v = begin; v < end; ++v) {
-      const int64_t i = v * L, cnt = std::min(L, total - i), rest = m.HW - pos;  // rest >= 1 values left in row
-      const int64_t next = c + 1 == m.C ? 0 : c + 1;
-      if (rest >= L) {  // the whole vector in channel c
-        vstore(out + i, cnt, f(Lanes<scalar_t>{false, c, cnt}, vload(x + i, cnt)));
-      } else {
-        vstore(out + i, cnt, f(SplitLanes<scalar_t>{c, next, lane >= Vec(static_cast<scalar_t>(rest))}, vload(x + i, cnt)));
-      }
-      pos += L;
-      if (pos >= m.HW) {  // (HW >= L: at most one row boundary per vector)
-        pos -= m.HW;
-        c = next;
-      }
-    }
-  });
-}
-
 // The sum of a vector's lanes, in a fixed pairwise order (at::vec's shuffle tree: halves, then quarters, ...).
 // Why not lane by lane: on small maps (the pyramid pooling module's 512 channels of 1x1 to 6x6 pixels) a channel's
 // sum is a handful of vectors, and a chain of 16 dependent additions per sum was most of a channel's time.
