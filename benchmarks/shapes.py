@@ -162,7 +162,7 @@ def head_op_cases(w: Workload, *, primary: bool, all_instances: bool, conv: str,
         # bandwidth target); every size once, whatever the conv costs.
         for p in conv_blocks(w):
             y = (p["batch"], p["out_channels"], p["height"], p["width"])
-            modes = ("inference",) * bn_relu_inference + ("forward", "backward", "forward+backward")
+            modes = (("inference",) if bn_relu_inference else ()) + ("forward", "backward", "forward+backward")
             cases.append(OpCase("bn_relu", p["block"], w, dict(y=y, block=p["block"]), modes=modes, primary=primary))
     return cases
 

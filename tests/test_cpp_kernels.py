@@ -318,7 +318,7 @@ BN_SHAPES = {
     # the last one partial.
     "channel_blocks": (2, 37, 3, 5),
     # The fused backward keeps g_relu on channels of at most 1024 pixels, in blocks of 1024 values (bn_relu.cpp
-    # backward_fused): 128 pixels, blocks of 8 channels, the last one partial.
+    # fused_into): 128 pixels, blocks of 8 channels, the last one partial.
     "kept_blocks": (2, 21, 8, 8),
 }
 

@@ -213,7 +213,7 @@ constexpr int64_t kSmallRow = 64;          // forward: rows of at most this many
 constexpr int64_t kSmallStatsPixels = 256;  // ... and at most this many pixels per channel over the batch
 constexpr int64_t kSmallGradPixels = 64;    // backward: at most this many pixels per channel over the batch
 // The fused backward keeps each pixel's g_relu between its two passes on channels of at most this many pixels, in
-// blocks of this many values (see bn_relu.cpp backward_fused).
+// blocks of this many values (see bn_relu.cpp fused_into).
 constexpr int64_t kKeptPixels = 1024;
 static_assert(kSmallStatsPixels <= kChunkPixels && kSmallGradPixels <= kChunkPixels && kKeptPixels <= kChunkPixels,
               "a small map's sums are one chunk's");
