@@ -58,6 +58,25 @@ def test_schemas_are_the_triton_ops_schemas():
         assert ours.replace("upernet_fast_cpp::", "upernet_fast::") == theirs
 
 
+def test_inference_only_ops_have_the_extensions_autograd_and_no_python_layer():
+    """Every InferenceOp's Autograd kernel is csrc/autograd/inference_only.cpp's, registered from C++: a Python one
+    (torch.library.register_autograd) ran Python on every call, grad or not, more than the kernel on small maps."""
+    import upernet_fast.ops  # noqa: F401  (declares the ops)
+    from upernet_fast import backend
+    from upernet_fast.ops._kernel_op import _EXTENSION_OPS, InferenceOp
+
+    cpp_extension.load()
+    assert backend._cpp_unavailable() is None  # loads and attaches the fakes, as the backend layer does
+    inference_ops = [op for op in _EXTENSION_OPS[backend.CPP_NAMESPACE] if isinstance(op, InferenceOp)]
+    assert len(inference_ops) == 9, [op.name for op in inference_ops]
+    for op in inference_ops:
+        table = torch._C._dispatch_dump(f"upernet_fast_cpp::{op.name}")
+        autograd = [line for line in table.splitlines() if line.startswith("Autograd")]
+        assert len(autograd) == 1 and "inference_only.cpp" in autograd[0], (op.name, table)
+        meta = [line for line in table.splitlines() if line.startswith("Meta")]
+        assert len(meta) == 1 and ".py" in meta[0], (op.name, table)  # the fake kernel: traced by torch.compile
+
+
 def test_cli_build_and_info_report_the_extension():
     env = dict(os.environ)
     out = subprocess.run([sys.executable, "-m", "upernet_fast.cli", "build"], capture_output=True, text=True,

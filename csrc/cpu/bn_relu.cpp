@@ -10,6 +10,7 @@
 #include "reduce.h"
 
 #include <ATen/MemoryOverlap.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <array>
@@ -305,8 +306,8 @@ std::array<Vec<opmath_t>, 2> block_grad_sums(opmath_t* X, opmath_t* G, int64_t P
 // where dp is not null, its grad_x (backward_input's expression, count = N*H*W) into dp, computed on the transposed
 // block (a full vector per pixel where the rows would leave most of each vector empty) and transposed back.
 template <typename scalar_t, typename opmath_t>
-void small_backward(const DenseMap& m, const scalar_t* xp, const scalar_t* gp, const std::vector<opmath_t>& mu,
-                    const std::vector<opmath_t>& is, const std::vector<opmath_t>& w, const std::vector<opmath_t>& b,
+void small_backward(const DenseMap& m, const scalar_t* xp, const scalar_t* gp, const ChannelValues<opmath_t>& mu,
+                    const ChannelValues<opmath_t>& is, const ChannelValues<opmath_t>& w, const ChannelValues<opmath_t>& b,
                     opmath_t* sg, opmath_t* sgx, scalar_t* dp) {
   using V = Vec<opmath_t>;
   constexpr int64_t L = V::size();
@@ -388,22 +389,31 @@ void check_params(const Params& p, int64_t C) {
   check_per_channel(p.bias, "bias", C);
 }
 
-// y = relu(affine(x)) over a float map, in x's dtype and layout, the affine read per channel from `params`
-// (each as an opmath_t array, in order): the frame that apply and eval_forward share, each with its own affine
-// (the training one subtracts the mean first, as the reference does; the eval one is the folded form).
-template <size_t N, typename Affine>
-Tensor relu_of_channel_affine(const Tensor& x_in, const std::array<Tensor, N>& params, Affine affine) {
+// Eval mode's output, relu(x * scale + shift): one definition for eval_forward and eval_from_buffers (the same bits).
+template <typename opmath_t>
+Vec<opmath_t> eval_value(const Vec<opmath_t>& x, const std::array<Vec<opmath_t>, 2>& p) {
+  return at::vec::maximum(x * p[0] + p[1], Vec<opmath_t>(0));
+}
+
+// y = value(x, p) over a float map, in x's dtype and layout, p the per-channel parameters read from `params` (each
+// as an opmath_t array, in order, given to value as vectors): the frame that apply and eval_forward share.
+template <size_t N, typename Value>
+Tensor per_channel_map(const Tensor& x_in, const std::array<Tensor, N>& params, Value value) {
   DenseMap m;
   const Tensor x = dense_map(x_in, m);
   Tensor y = new_map_like(x, m);
   UPERNET_FAST_DISPATCH(x.scalar_type(), "bn_relu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    std::array<std::vector<opmath_t>, N> p;
-    for (size_t i = 0; i < N; ++i) p[i] = per_channel<opmath_t>(params[i]);
-    map_elementwise<scalar_t>(m, x.const_data_ptr<scalar_t>(), nullptr, nullptr, y.data_ptr<scalar_t>(),
-                              [&](const Lanes<opmath_t>& l, Vec<opmath_t> v, Vec<opmath_t>, Vec<opmath_t>) {
-                                return at::vec::maximum(affine(l, v, p), Vec<opmath_t>(0));
-                              });
+    std::array<ChannelValues<opmath_t>, N> p;
+    std::array<const opmath_t*, N> pp;
+    for (size_t i = 0; i < N; ++i) {
+      p[i] = per_channel<opmath_t>(params[i]);
+      pp[i] = p[i].data();
+    }
+    map_channel_params<scalar_t, N>(m, x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), pp,
+                                    [&](const Vec<opmath_t>& v, const std::array<Vec<opmath_t>, N>& pv) {
+                                      return value(v, pv);
+                                    });
   });
   return y;
 }
@@ -411,8 +421,8 @@ Tensor relu_of_channel_affine(const Tensor& x_in, const std::array<Tensor, N>& p
 Tensor apply(const Tensor& x_in, const Tensor& mean, const Tensor& invstd, const Tensor& weight, const Tensor& bias) {
   check_float_map(x_in, "x");
   check_params({mean, invstd, weight, bias}, x_in.size(1));
-  return relu_of_channel_affine<4>(x_in, {mean, invstd, weight, bias}, [](const auto& l, auto v, const auto& p) {
-    return bn_affine(v, l.get(p[0].data()), l.get(p[1].data()), l.get(p[2].data()), l.get(p[3].data()));
+  return per_channel_map<4>(x_in, {mean, invstd, weight, bias}, [](const auto& v, const auto& p) {
+    return bn_relu_value(v, p[0], p[1], p[2], p[3]);
   });
 }
 
@@ -729,16 +739,15 @@ Tensor eval_forward(const Tensor& x_in, const Tensor& scale, const Tensor& shift
   check_float_map(x_in, "x");
   check_per_channel(scale, "scale", x_in.size(1));
   check_per_channel(shift, "shift", x_in.size(1));
-  return relu_of_channel_affine<2>(x_in, {scale, shift}, [](const auto& l, auto v, const auto& p) {
-    return v * l.get(p[0].data()) + l.get(p[1].data());
-  });
+  return per_channel_map<2>(x_in, {scale, shift}, [](const auto& v, const auto& p) { return eval_value(v, p); });
 }
 
 // Eval mode from BatchNorm's own tensors, for autograd-free calls: the per-channel scale and shift computed as
 // upernet_fast/ops/bn_relu.py's running_stats_path computes them with tensor ops (rsqrt(running_var + eps), shift
-// = -running_mean * scale, then shift * weight + bias and scale * weight, each rounded in the statistics' dtype),
-// then eval_forward's pass: the same bits, without six tensor ops per call (most of the cost on the pyramid
-// pooling module's 1x1 to 6x6 maps).
+// = -running_mean * scale, then shift * weight + bias and scale * weight, each rounded in the statistics' dtype;
+// here as vectors: IEEE division, square root, products and sums, the same bits), then eval_forward's pass: the same
+// bits, without six tensor ops per call (most of the cost on the pyramid pooling module's 1x1 to 6x6 maps), nor a
+// tensor for the scale and shift.
 Tensor eval_from_buffers(const Tensor& x_in, const Tensor& running_mean, const Tensor& running_var,
                          const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps) {
   check_float_map(x_in, "x");
@@ -752,28 +761,37 @@ Tensor eval_from_buffers(const Tensor& x_in, const Tensor& running_mean, const T
     check_per_channel(*weight, "weight", C);
     check_per_channel(*bias, "bias", C);
   }
-  Tensor scale = at::empty({C}, x_in.options().dtype(opmath_dtype(x_in)));
-  Tensor shift = at::empty({C}, scale.options());
-  AT_DISPATCH_FLOATING_TYPES(scale.scalar_type(), "bn_relu_eval_from_buffers", [&] {
-    const auto rm = per_channel<scalar_t>(running_mean), rv = per_channel<scalar_t>(running_var);
-    const auto w = affine ? per_channel<scalar_t>(*weight) : std::vector<scalar_t>();
-    const auto b = affine ? per_channel<scalar_t>(*bias) : std::vector<scalar_t>();
-    scalar_t* sp = scale.data_ptr<scalar_t>();
-    scalar_t* hp = shift.data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      const scalar_t s = scalar_t(1) / std::sqrt(rv[c] + static_cast<scalar_t>(eps));
-      const scalar_t h = -rm[c] * s;
+  DenseMap m;
+  const Tensor x = dense_map(x_in, m);
+  Tensor y = new_map_like(x, m);
+  UPERNET_FAST_DISPATCH(x.scalar_type(), "bn_relu_eval_from_buffers", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    using V = Vec<opmath_t>;
+    const auto rm = per_channel<opmath_t>(running_mean), rv = per_channel<opmath_t>(running_var);
+    const auto w = affine ? per_channel<opmath_t>(*weight) : ChannelValues<opmath_t>();
+    const auto b = affine ? per_channel<opmath_t>(*bias) : ChannelValues<opmath_t>();
+    // On the stack up to 1024 channels (no heap allocation a call, see ChannelValues).
+    c10::SmallVector<opmath_t, 2048> folded(2 * C);
+    opmath_t* const scale = folded.data();
+    opmath_t* const shift = scale + C;
+    const V eps_v(static_cast<opmath_t>(eps));
+    vec_for<opmath_t>(C, [&](int64_t c, int64_t n) {
+      const V s = V(1) / (vload(rv.data() + c, n) + eps_v).sqrt();
+      const V h = vload(rm.data() + c, n).neg() * s;
       if (affine) {
-        const scalar_t hw = h * w[c];
-        sp[c] = s * w[c];
-        hp[c] = hw + b[c];
+        const V wv = vload(w.data() + c, n);
+        vstore(scale + c, n, s * wv);
+        vstore(shift + c, n, h * wv + vload(b.data() + c, n));
       } else {
-        sp[c] = s;
-        hp[c] = h;
+        vstore(scale + c, n, s);
+        vstore(shift + c, n, h);
       }
-    }
+    });
+    map_channel_params<scalar_t, 2>(m, x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                    {scale, shift},
+                                    [](const V& v, const std::array<V, 2>& p) { return eval_value(v, p); });
   });
-  return eval_forward(x_in, scale, shift);
+  return y;
 }
 
 // grad_x = (y > 0) * grad * scale; grad_scale = sum((y > 0) * grad * x), grad_shift = sum((y > 0) * grad)

@@ -46,9 +46,9 @@ std::pair<Tensor, Tensor> fold(const Tensor& weight, const std::optional<Tensor>
   const int64_t cout = weight.size(0);
   const int64_t per_out = weight.numel() / cout;
   const auto rm = per_channel<acc_t>(running_mean), rv = per_channel<acc_t>(running_var);
-  const auto cb = given(conv_bias) ? per_channel<acc_t>(*conv_bias) : std::vector<acc_t>();
-  const auto bw = given(bn_weight) ? per_channel<acc_t>(*bn_weight) : std::vector<acc_t>();
-  const auto bb = given(bn_bias) ? per_channel<acc_t>(*bn_bias) : std::vector<acc_t>();
+  const auto cb = given(conv_bias) ? per_channel<acc_t>(*conv_bias) : ChannelValues<acc_t>();
+  const auto bw = given(bn_weight) ? per_channel<acc_t>(*bn_weight) : ChannelValues<acc_t>();
+  const auto bb = given(bn_bias) ? per_channel<acc_t>(*bn_bias) : ChannelValues<acc_t>();
   const Tensor w = weight.contiguous();
   Tensor folded = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
   Tensor shift = at::empty({cout}, weight.options());

@@ -117,7 +117,7 @@ std::tuple<Tensor, Tensor, Tensor> forward(const Tensor& logits, const Tensor& l
     using opmath_t = at::opmath_type<scalar_t>;
     const Axis<opmath_t> ah(h, H, align_corners), aw(w, W, align_corners);
     const View4<const scalar_t> s(logits.const_data_ptr<scalar_t>(), logits);
-    const std::vector<opmath_t> cw = has_weight ? per_channel<opmath_t>(*weight) : std::vector<opmath_t>();
+    const auto cw = has_weight ? per_channel<opmath_t>(*weight) : ChannelValues<opmath_t>();
     const int64_t* lab = labels.const_data_ptr<int64_t>();
     const int64_t lsb = labels.stride(0), lsh = labels.stride(1), lsw = labels.stride(2);
     opmath_t* lse_p = lse.data_ptr<opmath_t>();
@@ -213,7 +213,7 @@ Tensor backward(const Tensor& grad_loss, const Tensor& logits, const Tensor& lab
     const auto opmath_dtype = c10::CppTypeToScalarType<opmath_t>::value;
     const Axis<opmath_t> ah(h, H, align_corners), aw(w, W, align_corners);
     const View4<const scalar_t> s(logits.const_data_ptr<scalar_t>(), logits);
-    const std::vector<opmath_t> cw = has_weight ? per_channel<opmath_t>(*weight) : std::vector<opmath_t>();
+    const auto cw = has_weight ? per_channel<opmath_t>(*weight) : ChannelValues<opmath_t>();
     const Tensor lse_c = lse.to(opmath_dtype).contiguous();
     const opmath_t* lse_p = lse_c.const_data_ptr<opmath_t>();
     const Tensor g_c = per_pixel ? grad_loss.to(opmath_dtype).contiguous() : Tensor();

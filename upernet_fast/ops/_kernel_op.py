@@ -176,27 +176,16 @@ class ExtensionOp:
 class InferenceOp(ExtensionOp):
     """An inference-only op that a compiled extension defines: its schema and fake kernel, and no backward.
 
-    :meth:`attach` registers the fake (so ``torch.compile`` and ``opcheck`` can trace it) and an autograd
-    formula whose forward refuses, with the reason, any call where autograd would need its gradient: a clear
-    error at the call rather than a silent missing gradient or a generic one at ``backward()``.
+    :meth:`attach` registers the fake (so ``torch.compile`` and ``opcheck`` can trace it). Its autograd is the
+    extension's (csrc/autograd/inference_only.cpp): any call where autograd would need its gradient is refused with
+    the reason, a clear error at the call rather than a silent missing gradient or a generic one at ``backward()``;
+    every other call goes on to the kernel without a Python autograd layer (which cost more than the kernel on small
+    maps). ``op_name``, the op function that routes calls here, is the one the C++ refusal names.
     """
 
     def __init__(self, schema: str, fake: Callable, *, op_name: str) -> None:
         super().__init__(schema, fake)
         self.op_name = op_name
-
-    def _register_autograd(self, qualified: str, lib: torch.library.Library) -> None:
-        def refuse(ctx, inputs, output):
-            # Runs only when grad mode is on and an input requires grad (else the op is called directly).
-            raise RuntimeError(
-                f"upernet_fast: {qualified} is inference-only (no backward); {self.op_name} routes only "
-                "autograd-free calls (torch.no_grad / inference_mode, or nothing requiring grad) to it"
-            )
-
-        def no_backward(ctx, *grads):  # never reached: refuse raised in the forward
-            raise RuntimeError(f"upernet_fast: {qualified} has no backward")
-
-        torch.library.register_autograd(qualified, no_backward, setup_context=refuse, lib=lib)
 
 
 _RESOLVED: dict[str, Callable] = {}

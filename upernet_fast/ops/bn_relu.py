@@ -269,16 +269,22 @@ def running_stats_path(y: torch.Tensor, batch_norm: nn.Module) -> torch.Tensor:
     """relu(batch_norm(y)) with the running statistics (eval mode), one C++ pass over y. The per-channel scale
     and shift are computed in fp32 (at least) from BN's parameters, differentiably; where nothing needs a
     gradient, by the C++ op itself, with the same bits (no tensor ops in Python)."""
-    weight, bias = batch_norm.weight, batch_norm.bias
+    try:  # read from the module's dicts, as module_tensor does, without its calls (~3 us a call saved at 1x1)
+        parameters, buffers = batch_norm._parameters, batch_norm._buffers
+        weight, bias = parameters["weight"], parameters["bias"]
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+    except (AttributeError, KeyError):  # not a stock BatchNorm module
+        weight, bias, running_mean, running_var = (
+            module_tensor(batch_norm, name) for name in ("weight", "bias", "running_mean", "running_var")
+        )
     if not needs_grad(y, weight, bias):
-        return _bn_relu_eval_from_buffers_cpp(y, batch_norm.running_mean, batch_norm.running_var, weight, bias,
-                                              float(batch_norm.eps))
+        return _bn_relu_eval_from_buffers_cpp(y, running_mean, running_var, weight, bias, float(batch_norm.eps))
     acc = torch.promote_types(y.dtype, torch.float32)
-    scale = torch.rsqrt(batch_norm.running_var.to(acc) + batch_norm.eps)
-    shift = -batch_norm.running_mean.to(acc) * scale
-    if batch_norm.weight is not None:
-        scale = scale * batch_norm.weight.to(acc)
-        shift = shift * batch_norm.weight.to(acc) + batch_norm.bias.to(acc)
+    scale = torch.rsqrt(running_var.to(acc) + batch_norm.eps)
+    shift = -running_mean.to(acc) * scale
+    if weight is not None:
+        scale = scale * weight.to(acc)
+        shift = shift * weight.to(acc) + bias.to(acc)
     return _bn_relu_eval_cpp(y, scale, shift)
 
 
