@@ -152,8 +152,18 @@ void resize_forward_items(const Tensor& src, const Tensor& dst, const Tensor* la
     {
       RowPair<opmath_t> rows(W);
       std::vector<opmath_t> tmp_lat(W), tmp_out(W), tmp_src(W);
+      // (plane, output row) of begin by division once, then counted along (a division per row cost more than the
+      // row itself on the pyramid pooling module's maps: 16 values a row).
+      int64_t plane = begin / H, oh = begin % H, b = plane / C, c = plane % C;
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t plane = r / H, oh = r % H, b = plane / C, c = plane % C;
+        if (r != begin && ++oh == H) {
+          oh = 0;
+          ++plane;
+          if (++c == C) {
+            c = 0;
+            ++b;
+          }
+        }
         scalar_t* out_row = o.at(b, c, oh, 0);
         opmath_t* out = row_buffer<scalar_t, opmath_t>(out_row, o.sw, tmp_out.data());
         const opmath_t* lat = lateral ? row_in(l.at(b, c, oh, 0), l.sw, W, tmp_lat.data()) : nullptr;
