@@ -124,11 +124,6 @@ struct RowPair {
   }
 };
 
-// dst = resize(src) [+ lateral], bilinear, align_corners=False, dst (B, C, H, W) any strides (a channel
-// slice of a concat, for instance), src (B, C, h, w) any strides, lateral null or dst's shape.
-// Vectorised along W when dst is NCHW-like (one output row per work item, the two source rows
-// interpolated along W once and cached), along C when dst is channels_last (one output row of pixels per
-// work item). Equal sizes are a copy, as PyTorch's interpolate (no 0-weight reads of a neighbour).
 // The horizontal interpolation of one source row (w values, unit stride) to W outputs by permutes within one loaded
 // vector per output vector, where the axis allows it (see resize_forward_items): for output vector v, the sources
 // i0 and i1 of its lanes lie in [base[v], base[v] + lanes). apply() is false where it does not run (other dtypes,
@@ -181,8 +176,11 @@ struct HorizontalPermutes {
         const Vec x1(_mm512_permutexvar_ps(_mm512_loadu_si512(perm1.data() + first), row));
 #else
         const __m256 row = Vec::loadu(src, count[v]);
-        const Vec x0(_mm256_permutevar8x32_ps(row, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(perm0.data() + first))));
-        const Vec x1(_mm256_permutevar8x32_ps(row, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(perm1.data() + first))));
+        auto lanes = [&](const std::vector<int32_t>& perm) {
+          return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(perm.data() + first));
+        };
+        const Vec x0(_mm256_permutevar8x32_ps(row, lanes(perm0)));
+        const Vec x1(_mm256_permutevar8x32_ps(row, lanes(perm1)));
 #endif
         vstore(buf + first, n, x0 * vload(aw.l0.data() + first, n) + x1 * vload(aw.l1.data() + first, n));
       }
@@ -196,6 +194,11 @@ struct HorizontalPermutes {
   }
 };
 
+// dst = resize(src) [+ lateral], bilinear, align_corners=False, dst (B, C, H, W) any strides (a channel
+// slice of a concat, for instance), src (B, C, h, w) any strides, lateral null or dst's shape.
+// Vectorised along W when dst is NCHW-like (one output row per work item, the two source rows
+// interpolated along W once and cached), along C when dst is channels_last (one output row of pixels per
+// work item). Equal sizes are a copy, as PyTorch's interpolate (no 0-weight reads of a neighbour).
 // Work items of resize_forward: output rows (b, c, oh) when dst is NCHW-like, rows of pixels (b, oh) else.
 inline int64_t resize_items(const Tensor& dst) {
   return is_channels_last_layout(dst) ? dst.size(0) * dst.size(2) : dst.size(0) * dst.size(1) * dst.size(2);

@@ -307,8 +307,8 @@ std::array<Vec<opmath_t>, 2> block_grad_sums(opmath_t* X, opmath_t* G, int64_t P
 // block (a full vector per pixel where the rows would leave most of each vector empty) and transposed back.
 template <typename scalar_t, typename opmath_t>
 void small_backward(const DenseMap& m, const scalar_t* xp, const scalar_t* gp, const ChannelValues<opmath_t>& mu,
-                    const ChannelValues<opmath_t>& is, const ChannelValues<opmath_t>& w, const ChannelValues<opmath_t>& b,
-                    opmath_t* sg, opmath_t* sgx, scalar_t* dp) {
+                    const ChannelValues<opmath_t>& is, const ChannelValues<opmath_t>& w,
+                    const ChannelValues<opmath_t>& b, opmath_t* sg, opmath_t* sgx, scalar_t* dp) {
   using V = Vec<opmath_t>;
   constexpr int64_t L = V::size();
   const int64_t P = m.P();
