@@ -140,8 +140,9 @@ struct HorizontalPermutes {
   std::vector<int64_t> base, count;  // per output vector: first source, sources loaded
   std::vector<int32_t> perm0, perm1;  // per output lane: i0 - base, i1 - base (0 in padded lanes)
 
-  HorizontalPermutes(const Axis<at::opmath_type<scalar_t>>& aw, int64_t W, int64_t source_stride, bool same) {
+  HorizontalPermutes(const Axis<at::opmath_type<scalar_t>>& aw, int64_t source_stride, bool same) {
     if (!kSupported || same || source_stride != 1) return;
+    const int64_t W = aw.n_out;
     const int64_t vectors = (W + kLanes - 1) / kLanes;
     base.resize(vectors);
     count.resize(vectors);
@@ -225,7 +226,7 @@ void resize_forward_items(const Tensor& src, const Tensor& dst, const Tensor* la
       // per value as the scalar loop below, so the same bits. That loop was most of the kernel's time on the FPN's
       // 2x upsamplings (16 -> 32: a new source row every second output row). (at::vec's gathers measured barely
       // faster than the scalar loop on this project's Xeon.)
-      const HorizontalPermutes<scalar_t> permutes(aw, W, s.sw, same);
+      const HorizontalPermutes<scalar_t> permutes(aw, s.sw, same);
       RowPair<opmath_t> rows(W);
       std::vector<opmath_t> tmp_lat(W), tmp_out(W), tmp_src(W);
       // (plane, output row) of begin by division once, then counted along (a division per row cost more than the
