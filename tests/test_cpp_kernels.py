@@ -495,9 +495,10 @@ def test_bn_relu_training_backward_takes_the_fused_kernel_for_nchw_only(ops, mon
 
 
 # Rows (one channel's pixels of one image) of 30 values (2x7x5x6), exactly one float vector (16), 63 (three vectors
-# and 15), one double vector (8) and 9: full and partial vectors of csrc/cpu/reduce.h map_elementwise's rows, for
-# float32 and float64.
-EVAL_SHAPES = [(2, 7, 5, 6), (1, 3, 4, 4), (3, 5, 9, 7), (2, 3, 2, 4), (2, 6, 3, 3)]
+# and 15), one double vector (8) and 9: full and partial vectors of the rows of csrc/cpu/reduce.h map_channel_params
+# (the forward, whose last partial vector is the full one ending the row) and map_elementwise (the backward), for
+# float32 and float64; and a 1x1 map of 21 channels, which map_channel_params runs along its channels.
+EVAL_SHAPES = [(2, 7, 5, 6), (1, 3, 4, 4), (3, 5, 9, 7), (2, 3, 2, 4), (2, 6, 3, 3), (2, 21, 1, 1)]
 
 
 @pytest.mark.parametrize("shape", EVAL_SHAPES)
