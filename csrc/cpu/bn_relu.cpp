@@ -249,6 +249,45 @@ void grad_rows(const DenseMap& m, const scalar_t* xp, const scalar_t* gp, scalar
   }
 }
 
+// One channel's backward sums {sum(g_relu), sum(g_relu * (x - mean))} over its planes (at most kKeptPixels pixels:
+// one chunk), each pixel's g_relu kept in kept[n * HW + hw] for the grad_x pass: chunk_sums<2>'s order and
+// arithmetic on bn_backward_terms (image rows in order, vector lanes, a row's tail on its first lanes, then lane_sum),
+// written out with plain vector locals. Through chunk_sums' generic lambda the compiler kept each vector's terms in
+// a std::array on the stack, one more store per vector on the backward's hottest loop.
+template <typename scalar_t, typename opmath_t>
+std::array<opmath_t, 2> kept_grad_sums(const DenseMap& m, const scalar_t* xp, const scalar_t* gp, int64_t c,
+                                       const Vec<opmath_t>& mean, const Vec<opmath_t>& invstd,
+                                       const Vec<opmath_t>& weight, const Vec<opmath_t>& bias, opmath_t* kept,
+                                       opmath_t* tx, opmath_t* tg) {
+  using V = Vec<opmath_t>;
+  constexpr int64_t L = V::size();
+  const int64_t HW = m.HW;  // (a local: the kept stores could alias m, which the loop would then reread)
+  V a(0), q(0);
+  for (int64_t n = 0; n < m.N; ++n) {
+    const int64_t off = (n * m.C + c) * HW;
+    const opmath_t* xr = row_in(xp + off, 1, HW, tx);
+    const opmath_t* gr = row_in(gp + off, 1, HW, tg);
+    opmath_t* k = kept + n * HW;
+    int64_t i = 0;
+    for (; i + L <= HW; i += L) {
+      const V x = V::loadu(xr + i);
+      const V g_relu = where_positive(bn_affine(x, mean, invstd, weight, bias), V::loadu(gr + i));
+      g_relu.store(k + i);
+      a = a + g_relu;
+      q = q + g_relu * (x - mean);
+    }
+    if (i < HW) {
+      const int64_t cnt = HW - i;
+      const V x = vload(xr + i, cnt);
+      const V g_relu = where_positive(bn_affine(x, mean, invstd, weight, bias), vload(gr + i, cnt));
+      vstore(k + i, cnt, g_relu);
+      a = a + first_lanes(g_relu, cnt);
+      q = q + first_lanes(g_relu * (x - mean), cnt);
+    }
+  }
+  return {lane_sum(a), lane_sum(q)};
+}
+
 // ---- small NCHW maps (reduce.h small_nchw_stats, small_nchw_grads): a block of channels in vector lanes ---------
 // Each function is the channels_last kernels' arithmetic lane-wise, written out again as vector expressions (the
 // same operations in the same order: the same bits as the channels_last map's).
@@ -669,13 +708,18 @@ std::tuple<Tensor, Tensor> fused_into(const Tensor& grad, const Tensor& x, const
             return bn_backward_terms(v, g, mean_v, is_v, w_v, b_v);
           };
           opmath_t a(0), q(0);
-          for (int64_t i = 0; i < chunks; ++i) {
-            const int64_t p0 = i * kChunkPixels, p1 = std::min(p0 + kChunkPixels, m.P());
-            opmath_t pair[2];
-            chunk_sums<2>(m, xp, gp, static_cast<const scalar_t*>(nullptr), p0, p1, c, f, pair, tmp,
-                          kc ? kc + p0 : nullptr);
+          if (keep) {  // one chunk (kKeptPixels <= kChunkPixels)
+            const auto pair = kept_grad_sums(m, xp, gp, c, mean_v, is_v, w_v, b_v, kc, tmp.x.data(), tmp.g.data());
             a += pair[0];
             q += pair[1];
+          } else {
+            for (int64_t i = 0; i < chunks; ++i) {
+              const int64_t p0 = i * kChunkPixels, p1 = std::min(p0 + kChunkPixels, m.P());
+              opmath_t pair[2];
+              chunk_sums<2>(m, xp, gp, static_cast<const scalar_t*>(nullptr), p0, p1, c, f, pair, tmp);
+              a += pair[0];
+              q += pair[1];
+            }
           }
           sg[c] = a;
           sgx[c] = q * is[c];

@@ -142,6 +142,14 @@ void map_channel_params(const DenseMap& m, const scalar_t* x, scalar_t* out,
   });
 }
 
+// v's first count lanes, the others 0 (a row's tail): Vec::set(Vec(0), v, count)'s value by a comparison and a blend,
+// where Vec::set with a runtime count is a 16-way switch left as a call (which takes v's address).
+template <typename opmath_t>
+inline at::vec::Vectorized<opmath_t> first_lanes(const at::vec::Vectorized<opmath_t>& v, int64_t count) {
+  using Vec = at::vec::Vectorized<opmath_t>;
+  return Vec::blendv(Vec(0), v, Vec::arange(opmath_t(0), opmath_t(1)) < Vec(static_cast<opmath_t>(count)));
+}
+
 // The sum of a vector's lanes, in a fixed pairwise order (at::vec's shuffle tree: halves, then quarters, ...).
 // Why not lane by lane: on small maps (the pyramid pooling module's 512 channels of 1x1 to 6x6 pixels) a channel's
 // sum is a handful of vectors, and a chain of 16 dependent additions per sum was most of a channel's time.
@@ -159,12 +167,11 @@ struct Scratch {
 };
 
 // One chunk's K per-channel sums of f(lanes, x, g, y) (f returns std::array<Vec, K>) over pixels [p0, p1).
-// NCHW: channel c only, out[k]. channels_last: every channel, out[k * C + c]. g and y may be null.
-// keep (NCHW only; may be null): receives every pixel's f(...)[0], pixel p at keep[p - p0], for a later pass over the
-// same pixels that needs it (the fused backward's g_relu).
+// NCHW: channel c only, out[k]. channels_last: every channel, out[k * C + c]. g and y may be null. (The fused
+// backward's sums, which also keep every pixel's g_relu, have their own loop: bn_relu.cpp kept_grad_sums.)
 template <int K, typename scalar_t, typename opmath_t, typename F>
 void chunk_sums(const DenseMap& m, const scalar_t* x, const scalar_t* g, const scalar_t* y, int64_t p0, int64_t p1,
-                int64_t c, F f, opmath_t* out, Scratch<opmath_t>& tmp, opmath_t* keep = nullptr) {
+                int64_t c, F f, opmath_t* out, Scratch<opmath_t>& tmp) {
   using Vec = at::vec::Vectorized<opmath_t>;
   if (!m.cl) {
     std::array<Vec, K> acc;
@@ -182,7 +189,6 @@ void chunk_sums(const DenseMap& m, const scalar_t* x, const scalar_t* g, const s
       vec_for<opmath_t>(len, [&](int64_t i, int64_t cnt) {
         const Lanes<opmath_t> lanes{false, c, cnt};
         const auto part = f(lanes, vload(xr + i, cnt), gr ? vload(gr + i, cnt) : Vec(0), yr ? vload(yr + i, cnt) : Vec(0));
-        if (keep) vstore(keep + (p - p0) + i, cnt, part[0]);
         // Padded lanes add 0. Vec::set with a runtime count is a 16-way switch, not inlined: full vectors skip
         // it (the same bits), which matters on small maps where most of a chunk is a handful of vectors.
         if (cnt == Vec::size()) {
@@ -196,7 +202,6 @@ void chunk_sums(const DenseMap& m, const scalar_t* x, const scalar_t* g, const s
     for (int k = 0; k < K; ++k) out[k] = lane_sum(acc[k]);
     return;
   }
-  TORCH_INTERNAL_ASSERT(keep == nullptr, "chunk_sums keeps values on NCHW maps only");
   for (int k = 0; k < K; ++k) std::fill(out + k * m.C, out + (k + 1) * m.C, opmath_t(0));
   for (int64_t p = p0; p < p1; ++p) {
     const opmath_t* xr = row_in(x + p * m.C, 1, m.C, tmp.x.data());
