@@ -422,9 +422,12 @@ def test_bn_relu_backward_fused_is_reduce_then_input_bitwise(ops, shape, dtype):
 
 # (shape, whether the forward's statistics take the small-map path, whether the backward's sums do): the rules of
 # csrc/cpu/reduce.h small_nchw_stats (rows of at most 64 pixels, at most 256 pixels per channel over the batch) and
-# small_nchw_grads (at most 64 pixels per channel over the batch).
+# small_nchw_grads (at most 64 pixels per channel over the batch). The blocks are moved by register transposes
+# (reduce.h transpose_values, AVX-512): 16 x 16 tiles, and the narrow tiles of at most 4 pixels (6x6's last 4, 2x2,
+# 1x3) or at most 4 rows, here with full and partial blocks of channels (21 = 16 + 5, 7).
 SMALL_MAPS = [((2, 37, 3, 5), True, True), ((1, 512, 6, 6), True, True), ((3, 20, 1, 2), True, True),
-              ((1, 9, 8, 8), True, True), ((4, 20, 6, 6), True, False), ((2, 9, 7, 7), True, False)]
+              ((1, 9, 8, 8), True, True), ((4, 20, 6, 6), True, False), ((2, 9, 7, 7), True, False),
+              ((2, 21, 2, 2), True, True), ((1, 7, 1, 3), True, True)]
 
 
 @pytest.mark.parametrize("shape,small_stats,small_grads", SMALL_MAPS)

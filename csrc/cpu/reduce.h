@@ -324,6 +324,64 @@ inline void transpose_tile16(const float* src, int64_t ld_src, float* dst, int64
     }
   }
 }
+
+// Narrow tiles, where the 16 x 16 network would spend its 64 shuffles on at most 4 useful vectors: a small map's
+// last pixels (a 6x6 map's 36 = 16 + 16 + 4), its 2x2 and 1x1 maps. Both keep four rows per register, one in each
+// 128-bit lane (row 4l + r in lane l of register r), and transpose the 4 x 4 blocks lane by lane (8 shuffles).
+
+// The 4 x 4 blocks of four registers, each 128-bit lane transposed across them: out[k] lane l = (in[0] lane l)[k],
+// (in[1] lane l)[k], (in[2] lane l)[k], (in[3] lane l)[k].
+inline void transpose_lanes4(const __m512 in[4], __m512 out[4]) {
+  const __m512 t0 = _mm512_unpacklo_ps(in[0], in[1]), t1 = _mm512_unpackhi_ps(in[0], in[1]);
+  const __m512 t2 = _mm512_unpacklo_ps(in[2], in[3]), t3 = _mm512_unpackhi_ps(in[2], in[3]);
+  out[0] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
+  out[1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
+  out[2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
+  out[3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
+}
+
+// transpose_tile16 for N <= 4 columns (M <= 16 rows): rows as 128-bit loads into the registers' lanes, then
+// transpose_lanes4; out[k] is column k, stored as one (row-masked) vector.
+inline void transpose_tile16x4(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t M, int64_t N) {
+  const __mmask8 cols = static_cast<__mmask8>((1u << N) - 1);
+  const __mmask16 rows = static_cast<__mmask16>((1u << M) - 1);
+  auto row = [&](int64_t i) { return i < M ? _mm_maskz_loadu_ps(cols, src + i * ld_src) : _mm_setzero_ps(); };
+  __m512 in[4], out[4];
+#pragma GCC unroll 4
+  for (int r = 0; r < 4; ++r) {
+    __m512 v = _mm512_castps128_ps512(row(r));
+    v = _mm512_insertf32x4(v, row(4 + r), 1);
+    v = _mm512_insertf32x4(v, row(8 + r), 2);
+    in[r] = _mm512_insertf32x4(v, row(12 + r), 3);
+  }
+  transpose_lanes4(in, out);
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {
+    if (k < N) _mm512_mask_storeu_ps(dst + k * ld_dst, rows, out[k]);
+  }
+}
+
+// Lane l of v (a constant: the extract takes an immediate).
+template <int l>
+inline __m128 lane128(__m512 v) {
+  return _mm512_extractf32x4_ps(v, l);
+}
+
+// transpose_tile16 for M <= 4 rows (N <= 16 columns): the rows as registers, transpose_lanes4, and each output row
+// j = 4l + k, the M values in lane l of out[k], as one masked 128-bit store.
+inline void transpose_tile4x16(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t M, int64_t N) {
+  const __mmask16 cols = static_cast<__mmask16>((1u << N) - 1);
+  const __mmask8 rows = static_cast<__mmask8>((1u << M) - 1);
+  __m512 in[4], out[4];
+#pragma GCC unroll 4
+  for (int r = 0; r < 4; ++r) in[r] = r < M ? _mm512_maskz_loadu_ps(cols, src + r * ld_src) : _mm512_setzero_ps();
+  transpose_lanes4(in, out);
+  const __m128 lanes[16] = {lane128<0>(out[0]), lane128<0>(out[1]), lane128<0>(out[2]), lane128<0>(out[3]),
+                            lane128<1>(out[0]), lane128<1>(out[1]), lane128<1>(out[2]), lane128<1>(out[3]),
+                            lane128<2>(out[0]), lane128<2>(out[1]), lane128<2>(out[2]), lane128<2>(out[3]),
+                            lane128<3>(out[0]), lane128<3>(out[1]), lane128<3>(out[2]), lane128<3>(out[3])};
+  for (int64_t j = 0; j < N; ++j) _mm_mask_storeu_ps(dst + j * ld_dst, rows, lanes[j]);
+}
 #endif
 
 // dst[j * ld_dst + i] = src[i * ld_src + j] for i < M, j < N (an M x N matrix transposed). float by register
@@ -336,8 +394,16 @@ inline void transpose_values(const T* src, int64_t ld_src, T* dst, int64_t ld_ds
 #if defined(CPU_CAPABILITY_AVX512)
     for (; i0 < M; i0 += 16) {
       for (int64_t j0 = 0; j0 < N; j0 += 16) {
-        transpose_tile16(src + i0 * ld_src + j0, ld_src, dst + j0 * ld_dst + i0, ld_dst, std::min<int64_t>(16, M - i0),
-                         std::min<int64_t>(16, N - j0));
+        const int64_t rows = std::min<int64_t>(16, M - i0), cols = std::min<int64_t>(16, N - j0);
+        const float* s = src + i0 * ld_src + j0;
+        float* d = dst + j0 * ld_dst + i0;
+        if (cols <= 4) {
+          transpose_tile16x4(s, ld_src, d, ld_dst, rows, cols);
+        } else if (rows <= 4) {
+          transpose_tile4x16(s, ld_src, d, ld_dst, rows, cols);
+        } else {
+          transpose_tile16(s, ld_src, d, ld_dst, rows, cols);
+        }
       }
     }
     return;
