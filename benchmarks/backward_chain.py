@@ -12,6 +12,11 @@ the cpp ``bn_relu`` at the head's small-map shapes three ways:
 - ``bwd chain of K``: K ops in sequence (each with its own BatchNorm, as in a network), one ``autograd.grad``
   call through all of them, per op (the call's time divided by K).
 
+A third provider, ``one-node probe``, measures the ceiling of those ratios: one C++ autograd node with the same
+inputs whose backward only allocates the three gradients (``benchmarks/one_node_probe.cpp``, built here with
+torch's extension machinery), timed the same three ways. Eager's time over the probe's is the most any one-node
+implementation can read in each mode, whatever its kernel.
+
 Every case is timed in ``--rounds`` rounds, the cases' order rotated each round (this VM's speed moves by phases),
 and the rounds' samples pooled. Rows go to ``benchmarks/results/backward_chain_cpu.csv``.
 
@@ -36,7 +41,17 @@ from upernet_fast.measure import rotated
 # The head's BN+ReLU maps below the large-map sizes: the PPM's 6x6 branch and its 16x16 bottleneck (ConvNeXt-T,
 # 512x512, batch 1).
 DEFAULT_SHAPES = ("1x512x6x6", "1x512x16x16")
-PROVIDERS = ("eager", "cpp")
+PROVIDERS = ("eager", "cpp", "one-node probe")
+PROBE_SOURCE = Path(__file__).with_name("one_node_probe.cpp")
+
+
+def load_probe() -> None:
+    """Builds (once, cached by torch's extension machinery) and loads the probe op ``upernet_fast_probe::one_node``."""
+    from torch.utils.cpp_extension import load
+
+    if not hasattr(torch.ops.upernet_fast_probe, "one_node"):
+        load(name="upernet_fast_probe", sources=[str(PROBE_SOURCE)], is_python_module=False,
+             extra_cflags=["-O2"])
 
 
 def parse_args(argv):
@@ -70,7 +85,12 @@ def _graph(provider: str, shape: tuple[int, ...], ops: int):
     leaves = [x] + [p for bn in bns for p in bn.parameters()]
     out = x
     for bn in bns:
-        out = torch.relu(bn(out)) if provider == "eager" else fast.bn_relu(out, bn, backend="cpp")
+        if provider == "eager":
+            out = torch.relu(bn(out))
+        elif provider == "cpp":
+            out = fast.bn_relu(out, bn, backend="cpp")
+        else:  # the probe: one node, no kernel (see the module's docstring)
+            out = torch.ops.upernet_fast_probe.one_node(out, bn.weight, bn.bias)
     grad = torch.randn_like(out)
     return lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True)
 
@@ -128,6 +148,7 @@ def main(argv=None) -> int:
     from upernet_fast import cpp_extension
 
     cpp_extension.load()  # raises with the reason when the extension cannot be built: there is no cpp row without it
+    load_probe()
     stamp = measure.run_stamp("cpu")
     rows = []
     for shape in args.shapes:
@@ -139,9 +160,10 @@ def main(argv=None) -> int:
     for shape in args.shapes:
         dims = "x".join(map(str, shape))
         p50 = {(r["provider"], r["mode"]): float(r["p50_ms"]) for r in rows if r["shape"] == dims}
-        ratios = [f"{mode}: {p50[('eager', mode)] / p50[('cpp', mode)]:.2f}x"
-                  for (provider, mode) in p50 if provider == "eager"]
-        print(f"{dims}, cpp against eager: " + "; ".join(ratios))
+        for provider in PROVIDERS[1:]:
+            ratios = [f"{mode}: {p50[('eager', mode)] / p50[(provider, mode)]:.2f}x"
+                      for (p, mode) in p50 if p == "eager"]
+            print(f"{dims}, {provider} against eager: " + "; ".join(ratios))
     print(f"appended {len(rows)} rows to {path}")
     return 0
 
