@@ -326,8 +326,9 @@ inline void transpose_tile16(const float* src, int64_t ld_src, float* dst, int64
 }
 
 // Narrow tiles, where the 16 x 16 network would spend its 64 shuffles on at most 4 useful vectors: a small map's
-// last pixels (a 6x6 map's 36 = 16 + 16 + 4), its 2x2 and 1x1 maps. Both keep four rows per register, one in each
-// 128-bit lane (row 4l + r in lane l of register r), and transpose the 4 x 4 blocks lane by lane (8 shuffles).
+// last pixels (a 6x6 map's 36 = 16 + 16 + 4), its 2x2 and 1x1 maps, in either direction. Both put the tile in four
+// registers as 4 x 4 blocks, one per 128-bit lane, and transpose the blocks lane by lane (8 shuffles): at most 4
+// columns, row 4l + r's values in lane l of register r; at most 4 rows, row r in register r.
 
 // The 4 x 4 blocks of four registers, each 128-bit lane transposed across them: out[k] lane l = (in[0] lane l)[k],
 // (in[1] lane l)[k], (in[2] lane l)[k], (in[3] lane l)[k].
@@ -385,8 +386,8 @@ inline void transpose_tile4x16(const float* src, int64_t ld_src, float* dst, int
 #endif
 
 // dst[j * ld_dst + i] = src[i * ld_src + j] for i < M, j < N (an M x N matrix transposed). float by register
-// transposes of 16 x 16 tiles (AVX-512) or full 8 x 8 tiles (AVX2: at::vec's, the rest value by value); other types
-// value by value. Only moves values: the bits of what is computed on them never depend on it.
+// transposes of 16 x 16 tiles and narrower ones (AVX-512) or full 8 x 8 tiles (AVX2: at::vec's, the rest value by
+// value); other types value by value. Only moves values: the bits of what is computed on them never depend on it.
 template <typename T>
 inline void transpose_values(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t M, int64_t N) {
   int64_t i0 = 0;
