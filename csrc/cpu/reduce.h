@@ -143,7 +143,8 @@ void map_channel_params(const DenseMap& m, const scalar_t* x, scalar_t* out,
 }
 
 // v's first count lanes, the others 0 (a row's tail): Vec::set(Vec(0), v, count)'s value by a comparison and a blend,
-// where Vec::set with a runtime count is a 16-way switch left as a call (which takes v's address).
+// where Vec::set with a runtime count is a 16-way switch left as a call (which takes v's address). Every per-channel
+// sum pads its rows' tails with it.
 template <typename opmath_t>
 inline at::vec::Vectorized<opmath_t> first_lanes(const at::vec::Vectorized<opmath_t>& v, int64_t count) {
   using Vec = at::vec::Vectorized<opmath_t>;
@@ -189,12 +190,11 @@ void chunk_sums(const DenseMap& m, const scalar_t* x, const scalar_t* g, const s
       vec_for<opmath_t>(len, [&](int64_t i, int64_t cnt) {
         const Lanes<opmath_t> lanes{false, c, cnt};
         const auto part = f(lanes, vload(xr + i, cnt), gr ? vload(gr + i, cnt) : Vec(0), yr ? vload(yr + i, cnt) : Vec(0));
-        // Padded lanes add 0. Vec::set with a runtime count is a 16-way switch, not inlined: full vectors skip
-        // it (the same bits), which matters on small maps where most of a chunk is a handful of vectors.
+        // Padded lanes add 0 (first_lanes, the same helper as bn_relu.cpp's kept_grad_sums; full vectors skip it).
         if (cnt == Vec::size()) {
           for (int k = 0; k < K; ++k) acc[k] = acc[k] + part[k];
         } else {
-          for (int k = 0; k < K; ++k) acc[k] = acc[k] + Vec::set(Vec(0), part[k], cnt);
+          for (int k = 0; k < K; ++k) acc[k] = acc[k] + first_lanes(part[k], cnt);
         }
       });
       p += len;
