@@ -12,10 +12,14 @@ the cpp ``bn_relu`` at the head's small-map shapes three ways:
 - ``bwd chain of K``: K ops in sequence (each with its own BatchNorm, as in a network), one ``autograd.grad``
   call through all of them, per op (the call's time divided by K).
 
-A third provider, ``one-node probe``, measures the ceiling of those ratios: one C++ autograd node with the same
-inputs whose backward only allocates the three gradients (``benchmarks/one_node_probe.cpp``, built here with
-torch's extension machinery), timed the same three ways. Eager's time over the probe's is the most any one-node
-implementation can read in each mode, whatever its kernel.
+Two more providers measure the ceiling of those ratios, one C++ autograd node each with the same inputs
+(``benchmarks/one_node_probe.cpp``, built here with torch's extension machinery), timed the same three ways:
+
+- ``one-node probe``: its backward only allocates the three gradients. Eager's time over this probe's is the most any
+  one-node implementation can read in each mode, whatever its kernel.
+- ``read-once probe``: its backward is ATen's ``x + grad`` for grad_x (each input map read once, grad_x written
+  once: the least memory traffic of any BN+ReLU backward) and allocates the other two. Eager's time over this probe's
+  is what a one-node backward reads when its whole kernel costs one ATen elementwise pass over the same maps.
 
 Every case is timed in ``--rounds`` rounds, the cases' order rotated each round (this VM's speed moves by phases),
 and the rounds' samples pooled. Rows go to ``benchmarks/results/backward_chain_cpu.csv``.
@@ -41,15 +45,17 @@ from upernet_fast.measure import rotated
 # The head's BN+ReLU maps below the large-map sizes: the PPM's 6x6 branch and its 16x16 bottleneck (ConvNeXt-T,
 # 512x512, batch 1).
 DEFAULT_SHAPES = ("1x512x6x6", "1x512x16x16")
-PROVIDERS = ("eager", "cpp", "one-node probe")
+PROVIDERS = ("eager", "cpp", "one-node probe", "read-once probe")
+PROBE_OPS = {"one-node probe": "one_node", "read-once probe": "read_once"}
 PROBE_SOURCE = Path(__file__).with_name("one_node_probe.cpp")
 
 
 def load_probe() -> None:
-    """Builds (once, cached by torch's extension machinery) and loads the probe op ``upernet_fast_probe::one_node``."""
+    """Builds (once, cached by torch's extension machinery) and loads the probe ops ``upernet_fast_probe::one_node``
+    and ``upernet_fast_probe::read_once``."""
     from torch.utils.cpp_extension import load
 
-    if not hasattr(torch.ops.upernet_fast_probe, "one_node"):
+    if not hasattr(torch.ops.upernet_fast_probe, "read_once"):
         load(name="upernet_fast_probe", sources=[str(PROBE_SOURCE)], is_python_module=False,
              extra_cflags=["-O2"])
 
@@ -89,8 +95,8 @@ def _graph(provider: str, shape: tuple[int, ...], ops: int):
             out = torch.relu(bn(out))
         elif provider == "cpp":
             out = fast.bn_relu(out, bn, backend="cpp")
-        else:  # the probe: one node, no kernel (see the module's docstring)
-            out = torch.ops.upernet_fast_probe.one_node(out, bn.weight, bn.bias)
+        else:  # a probe: one node, no kernel or one ATen add (see the module's docstring)
+            out = getattr(torch.ops.upernet_fast_probe, PROBE_OPS[provider])(out, bn.weight, bn.bias)
     grad = torch.randn_like(out)
     return lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True)
 

@@ -221,9 +221,10 @@ def test_e2e_cpu_providers_are_timed_in_interleaved_rounds(monkeypatch):
 
 
 def test_backward_chain_interleaves_its_cases_and_stores_rows(tmp_path, monkeypatch):
-    """benchmarks.backward_chain: every case (eager, cpp and the one-node probe, one op and a chain, the floor) timed
-    once per round, the order rotated each round; a real run (the cpp extension and the probe built) stores the floor
-    and three rows per provider; the probe is one node, straight above the three leaves."""
+    """benchmarks.backward_chain: every case (eager, cpp and the two probes, one op and a chain, the floor) timed
+    once per round, the order rotated each round; a real run (the cpp extension and the probes built) stores the floor
+    and three rows per provider; each probe is one node, straight above the three leaves; the read-once probe's
+    grad_x is x + grad."""
     import csv
     import itertools
 
@@ -236,7 +237,7 @@ def test_backward_chain_interleaves_its_cases_and_stores_rows(tmp_path, monkeypa
                         lambda device: (lambda: order.append(("torch", 0))))
     samples = backward_chain.measure_shape((1, 4, 2, 2), chain=3, rounds=2, calls=3)
     keys = [("eager", 1), ("eager", 3), ("cpp", 1), ("cpp", 3), ("one-node probe", 1), ("one-node probe", 3),
-            ("torch", 0)]
+            ("read-once probe", 1), ("read-once probe", 3), ("torch", 0)]
     assert [k for k, _ in itertools.groupby(order)] == keys + keys[1:] + keys[:1]
     assert {k: len(v) for k, v in samples.items()} == {k: 2 for k in keys}
 
@@ -246,19 +247,23 @@ def test_backward_chain_interleaves_its_cases_and_stores_rows(tmp_path, monkeypa
                                 "--results-dir", str(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "backward_chain_cpu.csv").open()))
     assert [(r["provider"], r["mode"]) for r in rows] == [("torch", "autograd.grad")] + [
-        (p, m) for p in ("eager", "cpp", "one-node probe") for m in ("backward", "bwd net of floor", "bwd chain of 2")]
+        (p, m) for p in ("eager", "cpp", "one-node probe", "read-once probe")
+        for m in ("backward", "bwd net of floor", "bwd chain of 2")]
     assert all(r["shape"] == "1x8x2x3" and r["p50_ms"] for r in rows)
     single = {r["provider"]: float(r["p50_ms"]) for r in rows if r["mode"] == "backward"}
     net = {r["provider"]: float(r["p50_ms"]) for r in rows if r["mode"] == "bwd net of floor"}
     floor = float(rows[0]["p50_ms"])
     # (rows keep 4 significant digits)
-    assert all(abs(single[p] - floor - net[p]) <= 1e-3 * single[p] for p in ("eager", "cpp", "one-node probe"))
+    assert all(abs(single[p] - floor - net[p]) <= 1e-3 * single[p] for p in single) and len(single) == 4
     leaves = [torch.randn(1, 4, 2, 2, requires_grad=True), torch.ones(4, requires_grad=True),
               torch.zeros(4, requires_grad=True)]
-    probe = torch.ops.upernet_fast_probe.one_node(*leaves)
-    assert [type(fn).__name__ for fn, _ in probe.grad_fn.next_functions] == ["AccumulateGrad"] * 3
-    assert all(fn.variable is leaf for (fn, _), leaf in zip(probe.grad_fn.next_functions, leaves))
-    assert [g.shape for g in torch.autograd.grad(probe, leaves, torch.ones_like(probe))] == [t.shape for t in leaves]
+    for op in (torch.ops.upernet_fast_probe.one_node, torch.ops.upernet_fast_probe.read_once):
+        probe = op(*leaves)
+        assert [type(fn).__name__ for fn, _ in probe.grad_fn.next_functions] == ["AccumulateGrad"] * 3
+        assert all(fn.variable is leaf for (fn, _), leaf in zip(probe.grad_fn.next_functions, leaves))
+        grads = torch.autograd.grad(probe, leaves, torch.full_like(probe, 3.0))
+        assert [g.shape for g in grads] == [t.shape for t in leaves]
+    assert torch.equal(grads[0], leaves[0].detach() + 3.0)  # read_once's grad_x: x + grad, computed
     from benchmarks.plots import plot_file  # a speed-up chart only: these rows have no bytes, FLOPs or peak memory
 
     assert [p.name for p in plot_file(tmp_path / "backward_chain_cpu.csv")] == ["backward_chain_cpu_speedup.png"]
