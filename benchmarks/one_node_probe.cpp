@@ -10,8 +10,8 @@
 // node, whatever its kernel.
 //
 // read_once: the least memory traffic of any BN+ReLU backward and nothing more: grad_x = x + grad by ATen's add
-// (every value of x and of the incoming gradient read once, grad_x written once), the weight's and bias's gradients
-// allocated only. Every BN+ReLU backward reads x and grad at least once and writes grad_x, so eager's row over this
+// (every value of x and of the incoming gradient read once, grad_x written once: over the incoming gradient when
+// nothing else holds it, as the cpp backend does), the weight's and bias's gradients allocated only. Every BN+ReLU backward reads x and grad at least once and writes grad_x, so eager's row over this
 // probe's is what a one-node backward reads when its whole kernel costs as much as one ATen elementwise pass over
 // the same maps.
 #include <torch/csrc/autograd/custom_function.h>
@@ -34,7 +34,19 @@ class Probe : public torch::autograd::Function<Probe<ReadsOnce>> {
 
   static variable_list backward(AutogradContext* ctx, variable_list& grads) {
     const auto saved = ctx->get_saved_variables();
-    Tensor grad_x = ReadsOnce ? at::add(saved[0], grads[0]) : at::empty_like(saved[0]);
+    const Tensor& x = saved[0];
+    Tensor grad_x;
+    if (!ReadsOnce) {
+      grad_x = at::empty_like(x);
+    } else {
+      // Written over the incoming gradient where nothing else holds it, as the cpp backend's fused backward does
+      // (csrc/autograd/bn_relu_autograd.cpp writable_gradient): in a chain, a fresh map per node would cost page
+      // faults the library does not pay.
+      Tensor grad = std::move(grads[0]);
+      const bool writable = grad.use_count() == 1 && !grad.is_view() && grad.storage().use_count() == 1 &&
+                            grad.sizes() == x.sizes() && grad.is_contiguous() && x.is_contiguous();
+      grad_x = writable ? grad.add_(x) : at::add(x, grad);
+    }
     return {grad_x, at::empty_like(saved[1]), at::empty_like(saved[2])};
   }
 };

@@ -264,6 +264,14 @@ def test_backward_chain_interleaves_its_cases_and_stores_rows(tmp_path, monkeypa
         grads = torch.autograd.grad(probe, leaves, torch.full_like(probe, 3.0))
         assert [g.shape for g in grads] == [t.shape for t in leaves]
     assert torch.equal(grads[0], leaves[0].detach() + 3.0)  # read_once's grad_x: x + grad, computed
+    # In a chain it writes over an incoming gradient nothing else holds (as the cpp backend does): the inner node's
+    # add is in place, the outer one's (whose gradient the caller holds) is not.
+    inner = torch.ops.upernet_fast_probe.read_once(*leaves)
+    outer = torch.ops.upernet_fast_probe.read_once(inner, *leaves[1:])
+    with torch.profiler.profile() as prof:
+        torch.autograd.grad(outer, leaves[:1], torch.ones_like(outer))
+    names = [event.name for event in prof.events()]
+    assert (names.count("aten::add_"), names.count("aten::add")) == (1, 1), names
     from benchmarks.plots import plot_file  # a speed-up chart only: these rows have no bytes, FLOPs or peak memory
 
     assert [p.name for p in plot_file(tmp_path / "backward_chain_cpu.csv")] == ["backward_chain_cpu_speedup.png"]
