@@ -2,10 +2,10 @@
 
 The ops suite times a backward as one ``torch.autograd.grad`` call through one op. On a small map that call's fixed
 cost (Python, the engine's set-up; the ``autograd_floor`` row) is a third to a half of eager's whole row, paid alike
-by both sides, so the row's ratio is capped well below the kernels' (on the PPM's 6x6 map a kernel of zero cost
-would read about 2.3x). A training step makes one backward call for the whole graph: there an op costs its node
-(the engine's per-node work) and its kernels. This benchmark times, in one process, eager's BatchNorm2d + ReLU and
-the cpp ``bn_relu`` at the head's small-map shapes three ways:
+by both sides, so the row's ratio is capped well below the kernels' (the one-node probe below measures that cap:
+1.87x-2.02x on the PPM's 6x6 map in this VM's stored runs of 2026-11-29). A training step makes one backward call
+for the whole graph: there an op costs its node (the engine's per-node work) and its kernels. This benchmark times,
+in one process, eager's BatchNorm2d + ReLU and the cpp ``bn_relu`` at the head's small-map shapes three ways:
 
 - mode ``backward``: the ops suite's backward row (one ``autograd.grad`` call through one op);
 - ``bwd net of floor``: that row less the floor measured in the same rounds (p50 only);
