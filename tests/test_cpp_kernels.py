@@ -382,8 +382,9 @@ def test_bn_relu_matches_triton(ops, layout):
     t_sums = kernels.bn_relu_backward_reduce(grad, x, t_mean, invstd, weight, bias)
     for a, b in zip(sums, t_sums):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    # grad_x: the C++ pass folds each channel's constants into two fused multiply-adds per value (csrc/cpu/bn_relu.cpp
-    # grad_input_coefs), Triton evaluates the unfolded expression: different roundings, a few ulp of the largest value.
+    # grad_x: the C++ pass folds each channel's constants into two fused multiply-adds per value
+    # (csrc/cpu/bn_relu_passes.h grad_input_coefs), Triton evaluates the unfolded expression: different roundings, a
+    # few ulp of the largest value.
     _assert_grad_close(ops.bn_relu_backward_input(grad, x, t_mean, invstd, weight, bias, *t_sums, 126.0),
                        kernels.bn_relu_backward_input(grad, x, t_mean, invstd, weight, bias, *t_sums, 126.0))
 

@@ -169,7 +169,7 @@ struct Scratch {
 
 // One chunk's K per-channel sums of f(lanes, x, g, y) (f returns std::array<Vec, K>) over pixels [p0, p1).
 // NCHW: channel c only, out[k]. channels_last: every channel, out[k * C + c]. g and y may be null. (The fused
-// backward's sums, which also keep every pixel's g_relu, have their own loop: bn_relu.cpp kept_grad_sums.)
+// backward's sums, which also keep every pixel's g_relu, have their own loop: bn_relu_passes.h kept_grad_sums.)
 template <int K, typename scalar_t, typename opmath_t, typename F>
 void chunk_sums(const DenseMap& m, const scalar_t* x, const scalar_t* g, const scalar_t* y, int64_t p0, int64_t p1,
                 int64_t c, F f, opmath_t* out, Scratch<opmath_t>& tmp) {
@@ -190,7 +190,7 @@ void chunk_sums(const DenseMap& m, const scalar_t* x, const scalar_t* g, const s
       vec_for<opmath_t>(len, [&](int64_t i, int64_t cnt) {
         const Lanes<opmath_t> lanes{false, c, cnt};
         const auto part = f(lanes, vload(xr + i, cnt), gr ? vload(gr + i, cnt) : Vec(0), yr ? vload(yr + i, cnt) : Vec(0));
-        // Padded lanes add 0 (first_lanes, the same helper as bn_relu.cpp's kept_grad_sums; full vectors skip it).
+        // Padded lanes add 0 (first_lanes, the same helper as bn_relu_passes.h's kept_grad_sums; full vectors skip it).
         if (cnt == Vec::size()) {
           for (int k = 0; k < K; ++k) acc[k] = acc[k] + part[k];
         } else {
@@ -217,7 +217,7 @@ void chunk_sums(const DenseMap& m, const scalar_t* x, const scalar_t* g, const s
 
 // Channels per work item of an NCHW map's per-channel passes: as many as fit kBlockValues values (a few L1-resident
 // planes; at least one, at most 16). Only speed depends on it (every channel is computed the same way whatever the
-// block): on small maps a channel is a short chain of dependent steps (bn_relu.cpp's chunk_moments), and a block's
+// block): on small maps a channel is a short chain of dependent steps (bn_relu_passes.h's chunk_moments), and a block's
 // channels are independent work that the core overlaps phase by phase; on large maps one channel is plenty.
 constexpr int64_t kBlockValues = 4096;
 
