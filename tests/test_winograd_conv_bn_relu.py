@@ -29,7 +29,8 @@ from torch import nn
 import upernet_fast
 from upernet_fast import cpp_extension, reference
 from upernet_fast.ops import winograd_conv_bn_relu as winograd
-from upernet_fast.ops.conv_bn_relu import conv_bn_relu
+from upernet_fast.ops.conv_bn_relu import ConvBNReLU, conv_bn_relu
+from upernet_fast.ops.conv_bn_relu import _fold as reference_fold
 
 # (C_in, C_out) of every 3x3 conv-BN-ReLU block of the three heads (hidden 512, auxiliary FCN 256 channels).
 HEAD_SHAPES = {
@@ -319,6 +320,38 @@ def test_filter_made_under_inference_mode_serves_no_grad_calls(ops):
     with torch.inference_mode():
         first = conv_bn_relu(x, block.conv, block.batch_norm, backend="cpp")
     assert torch.equal(first, _winograd_run(block, x))
+
+
+def test_training_mode_drops_the_eval_cache(ops):
+    # model.train() reaches each block's ConvBNReLU.train: the eval transform (four times the weight) and its
+    # snapshot are not held through training, which never reads them; eval() keeps them; the next eval call after
+    # training refolds, to the same bits when nothing changed.
+    block = _block(16, 8, seed=16)
+    x = _input(2, 16, 11, 9)
+    first = _winograd_run(block, x)
+    entry = winograd._CACHE.get(block.conv.weight)
+    assert entry is not None
+    block.eval()
+    assert winograd._CACHE.get(block.conv.weight) is entry
+    block.train()
+    assert block.conv.weight not in winograd._CACHE
+    block.eval()
+    with _OpsSeen() as seen:
+        assert torch.equal(first, _winograd_run(block, x))
+    assert seen.names.count("upernet_fast_cpp.winograd_filter_transform.default") == 1, seen.names
+    # A converted model (64x64 images: fpn_convs.0 and the fused fpn_bottleneck run Winograd, as below).
+    model = upernet_fast.convert(reference_model(hidden_size=64).eval())
+    blocks = [m for m in model.modules() if isinstance(m, ConvBNReLU)]
+    with torch.no_grad():
+        model(batch(size=64)[0])
+    cached = [m for m in blocks if m.conv.weight in winograd._CACHE]
+    assert len(cached) == 2
+    # What the cache holds: each transform is 36 / 9 = 4 times its weight, each snapshot one more copy.
+    weights = sum(m.conv.weight.untyped_storage().nbytes() for m in cached)
+    assert 5 * weights <= winograd.cache_nbytes(model) <= 6 * weights + 2**16
+    model.train()
+    assert not any(m.conv.weight in winograd._CACHE for m in blocks)
+    assert winograd.cache_nbytes(model) == 0
 
 
 def test_converted_model_eval_runs_winograd_and_matches_transformers(ops):
@@ -625,6 +658,29 @@ def test_lowres_weight_cache_follows_the_parameters(ops):
     assert not torch.equal(before, after)
     winograd._CACHE.clear()
     assert torch.equal(after, _fused_run(block, tensors, size, op=LOWRES))
+
+
+def test_lowres_weight_made_only_where_the_split_runs(ops):
+    # The folded weight in (C_in, 3, 3, C_out) storage is made by the first call that takes the low-resolution
+    # split, from the cache entry's snapshot: a block that never takes it holds no copy, and one made late gives
+    # the bits of a fresh cache whose first call splits.
+    size, sizes, channels, _ = LOWRES_CASES["ppm"]
+    tensors = _levels(sizes, "channels_last", channels=channels)
+    block = _block(sum(channels), 16, seed=36)
+    block.backend = "cpp"
+    with torch.no_grad():
+        _winograd_run(block, upernet_fast.ops.upsample_concat(tensors, size, backend="cpp"))  # the plain block
+    entry = winograd._CACHE[block.conv.weight]
+    assert entry.weight is None
+    _fused_run(block, [t.contiguous() for t in tensors], size)  # an NCHW concat: the plain fused op, no split
+    assert winograd._CACHE[block.conv.weight] is entry and entry.weight is None
+    late = _fused_run(block, tensors, size, op=LOWRES)
+    assert winograd._CACHE[block.conv.weight] is entry and entry.weight is not None
+    with torch.no_grad():
+        folded, _ = reference_fold(block.conv, block.batch_norm)
+    assert torch.equal(entry.weight, folded) and entry.weight.permute(1, 2, 3, 0).is_contiguous()
+    winograd._CACHE.clear()
+    assert torch.equal(late, _fused_run(block, tensors, size, op=LOWRES))
 
 
 def test_lowres_op_thread_count_invariant_at_the_ppm_shapes(ops):

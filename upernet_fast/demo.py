@@ -16,6 +16,7 @@ import torch
 import upernet_fast
 from upernet_fast import backend
 from upernet_fast.measure import peak_memory_mb, quantiles, rotated, time_ms
+from upernet_fast.ops import winograd_conv_bn_relu as winograd
 
 NUM_LABELS = 150
 
@@ -122,16 +123,29 @@ def run_demo(device=None, batch=None, size=None, weights=None, repeats=None) -> 
         return run
 
     print(f"\n{'mode':<18}{'model':<12}{'p50 ms':>10}{'p20-p80 ms':>18}{'speed-up':>10}{'peak MiB':>11}")
+    cache_line = None
     for mode, make in (("forward", forward), ("forward+backward", forward_backward)):
-        runs = {name: make(model) for name, model in (("reference", reference), ("converted", converted))}
-        peaks = {name: peak_memory_mb(run, device)[0] for name, run in runs.items()}  # also the warm-up runs
+        models = {"reference": reference, "converted": converted}
+        runs = {name: make(model) for name, model in models.items()}
+        # Also the warm-up runs. The training step's peak is measured in training mode already: the converted
+        # model's switch to it frees the eval Winograd cache, which would otherwise count against its peak.
+        peaks = {name: peak_memory_mb(run, device, setup=models[name].train if make is forward_backward else None)[0]
+                 for name, run in runs.items()}
         samples = time_interleaved(runs, device, rounds=repeats)
         p50_ref = quantiles(samples["reference"])[1]
         for name in runs:
             p20, p50, p80 = quantiles(samples[name])
             print(f"{mode:<18}{name:<12}{p50:>10.1f}{f'{p20:.1f}-{p80:.1f}':>18}{f'{p50_ref / p50:.2f}x':>10}"
                   f"{peaks[name]:>11.0f}")
+        cache = winograd.cache_nbytes(converted) / 2**20
+        if mode == "forward" and cache:  # before the training step's model.train() frees it
+            later = peak_memory_mb(runs["converted"], device)[0]
+            cache_line = (f"converted forward: its first eval call made {cache:.0f} MiB of Winograd filter transforms "
+                          f"(in its peak above; kept for later eval calls,\n  freed by model.train()); a later eval "
+                          f"call peaks at {later:.0f} MiB")
     print(f"(each model timed {repeats} times, the two in alternation: a machine's slow phase falls on both alike)")
+    if cache_line:
+        print(cache_line)
     dev = torch.cuda.get_device_name(device) if on_cuda else "CPU"
     print(f"\n{dev}, torch {torch.__version__}. CPU numbers say nothing about GPU speed; see benchmarks/.")
     return 0 if ok else 1

@@ -75,7 +75,7 @@ class ConvBNReLU(nn.Module):
     """
 
     # Attributes that are runtime state of this class only; upernet_fast.revert deletes them.
-    # (The eval-mode folding cache is kept outside the instance, keyed weakly on its batch_norm.)
+    # (The Winograd blocks' eval cache is kept outside the instance, keyed weakly on its conv weight.)
     runtime_attributes = ("backend",)
 
     def __init__(
@@ -102,6 +102,15 @@ class ConvBNReLU(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return conv_bn_relu(input, self.conv, self.batch_norm, backend=getattr(self, "backend", "auto"))
+
+    def train(self, mode: bool = True) -> ConvBNReLU:
+        """nn.Module.train; training mode also drops the block's eval Winograd cache (its filter transform, four
+        times the weight, and a snapshot): a training step transforms its filter itself and never reads it, and
+        the weights it updates would make the next eval call refold anyway. A loop that evaluates between
+        training steps would otherwise train with the last evaluation's transforms still held."""
+        if mode:
+            winograd.forget(self.conv.weight)
+        return super().train(mode)
 
     def forward_concat(
         self,

@@ -17,8 +17,14 @@ weight twice (weight and snapshot), small next to the convolution it saves a tra
 benchmarks/winograd_conv_bn_relu.py on a loaded 2-core machine: 9.5 ms against a 727 ms block for 512->512 at
 128x128, 20 ms against 2.4 s for 2048->512; the fold, snapshot and transform it saves took 0.3 s and 1.0 s
 there, before the transform's stores were blocked, which cut the transform alone ~2.7x); the
-snapshot costs one more copy of each cached weight in memory, the transform four, and the folded weight kept
-for the low-resolution split (:func:`lowres_first`) one more.
+snapshot costs one more copy of each cached weight in memory, the transform four, and the folded weight, kept
+only by a block whose inputs the low-resolution split (:func:`lowres_first`) has used, one more. ConvNeXt-T's
+converted head in eval at batch 2, 256x256 (the demo's model, measured 2026-11-29): 351 MiB of cache over its four
+Winograd blocks' 63 MiB of weights (transforms 252, snapshots 63, the FPN bottleneck's folded weight 36; 378
+before the folded weight was made on demand: the three FPN convs never use it). A block drops its
+entry when it is put in training mode (:meth:`ConvBNReLU.train <upernet_fast.ops.conv_bn_relu.ConvBNReLU.train>`:
+training transforms its filter every step and never reads this cache, and the next eval call would have to
+refold anyway, the weights having changed); :func:`forget` drops one by its conv weight.
 
 Under ``torch.compile`` each block is one opaque custom op (end of module) that does the same lookup when it
 runs, so a compiled model keeps Winograd and still sees in-place parameter updates; ``torch.export`` keeps
@@ -219,6 +225,17 @@ def _same(current: list[torch.Tensor | None], snapshot: list[torch.Tensor | None
 class _CachedFilter:
     __slots__ = ("eps", "snapshot", "filter", "bias", "weight")
 
+    def lowres_weight(self) -> torch.Tensor:
+        """The folded weight for the low-resolution sources, (C_out, C_in, 3, 3) over (C_in, 3, 3, C_out)
+        storage: the C++ op reads it as a (C_in, 9 C_out) matrix without a copy (winograd_lowres.h). Made on the
+        first call that needs it, from the snapshot (bitwise the current inputs whenever the entry is served, so
+        the same fold as the transform's): a block whose inputs never take the split keeps no copy."""
+        if self.weight is None:
+            weight, bias, bn_weight, bn_bias, running_mean, running_var = self.snapshot
+            folded, _ = _fold_values(weight, bias, bn_weight, bn_bias, running_mean, running_var, self.eps)
+            self.weight = folded.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+        return self.weight
+
 
 # conv weight -> its block's cached transform (weak, by identity: dropping the model drops the cache). Keyed on
 # the weight tensor rather than the module so that the custom ops below, which see tensors only, share it. A
@@ -238,26 +255,46 @@ def _cached(conv: nn.Conv2d, batch_norm: nn.Module) -> _CachedFilter:
     return _cached_fold(*_fold_inputs(conv, batch_norm), batch_norm.eps)
 
 
-def _cached_fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps: float) -> _CachedFilter:
+def forget(weight: torch.Tensor) -> None:
+    """Drops the eval cache entry of the block whose conv weight this is, if it has one (its memory is freed
+    unless a running call still holds it); the next eval call refolds and transforms again."""
+    _CACHE.pop(weight, None)
+
+
+def cache_nbytes(module: nn.Module) -> int:
+    """Bytes the eval cache holds for the blocks of ``module`` (every conv weight in it that has an entry):
+    transforms, snapshots, folded biases and any folded weight made for the low-resolution split."""
+    total = 0
+    for conv in module.modules():
+        entry = _CACHE.get(conv.weight) if isinstance(conv, nn.Conv2d) else None
+        if entry is not None:
+            tensors = [entry.filter, entry.bias, entry.weight, *entry.snapshot]
+            total += sum(t.untyped_storage().nbytes() for t in tensors if t is not None)
+    return total
+
+
+def _fold_values(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps: float):
     from upernet_fast.ops.conv_bn_relu import _fold  # the one fold of the eval path (circular import otherwise)
 
+    with torch.no_grad():
+        return _fold(
+            SimpleNamespace(weight=weight, bias=bias),
+            SimpleNamespace(weight=bn_weight, bias=bn_bias, running_mean=running_mean, running_var=running_var,
+                            eps=eps),
+        )
+
+
+def _cached_fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps: float) -> _CachedFilter:
     current = [weight, bias, bn_weight, bn_bias, running_mean, running_var]
     entry = _CACHE.get(weight)
     if entry is not None and entry.eps == eps and _same(current, entry.snapshot):
         return entry
     with torch.no_grad():
         snapshot = [None if t is None else t.detach().clone() for t in current]
-        folded, folded_bias = _fold(
-            SimpleNamespace(weight=weight, bias=bias),
-            SimpleNamespace(weight=bn_weight, bias=bn_bias, running_mean=running_mean, running_var=running_var,
-                            eps=eps),
-        )
+        folded, folded_bias = _fold_values(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
         entry = _CachedFilter()
-        entry.eps, entry.snapshot = eps, snapshot
+        entry.eps, entry.snapshot, entry.weight = eps, snapshot, None  # weight: lowres_weight(), on demand
         entry.filter, entry.bias = winograd_filter_transform(folded.contiguous()), folded_bias.contiguous()
-        # The folded weight for the low-resolution sources, (C_out, C_in, 3, 3) over (C_in, 3, 3, C_out)
-        # storage: the C++ op reads it as a (C_in, 9 C_out) matrix without a copy (winograd_lowres.h).
-        entry.weight = folded.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
     _CACHE[weight] = entry
     return entry
 
@@ -291,7 +328,7 @@ def _concat_block(tensors, size, entry: _CachedFilter) -> torch.Tensor:
     if first is None:
         return winograd_upsample_concat_conv_bias_relu(list(tensors), list(size), entry.filter, entry.bias)
     return winograd_upsample_concat_conv_bias_relu_lowres(
-        list(tensors), list(size), entry.filter, entry.bias, entry.weight, first)
+        list(tensors), list(size), entry.filter, entry.bias, entry.lowres_weight(), first)
 
 
 def lowres_first(tensors, size) -> int | None:
