@@ -525,6 +525,7 @@ def test_cpp_training_bottleneck_runs_by_input_slices(layout, monkeypatch):
     from upernet_fast.ops.upsample_concat import upsample_concat
 
     require_backend("cpp")
+    monkeypatch.setattr(op_module, "SLICED_MIN_BYTES", 0)  # small maps here (the size rule: the test below)
     shapes = [(2, 6, 9, 11), (2, 5, 5, 6), (2, 4, 3, 3), (2, 3, 1, 2)]  # odd sizes, every map resized up
     size = (9, 11)
     generator = torch.Generator().manual_seed(21)
@@ -561,6 +562,40 @@ def test_cpp_training_bottleneck_runs_by_input_slices(layout, monkeypatch):
         assert got is not None and base is not None and want is not None, name
         allowed = max(4 * (base.double() - want).abs().max().item(), 1e-6 * want.abs().max().item())
         assert (got.double() - want).abs().max().item() <= allowed, name
+
+
+def test_cpp_training_bottleneck_slices_only_a_large_concat(monkeypatch):
+    """The size rule of the sliced path: a concat of at least SLICED_MIN_BYTES (8 MiB: 2 images x 64 channels x
+    128 x 128 float32) runs by input slices; one a row smaller is built whole and convolved by the block (both
+    recorded), and gives the sliced path's output and gradients to float32 rounding (another summation order)."""
+    from op_testing import require_backend
+
+    require_backend("cpp")
+    assert op_module.SLICED_MIN_BYTES == 2 * 64 * 128 * 128 * 4
+    applied = []
+    real_apply = op_module._ConcatConv.apply
+    monkeypatch.setattr(op_module._ConcatConv, "apply", lambda *a: applied.append(1) or real_apply(*a))
+    block = _make_block(64, 8, 3, 1, seed=12, device="cpu").train()
+    generator = torch.Generator().manual_seed(22)
+    outs = {}
+    for size in ((128, 128), (127, 128)):
+        maps = [torch.randn(2, 32, size[0] // k, size[1] // k, generator=generator).requires_grad_()
+                for k in (1, 2)]
+        applied.clear()
+        out = block.forward_concat(list(maps), size)
+        out.sum().backward()
+        outs[size] = (len(applied), out.detach(), maps)
+    assert outs[(128, 128)][0] == 1 and outs[(127, 128)][0] == 0, outs
+    _, whole, whole_maps = outs[(127, 128)]
+    whole_grad = whole_maps[0].grad
+    monkeypatch.setattr(op_module, "SLICED_MIN_BYTES", 0)
+    maps = [m.detach().clone().requires_grad_() for m in whole_maps]
+    applied.clear()
+    sliced = block.forward_concat(list(maps), (127, 128))
+    sliced.sum().backward()
+    assert applied == [1]
+    _close(sliced.detach(), whole, rtol=1e-5, atol=1e-5 * whole.abs().max().item(), what="output")
+    _close(maps[0].grad, whole_grad, rtol=1e-4, atol=1e-4 * whole_grad.abs().max().item(), what="grad map 0")
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -52,6 +52,7 @@ def ops():
 @pytest.fixture(autouse=True)
 def small_maps_take_winograd(monkeypatch):
     monkeypatch.setattr(winograd, "TRAIN_MIN_PIXELS", 1)
+    monkeypatch.setattr(op_module, "SLICED_MIN_BYTES", 0)  # and small concats the sliced bottleneck path
 
 
 def _block(cin, cout, *, bias=False, seed=0):
