@@ -258,7 +258,8 @@ def _cached(conv: nn.Conv2d, batch_norm: nn.Module) -> _CachedFilter:
 def forget(weight: torch.Tensor) -> None:
     """Drops the eval cache entry of the block whose conv weight this is, if it has one (its memory is freed
     unless a running call still holds it); the next eval call refolds and transforms again."""
-    _CACHE.pop(weight, None)
+    if _CACHE:  # (every model.train() call lands here: a training loop's empty cache costs no weak-reference lookup)
+        _CACHE.pop(weight, None)
 
 
 def cache_nbytes(module: nn.Module) -> int:
