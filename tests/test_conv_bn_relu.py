@@ -566,8 +566,9 @@ def test_cpp_training_bottleneck_runs_by_input_slices(layout, monkeypatch):
 
 def test_cpp_training_bottleneck_slices_only_a_large_concat(monkeypatch):
     """The size rule of the sliced path: a concat of at least SLICED_MIN_BYTES (8 MiB: 2 images x 64 channels x
-    128 x 128 float32) runs by input slices; one a row smaller is built whole and convolved by the block (both
-    recorded), and gives the sliced path's output and gradients to float32 rounding (another summation order)."""
+    128 x 128 float32) runs by input slices (its calls recorded); one a row smaller is built whole and convolved by
+    the block (no sliced call), and gives the sliced path's output and gradients to float32 rounding (another
+    summation order)."""
     from op_testing import require_backend
 
     require_backend("cpp")

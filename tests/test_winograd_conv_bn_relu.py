@@ -325,7 +325,7 @@ def test_filter_made_under_inference_mode_serves_no_grad_calls(ops):
 def test_training_mode_drops_the_eval_cache(ops):
     # model.train() reaches each block's ConvBNReLU.train: the eval transform (four times the weight) and its
     # snapshot are not held through training, which never reads them; eval() keeps them; the next eval call after
-    # training refolds, to the same bits when nothing changed.
+    # training refolds, to the same bits when nothing changed; revert() frees them as well.
     block = _block(16, 8, seed=16)
     x = _input(2, 16, 11, 9)
     first = _winograd_run(block, x)
@@ -351,6 +351,13 @@ def test_training_mode_drops_the_eval_cache(ops):
     assert 5 * weights <= winograd.cache_nbytes(model) <= 6 * weights + 2**16
     model.train()
     assert not any(m.conv.weight in winograd._CACHE for m in blocks)
+    assert winograd.cache_nbytes(model) == 0
+    # upernet_fast.revert drops it too: the reverted blocks are transformers' classes, whose train() would not.
+    model.eval()
+    with torch.no_grad():
+        model(batch(size=64)[0])
+    assert winograd.cache_nbytes(model) > 0
+    upernet_fast.revert(model)
     assert winograd.cache_nbytes(model) == 0
 
 

@@ -17,8 +17,9 @@ Triton and C++ backends:
   C++ call (``conv_bn_relu_pointwise_eval``, csrc/cpu/conv_bn_relu.cpp), BN folded or, where the weight outnumbers
   the output, applied after the products; bitwise the Python composition of the same steps.
 * C++ backend only, training, the same convolutions on maps of at least ``TRAIN_MIN_PIXELS`` output pixels: the
-  conv and its input gradient by Winograd (weight gradient ATen's), then the BN+ReLU op, the bottlenecks one input
-  map at a time (:class:`_ConcatConv`): :func:`.winograd_conv_bn_relu.training_conv`.
+  conv and its input gradient by Winograd (weight gradient ATen's), then the BN+ReLU op, the bottlenecks over a
+  concat of at least ``SLICED_MIN_BYTES`` one input map at a time (:class:`_ConcatConv`):
+  :func:`.winograd_conv_bn_relu.training_conv`.
 """
 
 from __future__ import annotations
@@ -108,9 +109,11 @@ class ConvBNReLU(nn.Module):
         times the weight, and a snapshot): a training step transforms its filter itself and never reads it, and
         the weights it updates would make the next eval call refold anyway. A loop that evaluates between
         training steps would otherwise train with the last evaluation's transforms still held."""
-        if mode:
-            winograd.forget(self.conv.weight)
-        return super().train(mode)
+        module = super().train(mode)  # (checks mode first)
+        weight = getattr(self.conv, "weight", None)
+        if mode and isinstance(weight, torch.Tensor):
+            winograd.forget(weight)
+        return module
 
     def forward_concat(
         self,
@@ -124,8 +127,10 @@ class ConvBNReLU(nn.Module):
 
         Where both ops run on the C++ backend, autograd-free, in eval mode, on float32 CPU maps (the conditions
         of the Winograd block), one fused op computes it without building the concat: the Winograd input
-        transform reads each tensor where it is and resizes it on the fly, bitwise the unfused result. Anywhere
-        else, and whenever a hook on this module is there to see its input, exactly the two calls.
+        transform reads each tensor where it is and resizes it on the fly, bitwise the unfused result. In training
+        on the C++ backend, a concat of at least ``SLICED_MIN_BYTES`` is convolved one input map at a time
+        (:class:`_ConcatConv`, see :func:`_takes_sliced_backward`). Anywhere else, and whenever a hook on this module
+        or its conv is there to see its input, exactly the two calls.
 
         ``release=True`` (``tensors`` must then be a list): the list is emptied once the concat is built, so
         that the maps only it still held are freed before the convolution runs instead of after it.
@@ -185,7 +190,9 @@ def _takes_sliced_backward(block: ConvBNReLU, tensors, size, backend: str, conca
         and not isinstance(conv.padding, str)
         and len(tensors) > 1
         and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 for t in tensors)
-        and 4 * tensors[0].shape[0] * sum(t.shape[1] for t in tensors) * size[0] * size[1] >= SLICED_MIN_BYTES
+        and isinstance(size, (tuple, list)) and len(size) == 2  # (else upsample_concat's check names it)
+        and tensors[0].element_size() * tensors[0].shape[0] * sum(t.shape[1] for t in tensors) * size[0] * size[1]
+        >= SLICED_MIN_BYTES
         and conv.weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
         and _backend.select(OP, backend, tensors[0], conv, block.batch_norm).backend == "cpp"

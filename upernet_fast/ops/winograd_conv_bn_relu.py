@@ -265,13 +265,13 @@ def forget(weight: torch.Tensor) -> None:
 def cache_nbytes(module: nn.Module) -> int:
     """Bytes the eval cache holds for the blocks of ``module`` (every conv weight in it that has an entry):
     transforms, snapshots, folded biases and any folded weight made for the low-resolution split."""
-    total = 0
+    entries = {}  # by identity: convs sharing one weight share its entry
     for conv in module.modules():
-        entry = _CACHE.get(conv.weight) if isinstance(conv, nn.Conv2d) else None
+        entry = _CACHE.get(conv.weight) if isinstance(conv, nn.Conv2d) and _CACHE else None
         if entry is not None:
-            tensors = [entry.filter, entry.bias, entry.weight, *entry.snapshot]
-            total += sum(t.untyped_storage().nbytes() for t in tensors if t is not None)
-    return total
+            entries[id(entry)] = entry
+    return sum(t.untyped_storage().nbytes() for entry in entries.values()
+               for t in (entry.filter, entry.bias, entry.weight, *entry.snapshot) if t is not None)
 
 
 def _fold_values(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps: float):
