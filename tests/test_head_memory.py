@@ -11,6 +11,7 @@ import contextlib
 import copy
 import weakref
 
+import pytest
 import torch
 from models import batch, reference_model
 from op_testing import require_backend
@@ -18,6 +19,13 @@ from op_testing import require_backend
 import upernet_fast
 from upernet_fast import recompute
 from upernet_fast.ops.conv_bn_relu import ConvBNReLU
+
+
+@pytest.fixture(autouse=True)
+def _small_maps_recompute(monkeypatch):
+    """These tests' models are small: below recompute.MIN_BYTES the heads would not recompute at all (that rule
+    has its own test in test_recompute.py)."""
+    monkeypatch.setattr(recompute, "MIN_BYTES", 0)
 
 
 def _converted():

@@ -16,6 +16,15 @@ from op_testing import require_backend
 import upernet_fast
 from upernet_fast import recompute
 
+REAL_MIN_BYTES = recompute.MIN_BYTES  # (read before the fixture below sets it to 0 for each test)
+
+
+@pytest.fixture(autouse=True)
+def _small_maps_recompute(monkeypatch):
+    """These tests' models are small: below recompute.MIN_BYTES the heads would not recompute at all (that rule
+    has its own test in test_recompute.py)."""
+    monkeypatch.setattr(recompute, "MIN_BYTES", 0)
+
 
 def _converted(backend="cpp"):
     require_backend(backend)
@@ -106,6 +115,30 @@ def test_recomputation_keeps_fewer_bytes_for_the_backward():
     # The FPN concat (4 x hidden channels at 1/4 resolution) alone is the largest saved activation of the head.
     concat = 4 * 16 * 16 * 16 * 2 * 4  # 4 levels x hidden 16 channels, 16x16 at 1/4 of 64, batch 2, fp32
     assert with_recompute <= without - concat, (with_recompute, without)
+
+
+def test_heads_recompute_only_from_min_bytes(monkeypatch):
+    """The size rule: a head recomputes only when its largest saved map (the decode head's FPN concat) is at least
+    recompute.MIN_BYTES, 8 MiB by default (this test model's concat is far smaller); gradients are bitwise the
+    same either way."""
+    assert REAL_MIN_BYTES == 8 * 2**20
+    model = _converted()
+    pixels, _ = batch()
+    b, _, h, w = model.backbone(pixels).feature_maps[0].shape
+    head = model.decode_head
+    concat_bytes = 4 * b * len(head.in_channels) * head.channels * h * w
+    assert concat_bytes < REAL_MIN_BYTES
+    results = {}
+    for bound in (concat_bytes + 1, concat_bytes):
+        monkeypatch.setattr(recompute, "MIN_BYTES", bound)
+        before = recompute.builds[0]
+        results[bound] = (_step(copy.deepcopy(model)), recompute.builds[0] - before)
+    (loss_off, grads_off), rebuilt_off = results[concat_bytes + 1]
+    (loss_on, grads_on), rebuilt_on = results[concat_bytes]
+    assert rebuilt_off == 0 and rebuilt_on >= 2, (rebuilt_off, rebuilt_on)
+    assert torch.equal(loss_off, loss_on)
+    for name in grads_on:
+        assert torch.equal(grads_on[name], grads_off[name]), name
 
 
 def test_in_place_change_of_a_recipe_input_is_refused():

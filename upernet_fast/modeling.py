@@ -126,8 +126,13 @@ class UperNetHead(nn.Module):
     def forward(self, encoder_hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
         check_features("encoder_hidden_states", encoder_hidden_states, self.in_channels)
         # Training on the kernel backends: BN+ReLU outputs and the concats are rebuilt in the backward instead
-        # of saved (bitwise the same; see upernet_fast.recompute). The eager backend stays PyTorch's own graph.
-        with recompute.recomputing(self.training and _backend_of(self) != "eager"):
+        # of saved (bitwise the same; see upernet_fast.recompute), where the FPN concat would be large enough for
+        # it to pay (recompute.MIN_BYTES). The eager backend stays PyTorch's own graph.
+        b, _, h, w = encoder_hidden_states[0].shape
+        concat_bytes = encoder_hidden_states[0].element_size() * b * len(self.in_channels) * self.channels * h * w
+        with recompute.recomputing(
+            self.training and _backend_of(self) != "eager" and concat_bytes >= recompute.MIN_BYTES
+        ):
             return self._forward(encoder_hidden_states)
 
     def _forward(self, encoder_hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -194,7 +199,12 @@ class UperNetFCNHead(nn.Module):
                 f"encoder_hidden_states[{self.in_index}] must have {self.in_channels} channels, "
                 f"got shape {tuple(hidden_states.shape)}"
             )
-        with recompute.recomputing(self.training and _backend_of(self) != "eager"):  # as in UperNetHead
+        # As in UperNetHead, where its convs' outputs are large enough for it to pay.
+        b, _, h, w = hidden_states.shape
+        output_bytes = hidden_states.element_size() * b * self.channels * h * w
+        with recompute.recomputing(
+            self.training and _backend_of(self) != "eager" and output_bytes >= recompute.MIN_BYTES
+        ):
             return self._forward(hidden_states)
 
     def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
