@@ -21,8 +21,8 @@ REAL_MIN_BYTES = recompute.MIN_BYTES  # (read before the fixture below sets it t
 
 @pytest.fixture(autouse=True)
 def _small_maps_recompute(monkeypatch):
-    """These tests' models are small: below recompute.MIN_BYTES the heads would not recompute at all (that rule
-    has its own test in test_recompute.py)."""
+    """These tests' models are small: below recompute.MIN_BYTES the heads would not recompute at all (the rule's
+    own tests below set it back)."""
     monkeypatch.setattr(recompute, "MIN_BYTES", 0)
 
 
@@ -139,6 +139,38 @@ def test_heads_recompute_only_from_min_bytes(monkeypatch):
     assert torch.equal(loss_off, loss_on)
     for name in grads_on:
         assert torch.equal(grads_on[name], grads_off[name]), name
+
+
+class _Entered(Exception):
+    pass
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16 autocast"])
+def test_heads_at_real_sizes_recompute_where_it_pays(monkeypatch, autocast):
+    """The rule at the issue's sizes, read where each head enters recomputing() (a spy that stops the forward
+    there: no convolution runs): ConvNeXt-T's decode head (4 x 512 channels) at batch 2, 256x256 (stride-4 maps
+    64x64: a 64 MiB fp32 concat, 32 MiB in bf16) recomputes; at batch 1, 128x128 (32x32: 8 MiB) exactly at the
+    bound in fp32, and not in bf16 (4 MiB); the auxiliary head (256 channels at stride 16: 0.5 MiB) does not."""
+    monkeypatch.setattr(recompute, "MIN_BYTES", REAL_MIN_BYTES)
+    entered = []
+
+    def spy(enabled=True):
+        entered.append(enabled)
+        raise _Entered
+
+    monkeypatch.setattr(recompute, "recomputing", spy)
+    require_backend("cpp")
+    model = upernet_fast.convert(reference_model("convnext", hidden_size=512, auxiliary_channels=256,
+                                                 use_auxiliary_head=True), backend="cpp").train()
+    expected = {(2, 64): True, (1, 32): not autocast}
+    for (batch_size, side), want in expected.items():
+        features = [torch.zeros(batch_size, c, side >> i, side >> i)
+                    for i, c in enumerate(model.decode_head.in_channels)]
+        for module, recomputes in ((model.decode_head, want), (model.auxiliary_head, False)):
+            entered.clear()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), pytest.raises(_Entered):
+                module(features)
+            assert entered == [recomputes], (batch_size, side, type(module).__name__, entered)
 
 
 def test_in_place_change_of_a_recipe_input_is_refused():

@@ -112,8 +112,9 @@ def revert(model: nn.Module) -> nn.Module:
     _check_model(model)
     for head in _heads(model):
         for module in head.modules():
-            if isinstance(module, ConvBNReLU):  # its eval Winograd cache would outlive the class that frees it
-                winograd.forget(module.conv.weight)
+            weight = getattr(getattr(module, "conv", None), "weight", None)
+            if isinstance(module, ConvBNReLU) and isinstance(weight, torch.Tensor):
+                winograd.forget(weight)  # its eval Winograd cache would outlive the class that frees it
             for name in getattr(type(module), "runtime_attributes", ()) + ("backend",):
                 module.__dict__.pop(name, None)
             theirs = _TO_THEIRS.get(type(module))

@@ -128,10 +128,10 @@ class UperNetHead(nn.Module):
         # Training on the kernel backends: BN+ReLU outputs and the concats are rebuilt in the backward instead
         # of saved (bitwise the same; see upernet_fast.recompute), where the FPN concat would be large enough for
         # it to pay (recompute.MIN_BYTES). The eager backend stays PyTorch's own graph.
-        b, _, h, w = encoder_hidden_states[0].shape
-        concat_bytes = encoder_hidden_states[0].element_size() * b * len(self.in_channels) * self.channels * h * w
+        first = encoder_hidden_states[0]
+        concat_values = first.shape[0] * len(self.in_channels) * self.channels * first.shape[2] * first.shape[3]
         with recompute.recomputing(
-            self.training and _backend_of(self) != "eager" and concat_bytes >= recompute.MIN_BYTES
+            self.training and _backend_of(self) != "eager" and recompute.pays_for(first, concat_values)
         ):
             return self._forward(encoder_hidden_states)
 
@@ -142,9 +142,9 @@ class UperNetHead(nn.Module):
         # Top-down path, coarse to fine, out of place: laterals[i-1] += up(laterals[i]).
         for i in range(len(laterals) - 1, 0, -1):
             laterals[i - 1] = ops.upsample_add(laterals[i], laterals[i - 1], backend=backend)
-        # In training the backward rebuilds these maps from recipes, so no list keeps one longer than it is read
-        # (held to the end of this method, the sums and fpn_convs' outputs were 42 of the 480 MiB of the CPU
-        # demo's training peak, batch 2 at 256x256, which falls in fpn_bottleneck's forward).
+        # In training the backward rebuilds these maps from recipes (where recompute.pays_for), so no list keeps one
+        # longer than it is read (held to the end of this method, the sums and fpn_convs' outputs were 42 of the
+        # 480 MiB of the CPU demo's training peak, batch 2 at 256x256, which falls in fpn_bottleneck's forward).
         fpn_outs = []
         for i, block in enumerate(self.fpn_convs):
             fpn_outs.append(block(laterals[i]))
@@ -199,11 +199,12 @@ class UperNetFCNHead(nn.Module):
                 f"encoder_hidden_states[{self.in_index}] must have {self.in_channels} channels, "
                 f"got shape {tuple(hidden_states.shape)}"
             )
-        # As in UperNetHead, where its convs' outputs are large enough for it to pay.
-        b, _, h, w = hidden_states.shape
-        output_bytes = hidden_states.element_size() * b * self.channels * h * w
+        # As in UperNetHead, where its largest saved map (a conv's output, or conv_cat's concat) is large enough.
+        largest = max(self.channels if self.num_convs else 0,
+                      self.in_channels + self.channels if self.concat_input else 0)
+        values = hidden_states.shape[0] * largest * hidden_states.shape[2] * hidden_states.shape[3]
         with recompute.recomputing(
-            self.training and _backend_of(self) != "eager" and output_bytes >= recompute.MIN_BYTES
+            self.training and _backend_of(self) != "eager" and recompute.pays_for(hidden_states, values)
         ):
             return self._forward(hidden_states)
 

@@ -10,7 +10,8 @@ The same holds one step up the FPN: each top-down sum (``upsample_add`` of two s
 of it that an ``fpn_convs`` convolution reads (``conv_bn_relu.cpu_training_conv_input``) are rebuilt from
 recipes too (:func:`remember_from_recipes`), 21 MiB at that size.
 
-While :func:`recomputing` is active (the heads wrap their training forward in it), the ops that make such
+While :func:`recomputing` is active (the heads wrap their training forward in it where :func:`pays_for` says
+their largest saved map is large enough), the ops that make such
 tensors record how to rebuild them (:func:`remember`: the same kernel on tensors autograd keeps anyway), and a
 ``saved_tensors_hooks`` pair saves that recipe instead of the tensor; the backward reruns it. The rebuilt tensor
 is bitwise the original: same kernel, same inputs, same layout. A recipe is used only when the saved tensor was
@@ -49,6 +50,18 @@ _state = _ThreadState()
 # slower (15.35 against 13.62 ms, 2026-11-29) to keep 0.3 MB less. ConvNeXt-T's FPN concat at batch 2, 256x256 is
 # 64 MiB. The same bound as the sliced bottleneck's (conv_bn_relu.SLICED_MIN_BYTES), for the same trade.
 MIN_BYTES = 8 * 2**20
+
+
+def pays_for(like: torch.Tensor, values: int) -> bool:
+    """Whether a head whose largest saved map has ``values`` values, made from input ``like``, should recompute:
+    at least MIN_BYTES in the dtype the map will have (autocast's where it is on for ``like``'s device, else
+    ``like``'s). False under torch.compile without reading the sizes (recomputing() stays out there anyway, and
+    comparing symbolic sizes would only add a guard)."""
+    if torch.compiler.is_compiling():
+        return False
+    device = like.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else like.dtype
+    return values * dtype.itemsize >= MIN_BYTES
 _recipes = WeakIdKeyDictionary()  # made tensor -> Recipe; an entry lives as long as its tensor
 builds = [0]  # recipes rebuilt in this process (tests read it: a recomputation that never runs saves nothing)
 
