@@ -167,7 +167,7 @@ class ConvBNReLU(nn.Module):
 # peak memory of a large concat; below this one building it costs little memory, and narrow slices cost time.
 # Measured 2026-11-29, forward and backward of one block on 2 threads, the whole-concat path's speed over the
 # sliced one's: a tiny model's PPM bottleneck (convnext-test: 48 + 4 x 32 channels at 2x2, batch 8; 0.02 MiB)
-# 3.8x; its FPN bottleneck (4 x 32 channels, batch 8) at 16x16 (1 MiB) 0.97x-1.00x and at 32x32 (4 MiB) 1.14x;
+# 3.8x; its FPN bottleneck (4 x 32 channels, batch 8) at 16x16 (1 MiB) 1.00x-1.03x and at 32x32 (4 MiB) 1.13x;
 # ConvNeXt-T's PPM bottleneck at 8x8, batch 2 (1.4 MiB) 0.98x; its FPN bottleneck (4 x 512 channels) at 32x32,
 # batch 1 and 2 (8 and 16 MiB) 1.00x and 0.96x, at 64x64, batch 2 (64 MiB) 0.93x, where slicing also lowers the
 # training step's peak.
