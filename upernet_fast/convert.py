@@ -18,7 +18,6 @@ from transformers.models.upernet import modeling_upernet as hf
 
 from upernet_fast import modeling
 from upernet_fast.backend import AUTO, BACKENDS
-from upernet_fast.ops import winograd_conv_bn_relu as winograd
 from upernet_fast.ops.conv_bn_relu import ConvBNReLU
 
 # (transformers class, upernet_fast class) pairs with the same attributes and children.
@@ -112,9 +111,8 @@ def revert(model: nn.Module) -> nn.Module:
     _check_model(model)
     for head in _heads(model):
         for module in head.modules():
-            weight = getattr(getattr(module, "conv", None), "weight", None)
-            if isinstance(module, ConvBNReLU) and isinstance(weight, torch.Tensor):
-                winograd.forget(weight)  # its eval Winograd cache would outlive the class that frees it
+            if isinstance(module, ConvBNReLU):  # its eval Winograd cache would outlive the class that frees it
+                module.release_eval_cache()
             for name in getattr(type(module), "runtime_attributes", ()) + ("backend",):
                 module.__dict__.pop(name, None)
             theirs = _TO_THEIRS.get(type(module))

@@ -124,8 +124,8 @@ def run_demo(device=None, batch=None, size=None, weights=None, repeats=None) -> 
 
     print(f"\n{'mode':<18}{'model':<12}{'p50 ms':>10}{'p20-p80 ms':>18}{'speed-up':>10}{'peak MiB':>11}")
     cache_line = None
+    models = {"reference": reference, "converted": converted}
     for mode, make in (("forward", forward), ("forward+backward", forward_backward)):
-        models = {"reference": reference, "converted": converted}
         runs = {name: make(model) for name, model in models.items()}
         # Also the warm-up runs. The training step's peak is measured in training mode already: the converted
         # model's switch to it frees the eval Winograd cache, which would otherwise count against its peak.
@@ -137,8 +137,8 @@ def run_demo(device=None, batch=None, size=None, weights=None, repeats=None) -> 
             p20, p50, p80 = quantiles(samples[name])
             print(f"{mode:<18}{name:<12}{p50:>10.1f}{f'{p20:.1f}-{p80:.1f}':>18}{f'{p50_ref / p50:.2f}x':>10}"
                   f"{peaks[name]:>11.0f}")
-        cache = winograd.cache_nbytes(converted) / 2**20
-        if mode == "forward" and cache:  # before the training step's model.train() frees it
+        cache = winograd.cache_nbytes(converted) / 2**20 if make is forward else 0  # (train() frees it)
+        if cache:
             later = peak_memory_mb(runs["converted"], device)[0]
             cache_line = (f"converted forward: its first eval call made {cache:.0f} MiB of Winograd filter transforms "
                           f"(in its peak above; kept for later eval calls,\n  freed by model.train()); a later eval "

@@ -43,12 +43,15 @@ class _ThreadState(threading.local):
 
 
 _state = _ThreadState()
+_recipes = WeakIdKeyDictionary()  # made tensor -> Recipe; an entry lives as long as its tensor
+builds = [0]  # recipes rebuilt in this process (tests read it: a recomputation that never runs saves nothing)
 
 # The heads recompute only when the largest map they would save is at least this big (UperNetHead: the FPN concat;
-# UperNetFCNHead: its convs' outputs). Below it the rebuilds cost more than the memory is worth: on the e2e suite's
-# toy ConvNeXt model (hidden 16, batch 2, 64x64; FPN concat 0.5 MiB) recomputing made the CPU training step 1.13x
-# slower (15.35 against 13.62 ms, 2026-11-29) to keep 0.3 MB less. ConvNeXt-T's FPN concat at batch 2, 256x256 is
-# 64 MiB. The same bound as the sliced bottleneck's (conv_bn_relu.SLICED_MIN_BYTES), for the same trade.
+# UperNetFCNHead: a conv's output or conv_cat's concat). Below it the rebuilds cost more than the memory is worth:
+# on the e2e suite's toy ConvNeXt model (hidden 16, batch 2, 64x64; FPN concat 0.5 MiB) recomputing made the CPU
+# training step 1.13x slower (15.35 against 13.62 ms, 2026-11-29) to keep 0.3 MB less. ConvNeXt-T's FPN concat at
+# batch 2, 256x256 is 64 MiB. The same bound as the sliced bottleneck's (conv_bn_relu.SLICED_MIN_BYTES), for the
+# same trade.
 MIN_BYTES = 8 * 2**20
 
 
@@ -62,8 +65,6 @@ def pays_for(like: torch.Tensor, values: int) -> bool:
     device = like.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else like.dtype
     return values * dtype.itemsize >= MIN_BYTES
-_recipes = WeakIdKeyDictionary()  # made tensor -> Recipe; an entry lives as long as its tensor
-builds = [0]  # recipes rebuilt in this process (tests read it: a recomputation that never runs saves nothing)
 
 
 class Recipe:

@@ -110,10 +110,16 @@ class ConvBNReLU(nn.Module):
         the weights it updates would make the next eval call refold anyway. A loop that evaluates between
         training steps would otherwise train with the last evaluation's transforms still held."""
         module = super().train(mode)  # (checks mode first)
-        weight = getattr(self.conv, "weight", None)
-        if mode and isinstance(weight, torch.Tensor):
-            winograd.forget(weight)
+        if mode:
+            self.release_eval_cache()
         return module
+
+    def release_eval_cache(self) -> None:
+        """Drops this block's eval Winograd cache entry, if it has one (``train()`` and ``upernet_fast.revert``
+        call it; the next eval call refolds)."""
+        weight = getattr(self.conv, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            winograd.forget(weight)
 
     def forward_concat(
         self,
